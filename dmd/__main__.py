@@ -1,0 +1,5 @@
+"""`python -m dmd ...` runs the command-line interface."""
+
+from dmd.cli import main
+
+main()

@@ -1,0 +1,11 @@
+"""The one-step generator of DMD: G(z, c) = D_G(sigma_G * z; sigma_G, c), with sigma_G = 80 (EDM's sigma_max)."""
+
+import torch
+
+SIGMA_G = 80.0
+
+
+def one_step(net, z, class_labels=None, sigma=SIGMA_G):
+    """Map unscaled noise z ~ N(0, I) of shape (N, C, H, W) to images with one denoiser call at `sigma`."""
+    sigma_t = torch.full((z.shape[0],), float(sigma), device=z.device)
+    return net(z * sigma, sigma_t, class_labels)

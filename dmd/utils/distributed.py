@@ -1,0 +1,71 @@
+"""Distributed helpers that also work without torchrun (one process) and on CPU (gloo).
+
+`torchrun --nproc_per_node K python -m dmd ...` sets RANK, WORLD_SIZE and LOCAL_RANK; `init()` reads them.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init(device_type="cpu"):
+    """Join the process group torchrun describes (nccl on CUDA, gloo otherwise); a no-op for one process."""
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend=backend)
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(t):
+    """Average a tensor over ranks in place and return it (identity for one process)."""
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= get_world_size()
+    return t
+
+
+def broadcast_object(obj, src=0):
+    """Send a picklable object from rank `src` to every rank (identity for one process)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def print0(*args, **kwargs):
+    """Print on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def shutdown():
+    if is_initialized():
+        dist.destroy_process_group()

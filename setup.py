@@ -1,0 +1,34 @@
+"""Install `dmd`: Distribution Matching Distillation of EDM diffusion models into one-step generators."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dmd",
+    version="0.1.0",
+    description="One-step image generation by Distribution Matching Distillation (DMD) of EDM diffusion models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="CC BY-NC-SA 4.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["dmd", "dmd.*"]),
+    package_data={"dmd": ["assets/*"]},
+    include_package_data=True,
+    # torch is left unpinned on purpose: install the build that fits your machine first
+    # (the README's CPU instructions do `pip install torch==2.13.0`).
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "click>=8.0",
+        "h5py",
+        "pillow",
+        "scipy",
+        "requests",
+        "tqdm",
+    ],
+    extras_require={
+        "neptune": ["neptune>=1.0"],
+        "demo": ["scikit-learn"],
+        "test": ["pytest", "ruff", "scikit-learn", "neptune>=1.0"],
+    },
+    entry_points={"console_scripts": ["dmd=dmd.cli:main"]},
+)
