@@ -28,7 +28,7 @@ setup(
     extras_require={
         "neptune": ["neptune>=1.0"],
         "demo": ["scikit-learn"],
-        "test": ["pytest", "ruff", "scikit-learn", "neptune>=1.0"],
+        "test": ["pytest", "ruff==0.17.6", "scikit-learn", "neptune>=1.0"],
     },
     entry_points={"console_scripts": ["dmd=dmd.cli:main"]},
 )

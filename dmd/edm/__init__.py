@@ -1,0 +1,1 @@
+"""EDM-compatible core: networks, preconditioners, a safe loader for EDM's pickles, and EDM's sampler."""
