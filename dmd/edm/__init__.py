@@ -1,1 +1,30 @@
 """EDM-compatible core: networks, preconditioners, a safe loader for EDM's pickles, and EDM's sampler."""
+
+# Networks, preconditioners, the EDM pickle loader/writer and EDM's sampler (re-exported).
+from dmd.edm.layers import (  # noqa: F401
+    Conv2d,
+    FourierEmbedding,
+    GroupNorm,
+    Linear,
+    PositionalEmbedding,
+    UNetBlock,
+    weight_init,
+)
+from dmd.edm.persistence import (  # noqa: F401
+    NetworkLoadError,
+    UnsafePickleError,
+    load_network,
+    network_fingerprint,
+    save_network_pickle,
+)
+from dmd.edm.precond import (  # noqa: F401
+    PRECONDITIONERS,
+    EDMPrecond,
+    VEPrecond,
+    VPPrecond,
+    build_network,
+    copy_network,
+    iDDPMPrecond,
+)
+from dmd.edm.sampler import StackedRandomGenerator, edm_sampler  # noqa: F401
+from dmd.edm.unets import DhariwalUNet, SongUNet  # noqa: F401

@@ -1,0 +1,75 @@
+"""EDM's sampler (Karras et al. 2022, Algorithm 2) and its per-seed random generator, reproducing generate.py."""
+
+import math
+
+import torch
+
+
+# One torch.Generator per image, so an image's noise depends only on its seed, not on the batch it was drawn in.
+class StackedRandomGenerator:
+    def __init__(
+        self,
+        device,  # Device of the generators; CUDA generators give other numbers than CPU ones.
+        seeds,  # One seed per image; each generator is seeded with seed % 2**32.
+    ):
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def randn(self, size, **kwargs):
+        """Draw standard normals of shape `size` = (N, ...), row i from generator i."""
+        return torch.stack([torch.randn(self._row(size), generator=g, **kwargs) for g in self.generators])
+
+    def randn_like(self, x):
+        """Draw standard normals shaped, typed and placed like x."""
+        return self.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device)
+
+    def randint(self, *args, size, **kwargs):
+        """Draw integers as torch.randint(*args) does, shape `size` = (N, ...), row i from generator i."""
+        return torch.stack([torch.randint(*args, size=self._row(size), generator=g, **kwargs) for g in self.generators])
+
+    def _row(self, size):
+        if size[0] != len(self.generators):
+            raise ValueError(f"asked for {size[0]} rows from a generator stack of {len(self.generators)} seeds")
+        return size[1:]
+
+
+def edm_sampler(
+    net,  # Denoiser D(x; sigma, class_labels) with sigma_min, sigma_max and round_sigma.
+    latents,  # Unit-variance noise, (N, C, H, W).
+    class_labels=None,  # One-hot labels (N, label_dim), or None.
+    randn_like=torch.randn_like,  # Noise source for the churn; StackedRandomGenerator.randn_like for per-seed noise.
+    num_steps=18,  # Time steps N; the sampler makes 2N - 1 denoiser calls.
+    sigma_min=0.002,  # Lowest noise level, raised to net.sigma_min if needed.
+    sigma_max=80,  # Highest noise level, lowered to net.sigma_max if needed.
+    rho=7,  # Exponent of the time-step spacing.
+    S_churn=0,  # Total noise injected over the run (0 = deterministic).
+    S_min=0,  # Lowest t_i that gets churn.
+    S_max=float("inf"),  # Highest t_i that gets churn.
+    S_noise=1,  # Scale of the injected noise.
+):
+    """Integrate the probability-flow ODE with Heun steps (plus optional churn) from latents; return float64 images."""
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+
+    # Time steps t_0 > ... > t_{N-1} evenly spaced in sigma^(1/rho), snapped by round_sigma, then t_N = 0.
+    i = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([net.round_sigma(t), torch.zeros_like(t[:1])])
+
+    x_next = latents.to(torch.float64) * t[0]
+    for i, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):  # t_cur, t_next: 0-d float64
+        x_cur = x_next
+
+        # Churn: raise the noise level to t_hat. randn_like runs even when gamma = 0, keeping the seed stream as EDM's.
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = net.round_sigma(t_cur + gamma * t_cur)
+        x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x_cur)
+
+        # Euler step from t_hat to t_next.
+        d_cur = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+
+        # Heun's second-order correction, except on the last step (t_next = 0).
+        if i < num_steps - 1:
+            d_prime = (x_next - net(x_next, t_next, class_labels).to(torch.float64)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next

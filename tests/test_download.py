@@ -1,0 +1,153 @@
+import hashlib
+import http.server
+import threading
+
+import pytest
+
+from dmd.utils.download import DownloadError, cache_dir, cached_path, open_url
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, several download chunks
+
+
+class _Server:
+    """A local HTTP server on an ephemeral port serving PAYLOAD; the first `drops` requests die mid-body."""
+
+    def __init__(self, drops=0, statuses=()):
+        self.requests = 0
+        self.drops = drops
+        self.statuses = statuses  # error codes answered to the first requests
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                owner.requests += 1
+                if self.path.startswith("/missing"):
+                    self.send_error(404)
+                    return
+                if owner.requests <= len(owner.statuses):
+                    self.send_error(owner.statuses[owner.requests - 1])
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(PAYLOAD)))
+                self.end_headers()
+                if owner.requests <= owner.drops:
+                    self.wfile.write(PAYLOAD[: len(PAYLOAD) // 3])
+                    self.close_connection = True  # the server closes the socket before the promised length
+                    return
+                self.wfile.write(PAYLOAD)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _fetch(url, cache, **kwargs):
+    return open_url(url, cache_dir=cache, progress=False, retry_delay=0.01, **kwargs)
+
+
+def test_download_then_cache_hit(tmp_path):
+    with _Server() as server:
+        url = f"{server.url}/nets/edm%20cifar.pkl?x=1"
+        path = _fetch(url, tmp_path, sha256=hashlib.sha256(PAYLOAD).hexdigest())
+        assert path.read_bytes() == PAYLOAD
+        assert path.parent == tmp_path / "downloads"
+        assert path.name == hashlib.sha256(url.encode()).hexdigest()[:16] + "_edm_cifar.pkl"
+        assert _fetch(url, tmp_path) == path
+        assert server.requests == 1  # the second call never reached the server
+    assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == [path.name]
+
+
+def test_progress_bar_download(tmp_path, capsys):
+    with _Server() as server:
+        path = open_url(f"{server.url}/a.pkl", cache_dir=tmp_path, retry_delay=0.01)
+    assert path.read_bytes() == PAYLOAD
+    assert "1.00M" in capsys.readouterr().err
+
+
+def test_dropped_connection_is_retried(tmp_path):
+    with _Server(drops=2) as server:
+        path = _fetch(f"{server.url}/a.pkl", tmp_path, num_attempts=3)
+        assert server.requests == 3
+    assert path.read_bytes() == PAYLOAD
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_always_dropping_leaves_nothing(tmp_path):
+    with _Server(drops=100) as server:
+        url = f"{server.url}/a.pkl"
+        with pytest.raises(DownloadError, match=f"could not download {url} after 3 attempts"):
+            _fetch(url, tmp_path, num_attempts=3)
+        assert server.requests == 3
+    assert list((tmp_path / "downloads").iterdir()) == []  # neither a cache entry nor a temp file
+
+
+def test_server_errors_are_retried(tmp_path):
+    with _Server(statuses=[503, 429]) as server:
+        path = _fetch(f"{server.url}/a.pkl", tmp_path)
+        assert server.requests == 3
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_stale_cache_entry_is_replaced_when_sha256_is_given(tmp_path):
+    with _Server() as server:
+        url = f"{server.url}/a.pkl"
+        stale = cached_path(url, tmp_path)
+        stale.parent.mkdir(parents=True)
+        stale.write_bytes(b"half a file")
+        assert _fetch(url, tmp_path).read_bytes() == b"half a file"  # without a checksum the cache is trusted
+        assert _fetch(url, tmp_path, sha256=hashlib.sha256(PAYLOAD).hexdigest()).read_bytes() == PAYLOAD
+        assert server.requests == 1
+
+
+def test_http_error_is_not_retried(tmp_path):
+    with _Server() as server:
+        with pytest.raises(DownloadError, match="HTTP 404"):
+            _fetch(f"{server.url}/missing.pkl", tmp_path)
+        assert server.requests == 1
+
+
+def test_sha256_mismatch_caches_nothing(tmp_path):
+    with _Server() as server:
+        url = f"{server.url}/a.pkl"
+        with pytest.raises(DownloadError, match=f"{url}: sha256 .* does not match the expected 00ff"):
+            _fetch(url, tmp_path, sha256="00ff")
+        assert not cached_path(url, tmp_path).exists()
+        assert list((tmp_path / "downloads").iterdir()) == []
+
+
+def test_local_paths(tmp_path):
+    file = tmp_path / "net.pkl"
+    file.write_bytes(b"abc")
+    assert open_url(str(file)) == file
+    assert open_url(f"file://{file}") == file
+    with pytest.raises(FileNotFoundError, match="no such file: .*nope.pkl"):
+        open_url(tmp_path / "nope.pkl")
+    with pytest.raises(FileNotFoundError, match="nope.pkl"):
+        open_url(f"file://{tmp_path}/nope.pkl")
+    with pytest.raises(DownloadError, match="sha256 does not match"):
+        open_url(file, sha256="00")
+    with pytest.raises(DownloadError, match="unsupported URL scheme"):
+        open_url("ftp://example.org/a.pkl")
+
+
+def test_cache_dir_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("DMD_CACHE_DIR", str(tmp_path / "env"))
+    assert cache_dir() == tmp_path / "env"
+    assert cache_dir(tmp_path / "flag") == tmp_path / "flag"
+    with _Server() as server:
+        path = open_url(f"{server.url}/a.pkl", progress=False)
+    assert path.parent == tmp_path / "env" / "downloads"
+    monkeypatch.delenv("DMD_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "dmd"

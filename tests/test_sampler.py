@@ -1,0 +1,142 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dmd.edm.persistence import load_network
+from dmd.edm.sampler import StackedRandomGenerator, edm_sampler
+from dmd.utils.common import one_hot, to_uint8
+
+FIXTURES = Path(__file__).parent / "fixtures"
+NAMES = ["edm_ddpmpp_cond", "vp_ddpmpp_cond"]
+
+
+# Passes calls through to a denoiser and records what the sampler hands it.
+class Recording:
+    def __init__(self, net):
+        self.net = net
+        self.sigmas = []
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, x, sigma, class_labels=None):
+        assert x.dtype == torch.float64 and sigma.dtype == torch.float64 and sigma.ndim == 0  # as EDM passes them
+        self.sigmas.append(sigma.item())
+        return self.net(x, sigma, class_labels)
+
+
+# The exact denoiser of a point mass at mu: D(x; sigma) = mu. The ODE's trajectories are then straight lines to mu.
+class PointMass:
+    sigma_min, sigma_max = 0.002, 80
+
+    def __init__(self, mu):
+        self.mu = mu
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.mu.expand_as(x).to(torch.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny 8x8 convolutions: a second intra-op thread costs ~10x the CPU time on a busy machine and saves nothing.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return {name: load_network(FIXTURES / f"{name}.pkl") for name in NAMES}
+
+
+def _draw(net, seeds):
+    """Latents, class indices and the generator stack, drawn per seed in generate.py's order."""
+    rnd = StackedRandomGenerator("cpu", seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
+    class_idx = rnd.randint(net.label_dim, size=[len(seeds)])
+    return latents, class_idx, rnd
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_seeded_draws_match_edm(nets, name):
+    ref = np.load(FIXTURES / f"{name}.npz")
+    latents, class_idx, _ = _draw(nets[name], ref["sampler_seeds"].tolist())
+    assert torch.equal(latents, torch.from_numpy(ref["sampler_latents"]))
+    assert torch.equal(class_idx, torch.from_numpy(ref["sampler_class_idx"]).long())
+    assert torch.equal(one_hot(class_idx, 10), torch.from_numpy(ref["sampler_labels"]))
+
+
+def test_stacked_generator_rows_follow_their_seeds():
+    full = StackedRandomGenerator("cpu", [0, 1, 2, 3]).randn([4, 5])
+    assert torch.equal(StackedRandomGenerator("cpu", [2, 3]).randn([2, 5]), full[2:])
+    assert torch.equal(StackedRandomGenerator("cpu", [2**32 + 1]).randn([1, 5]), full[1:2])  # seed % 2**32
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    assert StackedRandomGenerator("cpu", [0, 1]).randn_like(x).dtype == torch.float64
+    with pytest.raises(ValueError, match="3 rows from a generator stack of 2 seeds"):
+        StackedRandomGenerator("cpu", [0, 1]).randint(10, size=[3])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sampler_matches_edm(nets, name):
+    ref = np.load(FIXTURES / f"{name}.npz")
+    latents, class_idx, rnd = _draw(nets[name], ref["sampler_seeds"].tolist())
+    draws = []
+
+    def randn_like(x):
+        draws.append(x.shape)
+        return rnd.randn_like(x)
+
+    net = Recording(nets[name])
+    num_steps = int(ref["sampler_num_steps"])
+    out = edm_sampler(net, latents, one_hot(class_idx, net.label_dim), randn_like=randn_like, num_steps=num_steps)
+
+    assert out.dtype == torch.float64
+    assert len(draws) == num_steps  # one noise draw per step although S_churn = 0
+    assert len(net.sigmas) == 2 * num_steps - 1 == len(ref["sampler_call_sigmas"])
+    np.testing.assert_allclose(net.sigmas, ref["sampler_call_sigmas"], rtol=1e-12, atol=0)
+    error = (out - torch.from_numpy(ref["sampler_out"])).abs().max().item()
+    assert error <= 1e-4 * np.abs(ref["sampler_out"]).max()
+    levels = np.abs(to_uint8(out).astype(int) - ref["sampler_uint8"].astype(int))
+    assert levels.max() <= 1
+
+
+def test_images_do_not_depend_on_batching(nets):
+    net = nets["edm_ddpmpp_cond"]
+    kwargs = dict(num_steps=4, S_churn=20)  # churn, so the per-step noise reaches the images
+
+    def sample(seeds):
+        latents, class_idx, rnd = _draw(net, seeds)
+        return edm_sampler(net, latents, one_hot(class_idx, 10), randn_like=rnd.randn_like, **kwargs)
+
+    together = sample([0, 1, 2, 3])
+    apart = torch.cat([sample([0, 1]), sample([2, 3])])
+    assert (together - apart).abs().max() <= 1e-5 * together.abs().max()  # float32 GEMMs vary with batch size
+    latents, class_idx, rnd = _draw(net, [0, 1, 2, 3])
+    without_churn = edm_sampler(net, latents, one_hot(class_idx, 10), num_steps=4)
+    assert (together - without_churn).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("S_churn", [0, 30])
+def test_point_mass_is_reached_exactly(S_churn):
+    # Euler is exact on straight lines, so the last step (to t_N = 0) lands on mu whatever the noise injected.
+    mu = torch.tensor([0.25, -0.5]).reshape(1, 2, 1, 1)
+    latents = torch.randn(3, 2, 4, 4)
+    out = edm_sampler(PointMass(mu), latents, num_steps=7, S_churn=S_churn)
+    assert out.shape == latents.shape and (out - mu.double()).abs().max() <= 1e-12
+
+
+def test_sigma_range_is_clamped_to_the_network():
+    net = PointMass(torch.zeros(1, 1, 1, 1))
+    net.sigma_min, net.sigma_max = 0.01, 10.0
+    recording = Recording(net)
+    edm_sampler(recording, torch.randn(1, 1, 2, 2), num_steps=5, sigma_min=0.002, sigma_max=80)
+    assert len(recording.sigmas) == 9
+    assert recording.sigmas[0] == pytest.approx(10.0, rel=1e-12)
+    assert recording.sigmas[-1] == pytest.approx(0.01, rel=1e-12)
+    assert recording.sigmas[1:-1:2] == recording.sigmas[2::2]  # the Heun call at t_{i+1} and the next Euler call
