@@ -17,3 +17,283 @@ def main():
 
 # ----------------------------------------------------------------------------
 # Commands are added below, one block each (see each module for the work).
+
+
+# Teacher pairs (dmd/pairs.py, dmd/data.py).
+@main.command("make-pairs")
+@click.option("--network", "network", required=True, help="Teacher EDM network pickle: path or URL.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Pair file to write or resume.")
+@click.option("--num", "num", required=True, type=click.IntRange(min=1), help="Number of pairs.")
+@click.option(
+    "--seeds", "seeds", default=None, help="Seed list like 0-99999; its first --num are used. [default: 0..num-1]"
+)
+@click.option("--class-balanced", is_flag=True, help="Cycle labels over classes (pair i -> class i % label_dim).")
+@click.option(
+    "--batch", "batch_size", default=256, type=click.IntRange(min=1), help="Pairs per sampler call per process."
+)
+@click.option(
+    "--steps", "num_steps", default=18, type=click.IntRange(min=2), help="Sampler steps (2N-1 network calls)."
+)
+@click.option("--sigma-min", default=0.002, type=click.FloatRange(min=0, min_open=True), help="Lowest sampler sigma.")
+@click.option("--sigma-max", default=80.0, type=click.FloatRange(min=0, min_open=True), help="Highest sampler sigma.")
+@click.option("--rho", default=7.0, type=click.FloatRange(min=0, min_open=True), help="Time step exponent.")
+@click.option("--S-churn", "S_churn", default=0.0, type=click.FloatRange(min=0), help="Stochasticity strength.")
+@click.option("--S-min", "S_min", default=0.0, type=click.FloatRange(min=0), help="Stochasticity: lowest sigma.")
+@click.option("--S-max", "S_max", default=float("inf"), type=click.FloatRange(min=0), help="Stochasticity: top sigma.")
+@click.option("--S-noise", "S_noise", default=1.0, type=float, help="Stochasticity: noise inflation.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun ranks use their local GPU).")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Download cache for URL teachers.")
+def make_pairs_command(network, out, num, seeds, **options):
+    """Sample teacher noise-image pairs into an HDF5 pair file (resumes an interrupted file)."""
+    from dmd.data import PairFileError
+    from dmd.edm.persistence import NetworkLoadError
+    from dmd.pairs import make_pairs
+    from dmd.utils import distributed
+    from dmd.utils.common import parse_int_list
+    from dmd.utils.download import DownloadError
+
+    try:
+        seed_list = parse_int_list(seeds) if seeds is not None else list(range(num))
+    except ValueError as e:
+        raise click.ClickException(f"--seeds: {e}") from e
+    if len(seed_list) < num:
+        raise click.ClickException(f"--seeds gives {len(seed_list)} seeds but --num asks for {num}")
+    try:
+        make_pairs(network, out, num, seeds=seed_list, **options)
+    except (PairFileError, NetworkLoadError, DownloadError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        distributed.shutdown()
+
+
+@main.command("convert-pairs")
+@click.argument("old", type=click.Path(dir_okay=False))
+@click.argument("new", type=click.Path(dir_okay=False))
+@click.option("--label-dim", default=None, type=click.IntRange(min=0), help="Classes. [default: max class_idx + 1]")
+def convert_pairs_command(old, new, label_dim):
+    """Rewrite a pair file of the port's layout (/data/{i}) in our fast layout."""
+    from pathlib import Path
+
+    from dmd.data import PairFileError, convert_port_file
+
+    if Path(new).exists():
+        raise click.ClickException(f"{new} exists; remove it or choose another output path")
+    try:
+        num = convert_port_file(old, new, label_dim=label_dim)
+    except PairFileError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{new}: {num} pairs converted from {old}")
+
+
+# DMD training (dmd/train.py, dmd/config.py).
+def _default(name):
+    """The TrainConfig default of a field, so `--help` shows the value the config really uses."""
+    from dmd.config import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+@main.command("train")
+@click.option("--model-path", required=True, help="Teacher EDM network pickle: path, file:// or http(s):// URL.")
+@click.option("--data-path", type=click.Path(dir_okay=False), help="Teacher pair file (make-pairs) for regression.")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False), help="Run folder (created).")
+@click.option("--batch-size", default=_default("batch_size"), type=click.IntRange(min=1), help="Per process.")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Duration in steps; or give --epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Duration in passes over --data-path.")
+@click.option("--lr-gen", default=_default("lr_gen"), type=_POSITIVE, help="AdamW learning rate of G.")
+@click.option("--lr-fake", default=_default("lr_fake"), type=_POSITIVE, help="AdamW learning rate of mu_fake.")
+@click.option("--weight-decay", default=_default("weight_decay"), type=click.FloatRange(min=0), help="AdamW, both.")
+@click.option("--grad-clip", default=_default("grad_clip"), type=_POSITIVE, help="Max gradient norm, both networks.")
+@click.option("--lambda-reg", default=_default("lambda_reg"), type=click.FloatRange(min=0), help="LPIPS weight; 0=off.")
+@click.option("--fake-steps-per-gen", default=1, type=click.IntRange(min=1), help="mu_fake steps per G step.")
+@click.option(
+    "--generator-sigma",
+    default=_default("generator_sigma"),
+    type=_POSITIVE,
+    help="sigma_G of G(z) = D(sigma_G z; sigma_G).",
+)
+@click.option("--dropout", default=_default("dropout"), type=click.FloatRange(0, 1, max_open=True), help="G, mu_fake.")
+@click.option("--t-min", default=_default("t_min"), type=click.FloatRange(0, 1), help="DM loss t range, fraction of T.")
+@click.option("--t-max", default=_default("t_max"), type=click.FloatRange(0, 1), help="Its upper end (exclusive).")
+@click.option(
+    "--fake-sigma-sampling", default="karras", type=click.Choice(["karras", "lognormal"]), help="Fake-loss sigmas."
+)
+@click.option("--ema-halflife-kimg", default=0.0, type=click.FloatRange(min=0), help="EMA of G; 0 = off.")
+@click.option("--precision", default="fp32", type=click.Choice(["fp32", "bf16"]), help="bf16: CUDA autocast.")
+@click.option("--seed", default=_default("seed"), type=int, help="Seeds every random draw of the run.")
+@click.option("--device", default="auto", help="auto, cpu or cuda (torchrun ranks use their local GPU).")
+@click.option("--log-every", default=_default("log_every"), type=click.IntRange(min=1), help="Steps per stats line.")
+@click.option("--image-every", default=_default("image_every"), type=click.IntRange(min=0), help="Grid; 0 = never.")
+@click.option("--checkpoint-every", default=_default("checkpoint_every"), type=click.IntRange(min=0), help="0: exit.")
+@click.option("--keep-last", default=_default("keep_last"), type=click.IntRange(min=0), help="Checkpoints; 0 = all.")
+@click.option("--max-bad-steps", default=_default("max_bad_steps"), type=click.IntRange(min=1), help="NaN in a row.")
+@click.option("--resume", help="'auto' (newest state in --output-dir, if any) or a training-state file.")
+@click.option("--log-neptune", is_flag=True, help="Log to Neptune (neptune.cfg or NEPTUNE_PROJECT/NEPTUNE_API_TOKEN).")
+@click.option("--lpips-vgg", help="VGG-16 weights for LPIPS: path or URL.  [default: torchvision's URL]")
+@click.option("--lpips-lin", help="LPIPS v0.1 heads: path or URL.  [default: the LPIPS repository's URL]")
+@click.option("--lpips-random", is_flag=True, help="Random LPIPS weights: tests and smoke runs only.")
+@click.option("--workers", default=_default("workers"), type=click.IntRange(min=0), help="Pair loader processes.")
+@click.option("--fid-every", default=0, type=click.IntRange(min=0), help="Steps between FIDs of G; 0 = never.")
+@click.option("--fid-num", default=_default("fid_num"), type=click.IntRange(min=2), help="Images per FID.")
+@click.option("--fid-ref", help="FID reference npz: path or URL.  [default: EDM's CIFAR-10 statistics]")
+@click.option("--fid-detector", help="TorchScript feature detector: path or URL.  [default: EDM's Inception-v3]")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Download cache (teacher, LPIPS weights).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+@click.pass_context
+def train_command(ctx, lpips_random, dry_run, **options):
+    """Distill a teacher into a one-step generator with DMD (torchrun for several GPUs)."""
+    from dmd.config import ConfigError, TrainConfig
+    from dmd.train import TrainError, train
+    from dmd.utils.logger import LoggerError
+
+    try:
+        cfg = TrainConfig(**options, lpips_pretrained=not lpips_random)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from e
+    if dry_run:
+        click.echo(cfg.to_json(), nl=False)
+        return
+    try:
+        result = train(cfg)
+    except (TrainError, LoggerError) as e:
+        raise click.ClickException(str(e)) from e
+    if result["stopped"]:
+        click.echo(f"Stopped by a signal at step {result['step']}; continue with --resume auto", err=True)
+        ctx.exit(130)
+
+
+# One-step generation and FID (dmd/generate.py, dmd/fid.py).
+@main.command("generate")
+@click.option("--network", required=True, help="Snapshot, training state, EDM pickle or port checkpoint: path or URL.")
+@click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
+@click.option("--seeds", default="0-63", help="Seed list like 0-63,100; one image per seed.")
+@click.option("--class", "class_idx", default=None, type=click.IntRange(min=0), help="One class for every image.")
+@click.option("--class-balanced", is_flag=True, help="Seed s gets class s % label_dim (the FID protocol's labels).")
+@click.option("--grid", default=None, type=click.Path(dir_okay=False), help="Also write a grid of all images here.")
+@click.option("--batch", "batch_size", default=256, type=click.IntRange(min=1), help="Images per call per process.")
+@click.option("--steps", "num_steps", default=None, type=click.IntRange(min=2), help="Teacher: edm_sampler steps.")
+@click.option("--subdirs", is_flag=True, help="One folder per 1000 seeds, as EDM's --subdirs.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun ranks use their local GPU).")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Download cache for URLs.")
+def generate_command(
+    network, outdir, seeds, class_idx, class_balanced, grid, batch_size, num_steps, subdirs, device, cache_dir
+):
+    """Write one PNG per seed from a one-step generator (or, with --steps, from an EDM teacher)."""
+    from dmd.generate import GeneratorLoadError, generate_images
+    from dmd.utils import distributed
+    from dmd.utils.common import parse_int_list
+
+    try:
+        seed_list = parse_int_list(seeds)
+    except ValueError as e:
+        raise click.ClickException(f"--seeds: {e}") from e
+    try:
+        generate_images(
+            network,
+            outdir,
+            seed_list,
+            class_idx=class_idx,
+            class_balanced=class_balanced,
+            grid=grid,
+            batch_size=batch_size,
+            num_steps=num_steps,
+            subdirs=subdirs,
+            device=device,
+            cache_dir=cache_dir,
+        )
+    except (GeneratorLoadError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        distributed.shutdown()
+
+
+@main.group("fid")
+def fid_group():
+    """FID as EDM computes it: Inception-v3 features of uint8 images, float64 statistics."""
+
+
+@fid_group.command("ref")
+@click.option("--data", required=True, type=click.Path(exists=True), help="Image folder or ZIP (EDM's dataset layout).")
+@click.option("--dest", required=True, type=click.Path(dir_okay=False), help="Statistics file to write (.npz).")
+@click.option("--detector", default=None, help="TorchScript detector: path or URL. [default: Inception-v3 of EDM]")
+@click.option("--batch", "batch_size", default=256, type=click.IntRange(min=1), help="Images per detector call.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun ranks use their local GPU).")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Download cache for URLs.")
+def fid_ref_command(data, dest, detector, batch_size, device, cache_dir):
+    """Compute reference statistics (mu, sigma) of every image in a dataset."""
+    from dmd.fid import FIDError, make_ref
+    from dmd.utils import distributed
+
+    try:
+        mu, _ = make_ref(data, dest, detector=detector, batch_size=batch_size, device=device, cache_dir=cache_dir)
+        is_main = distributed.is_main()
+    except (FIDError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        distributed.shutdown()
+    if is_main:
+        click.echo(f"{dest}: statistics of {mu.shape[0]}-d features")
+
+
+@fid_group.command("calc")
+@click.option("--images", default=None, type=click.Path(exists=True), help="PNG folder or ZIP to score.")
+@click.option("--network", default=None, help="Or a network to score straight from its samples: path or URL.")
+@click.option("--ref", required=True, help="Reference statistics (.npz with mu, sigma): path or URL.")
+@click.option(
+    "--num",
+    "--num-images",
+    "num",
+    default=50000,
+    type=click.IntRange(min=2),
+    help="Images per score (torchrun: --num-images).",
+)
+@click.option("--seeds", default=None, help="--network seeds. [default: 0 to num * repeats - 1]")
+@click.option("--repeats", default=1, type=click.IntRange(min=1), help="--network: disjoint seed ranges to score.")
+@click.option("--steps", "num_steps", default=None, type=click.IntRange(min=2), help="Teacher: edm_sampler steps.")
+@click.option("--detector", default=None, help="TorchScript detector: path or URL. [default: Inception-v3 of EDM]")
+@click.option("--batch", "batch_size", default=256, type=click.IntRange(min=1), help="Images per call per process.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun ranks use their local GPU).")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Download cache for URLs.")
+def fid_calc_command(images, network, ref, num, seeds, repeats, num_steps, detector, batch_size, device, cache_dir):
+    """Score images (or a generator's samples, labels cycling over classes) against reference statistics."""
+    import numpy as np
+
+    from dmd.fid import FIDError, calc_fid
+    from dmd.generate import GeneratorLoadError
+    from dmd.utils import distributed
+    from dmd.utils.common import parse_int_list
+
+    try:
+        seed_list = None if seeds is None else parse_int_list(seeds)
+    except ValueError as e:
+        raise click.ClickException(f"--seeds: {e}") from e
+    try:
+        scores = calc_fid(
+            ref,
+            images=images,
+            network=network,
+            num=num,
+            seeds=seed_list,
+            repeats=repeats,
+            num_steps=num_steps,
+            detector=detector,
+            batch_size=batch_size,
+            device=device,
+            cache_dir=cache_dir,
+        )
+        is_main = distributed.is_main()
+    except (FIDError, GeneratorLoadError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        distributed.shutdown()
+    if not is_main:
+        return
+    for r, score in enumerate(scores if len(scores) > 1 else []):
+        click.echo(f"repeat {r}: FID {score:.6f}")
+    click.echo(f"FID: {min(scores):.6f}")
+    if len(scores) > 1:
+        mean, std = np.mean(scores), np.std(scores, ddof=1)
+        click.echo(f"FID over {len(scores)} seed ranges: min {min(scores):.4f}, mean {mean:.4f} +- {std:.4f} (std)")

@@ -1,0 +1,169 @@
+"""Teacher pairs: sample the EDM teacher from per-seed noise and store (z, y, label, seed) rows in a pair file.
+
+Each pair has its own seed. Its `StackedRandomGenerator` stream is drawn exactly as EDM's generate.py draws it: the
+latent z (C, R, R) first, then the label (randint(label_dim), conditional teachers only), then one noise per sampler
+step, so a pair equals EDM's sample for the same seed and device. `--class-balanced` still draws the label (to keep
+the stream) and then overrides it with row i -> class i % label_dim.
+
+Under torchrun every rank samples its slice of each global batch and rank 0 writes the gathered rows, so the result
+is one file, equal to what one process makes. The file on disk is the only state: a rerun resumes from its
+`num_complete` with any number of processes.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmd.data import PairFileError, PairWriter, create_pair_file, read_pair_attrs, read_seeds
+from dmd.utils import distributed
+from dmd.utils.common import one_hot, parse_int_list, resolve_device
+
+
+def sample_pairs(net, seeds, first_row=0, class_balanced=False, device="cpu", **sampler_kwargs):
+    """Sample pairs for `seeds` (rows first_row...): latents, images (B, C, R, R) float32, labels (B,) int64."""
+    from dmd.edm.sampler import StackedRandomGenerator, edm_sampler
+
+    b, c, r = len(seeds), net.img_channels, net.img_resolution
+    if b == 0:  # A rank whose slice of the last global batch is empty still joins the gather.
+        return torch.empty(0, c, r, r), torch.empty(0, c, r, r), torch.empty(0, dtype=torch.int64)
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([b, c, r, r], device=device)
+    labels = torch.full((b,), -1, dtype=torch.int64)
+    if net.label_dim > 0:
+        labels = rnd.randint(net.label_dim, size=[b], device=device)
+        if class_balanced:
+            labels = torch.arange(first_row, first_row + b, device=device) % net.label_dim
+    with torch.no_grad():
+        images = edm_sampler(net, latents, one_hot(labels, net.label_dim, device), rnd.randn_like, **sampler_kwargs)
+    return latents.cpu(), images.float().cpu(), labels.cpu()
+
+
+def prepare_pair_file(out, *, seeds, shape, settings, teacher_source):
+    """Create `out`, or check it was made by the same teacher, settings and seeds; return its number of complete rows.
+
+    `shape` is (channels, resolution, label_dim) and `settings` the attributes that must match to resume.
+    """
+    out = Path(out)
+    channels, resolution, label_dim = shape
+    if not out.exists():
+        attrs = {**settings, "teacher_source": str(teacher_source)}
+        create_pair_file(out, channels=channels, resolution=resolution, label_dim=label_dim, seeds=seeds, attrs=attrs)
+        return 0
+    old = read_pair_attrs(out)
+    wanted = {**settings, "channels": channels, "resolution": resolution, "label_dim": label_dim}
+    for key, value in wanted.items():
+        if old.get(key) != value:
+            raise PairFileError(
+                f"pair file {out} was made with {key}={old.get(key)!r} but this run has {key}={value!r}; "
+                "refusing to append (choose another --out)"
+            )
+    if not np.array_equal(read_seeds(out), np.asarray(seeds, dtype=np.int64)):
+        raise PairFileError(
+            f"pair file {out} was made for a different seed list (--num/--seeds); refusing to append "
+            "(choose another --out)"
+        )
+    return int(old["num_complete"])
+
+
+def _gather_to_main(obj):
+    """List of `obj` from every rank, in rank order, on rank 0 (None elsewhere); [obj] for one process."""
+    if not distributed.is_initialized():
+        return [obj]
+    import torch.distributed as dist
+
+    parts = [None] * distributed.get_world_size() if distributed.is_main() else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
+def _load_teacher(network, cache_dir, device):
+    """Load the teacher (eval mode, frozen) on every rank, rank 0 downloading first; return (net, local path)."""
+    from dmd.edm.persistence import load_network
+    from dmd.utils.download import open_url
+
+    if distributed.is_main():
+        local = open_url(network, cache_dir=cache_dir)
+    distributed.barrier()
+    if not distributed.is_main():
+        local = open_url(network, cache_dir=cache_dir, progress=False)
+    return load_network(local, device=device), local
+
+
+def make_pairs(
+    network,  # Teacher: EDM network pickle, path or URL.
+    out,  # Pair file to write, or to resume.
+    num,  # Number of pairs.
+    seeds=None,  # Seed list or range string ('0-99999'); its first `num` are used. None: 0..num-1.
+    class_balanced=False,  # Labels cycle over classes (row i -> class i % label_dim) instead of drawn ones.
+    batch_size=256,  # Pairs per sampler call, per process.
+    num_steps=18,  # edm_sampler settings, stored in the file.
+    sigma_min=0.002,
+    sigma_max=80.0,
+    rho=7.0,
+    S_churn=0.0,
+    S_min=0.0,
+    S_max=float("inf"),
+    S_noise=1.0,
+    device="auto",  # 'auto', 'cpu', 'cuda', 'cuda:1'; under torchrun CUDA ranks use their local device.
+    cache_dir=None,  # Download cache for a URL teacher.
+    progress=True,  # tqdm progress bar with pairs/s on rank 0.
+):
+    """Make `num` teacher pairs into the pair file `out` (resuming it if it exists); return its path."""
+    from tqdm import tqdm
+
+    from dmd.edm.persistence import network_fingerprint
+
+    if num < 1:
+        raise ValueError(f"--num must be at least 1, got {num}")
+    seeds = list(range(num)) if seeds is None else parse_int_list(seeds)
+    if len(seeds) < num:
+        raise ValueError(f"--seeds gives {len(seeds)} seeds but --num asks for {num}")
+    seeds = seeds[:num]
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", distributed.local_rank())
+    distributed.init(device.type)
+    net, local = _load_teacher(network, cache_dir, device)
+    sampler_kwargs = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    sampler_kwargs.update(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+    settings = {
+        "teacher_sha256": network_fingerprint(local),
+        **{k: (int(v) if k == "num_steps" else float(v)) for k, v in sampler_kwargs.items()},
+        "class_balanced": bool(class_balanced),
+        "rng_device": device.type,  # CUDA generators give other numbers than CPU ones for the same seed.
+    }
+
+    # Rank 0 owns the file; its verdict (start row or error) goes to every rank so none is left waiting.
+    start, error = 0, None
+    if distributed.is_main():
+        try:
+            shape = (net.img_channels, net.img_resolution, net.label_dim)
+            start = prepare_pair_file(out, seeds=seeds, shape=shape, settings=settings, teacher_source=network)
+        except PairFileError as e:
+            error = str(e)
+    start, error = distributed.broadcast_object((start, error))
+    if error is not None:
+        raise PairFileError(error)
+
+    # Global batches of batch_size * world rows; rank k samples the k-th slice, rank 0 appends them in order.
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    writer = PairWriter(out) if distributed.is_main() else None
+    bar = tqdm(
+        total=num, initial=start, unit="pair", desc=Path(out).name, disable=not (progress and writer is not None)
+    )
+    for first in range(start, num, batch_size * world):
+        lo = min(first + rank * batch_size, num)
+        hi = min(lo + batch_size, num)
+        part = sample_pairs(net, seeds[lo:hi], lo, class_balanced, device, **sampler_kwargs)
+        parts = _gather_to_main(part)
+        if writer is not None:
+            latents, images, labels = (torch.cat(column) for column in zip(*parts))
+            writer.append(latents.numpy(), images.numpy(), labels.numpy())
+            bar.update(len(latents))
+    bar.close()
+    if writer is not None:
+        writer.close()
+    distributed.barrier()
+    distributed.print0(f"{out}: {num} pairs complete ({num - start} made by this run)")
+    return Path(out)

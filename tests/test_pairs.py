@@ -1,0 +1,181 @@
+"""make_pairs: pairs equal EDM's sampler for the same seeds, survive SIGKILL, refuse foreign files, and torchrun."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dmd.cli import main
+from dmd.data import PairDataset, PairFileError, create_pair_file, write_port_layout
+from dmd.edm.persistence import load_network, network_fingerprint
+from dmd.edm.sampler import StackedRandomGenerator, edm_sampler
+from dmd.pairs import make_pairs
+from dmd.utils.common import one_hot
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TEACHER = FIXTURES / "edm_ddpmpp_cond.pkl"
+OTHER_TEACHER = FIXTURES / "vp_ddpmpp_cond.pkl"
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread here: on busy shared cores OpenMP's spinning makes two threads ~50x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _make(out, num, **kwargs):
+    return make_pairs(TEACHER, out, num, device="cpu", progress=False, **kwargs)
+
+
+def _contents(path):
+    """Every dataset of a pair file and its attributes (teacher_source aside), for equality checks."""
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][:] for k in ("latents", "images", "labels", "seeds")}
+        attrs = {k: v for k, v in f.attrs.items() if k != "teacher_source"}
+    return data, attrs
+
+
+def _assert_same_file(a, b):
+    data_a, attrs_a = _contents(a)
+    data_b, attrs_b = _contents(b)
+    assert attrs_a.keys() == attrs_b.keys() and all(np.array_equal(attrs_a[k], attrs_b[k]) for k in attrs_a)
+    for key in data_a:
+        np.testing.assert_array_equal(data_a[key], data_b[key], err_msg=key)
+
+
+def _subprocess_env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_pairs_equal_edm_reference(tmp_path):
+    """Seeds 0-3 reproduce EDM's own sampler run stored with the fixture (18 deterministic Heun steps)."""
+    ref = np.load(FIXTURES / "edm_ddpmpp_cond.npz")
+    out = _make(tmp_path / "pairs.h5", 4, seeds=ref["sampler_seeds"].tolist(), batch_size=2)
+    latents, images, labels, seeds = PairDataset(out).read_rows(0, 4)
+    assert seeds.tolist() == ref["sampler_seeds"].tolist()
+    torch.testing.assert_close(latents, torch.from_numpy(ref["sampler_latents"]).float(), rtol=0, atol=0)
+    assert labels.tolist() == ref["sampler_class_idx"].tolist()
+    scale = np.abs(ref["sampler_out"]).max()
+    np.testing.assert_allclose(images.numpy(), ref["sampler_out"], rtol=0, atol=1e-4 * scale)
+    _, attrs = _contents(out)
+    assert attrs["teacher_sha256"] == network_fingerprint(TEACHER)
+    assert (attrs["num_steps"], attrs["sigma_max"], attrs["rho"], attrs["S_churn"]) == (18, 80.0, 7.0, 0.0)
+    assert (attrs["num_complete"], attrs["resolution"], attrs["channels"], attrs["label_dim"]) == (4, 8, 3, 10)
+
+
+@pytest.mark.parametrize("class_balanced", [False, True])
+def test_pairs_equal_edm_sampler(tmp_path, class_balanced):
+    seeds = list(range(20, 26))
+    out = _make(tmp_path / "pairs.h5", 6, seeds=seeds, batch_size=6, num_steps=3, class_balanced=class_balanced)
+    latents, images, labels, _ = PairDataset(out).read_rows(0, 6)
+
+    net = load_network(TEACHER, device="cpu").eval()
+    rnd = StackedRandomGenerator("cpu", seeds)
+    want_latents = rnd.randn([6, 3, 8, 8], device="cpu")
+    want_labels = rnd.randint(10, size=[6], device="cpu")
+    if class_balanced:
+        want_labels = torch.arange(6) % 10
+    with torch.no_grad():
+        want_images = edm_sampler(net, want_latents, one_hot(want_labels, 10), rnd.randn_like, num_steps=3)
+    torch.testing.assert_close(latents, want_latents, rtol=0, atol=0)
+    assert labels.tolist() == want_labels.tolist()
+    torch.testing.assert_close(images, want_images.float(), rtol=0, atol=0)
+
+
+def test_sigkill_mid_run_resumes_to_uninterrupted_file(tmp_path):
+    killed, whole = tmp_path / "killed.h5", tmp_path / "whole.h5"
+    args = ["make-pairs", "--network", str(TEACHER), "--out", str(killed), "--num", "16", "--batch", "4"]
+    args += ["--steps", "4", "--seeds", "100-199", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "dmd", *args], env=_subprocess_env(), stderr=subprocess.PIPE)
+    num_complete, deadline = 0, time.monotonic() + 120
+    while num_complete < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+        if killed.exists():
+            try:
+                with h5py.File(killed, "r", locking=False) as f:  # The writer holds HDF5's file lock.
+                    num_complete = int(f.attrs["num_complete"])
+            except OSError:
+                continue
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()
+    assert 4 <= PairDataset(killed).num_pairs < 16
+
+    resumed = subprocess.run([sys.executable, "-m", "dmd", *args], env=_subprocess_env(), capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    _make(whole, 16, seeds="100-199", batch_size=4, num_steps=4)
+    _assert_same_file(killed, whole)
+
+
+def test_resume_refuses_another_teacher_setting_or_seed_list(tmp_path):
+    out = _make(tmp_path / "pairs.h5", 4, num_steps=3)
+    before = _contents(out)
+    for kwargs, message in [
+        (dict(network=OTHER_TEACHER), "was made with teacher_sha256="),
+        (dict(num_steps=4), "was made with num_steps=3 but this run has num_steps=4"),
+        (dict(S_churn=1.0), "was made with S_churn=0.0 but this run has S_churn=1.0"),
+        (dict(class_balanced=True), "was made with class_balanced=False"),
+        (dict(seeds="1-4"), "was made for a different seed list"),
+        (dict(num=5), "was made for a different seed list"),
+    ]:
+        args = dict(network=TEACHER, out=out, num=4, num_steps=3, device="cpu", progress=False)
+        with pytest.raises(PairFileError, match=f"pair file .*pairs.h5 {message}"):
+            make_pairs(**{**args, **kwargs})
+    _make(out, 4, num_steps=3)  # Same settings on a complete file: nothing to do, nothing changes.
+    after = _contents(out)
+    assert all(np.array_equal(before[0][k], after[0][k]) for k in before[0]) and before[1].keys() == after[1].keys()
+
+
+def test_make_pairs_command_errors(tmp_path):
+    runner = CliRunner()
+    base = ["make-pairs", "--network", str(TEACHER), "--num", "2", "--steps", "2", "--device", "cpu"]
+    port = tmp_path / "port.h5"
+    write_port_layout(port, np.zeros((1, 3, 8, 8)), np.zeros((1, 3, 8, 8)), [0], [0])
+    corrupt = tmp_path / "corrupt.h5"
+    corrupt.write_bytes(b"\0" * 100)
+    for out, message in [(port, "port.h5 was not written by make-pairs"), (corrupt, "cannot open pair file")]:
+        result = runner.invoke(main, [*base, "--out", str(out)])
+        assert result.exit_code == 1 and message in result.output and len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(main, [*base, "--out", str(tmp_path / "x.h5"), "--seeds", "0"])
+    assert result.exit_code == 1 and "--seeds gives 1 seeds but --num asks for 2" in result.output
+    result = runner.invoke(main, [*base, "--out", str(tmp_path / "x.h5"), "--seeds", "a-b"])
+    assert result.exit_code == 1 and "--seeds: cannot parse" in result.output
+
+
+def test_check_compatible_with_teacher(tmp_path):
+    net = load_network(TEACHER, device="cpu")
+    PairDataset(_make(tmp_path / "pairs.h5", 2, num_steps=2)).check_compatible(net)
+    wrong = tmp_path / "wrong.h5"
+    create_pair_file(wrong, channels=3, resolution=16, label_dim=10, seeds=[0], attrs={})
+    with pytest.raises(PairFileError, match="wrong.h5 has resolution 16 but the teacher has 8"):
+        PairDataset(wrong).check_compatible(net)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    two, one = tmp_path / "two.h5", tmp_path / "one.h5"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    # "--" ends torchrun's own options: its argparse would take "--num" for an ambiguous "--numa-binding".
+    launcher += ["--master_port", str(_free_port()), "-m", "dmd", "--"]
+    args = ["make-pairs", "--network", str(TEACHER), "--out", str(two), "--num", "5", "--batch", "2", "--steps", "3"]
+    result = subprocess.run([*launcher, *args, "--device", "cpu"], env=_subprocess_env(), capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    _make(one, 5, batch_size=2, num_steps=3)
+    _assert_same_file(two, one)
