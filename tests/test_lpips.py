@@ -1,0 +1,100 @@
+"""Tests of dmd.lpips with random weights: metric properties, gradients, and loading weight files in the layouts of
+torchvision's vgg16 and the LPIPS repository's v0.1 vgg.pth."""
+
+import pytest
+import torch
+
+from dmd.lpips import LPIPS, TAP_CHANNELS, LPIPSWeightsError
+
+
+@pytest.fixture(scope="module")
+def lpips():
+    torch.manual_seed(0)
+    return LPIPS(pretrained=False)
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+
+
+def _save_layouts(model, tmp_path):
+    """Write `model`'s weights as torchvision's vgg16 state dict (with a classifier) and as LPIPS's vgg.pth."""
+    vgg = {f"features.{k}": v.clone() for k, v in model.features.state_dict().items()}
+    vgg["classifier.0.weight"] = torch.zeros(4, 8)  # torchvision's file also holds the classifier; it is ignored.
+    lin = {f"lin{k}.model.1.weight": head.weight.clone() for k, head in enumerate(model.heads)}
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    torch.save(lin, tmp_path / "vgg.pth")
+    return tmp_path / "vgg16.pth", tmp_path / "vgg.pth"
+
+
+def test_lpips_is_a_frozen_distance(lpips, images):
+    x, y = images
+    assert not any(p.requires_grad for p in lpips.parameters()) and not lpips.training
+    d = lpips(x, y)
+    assert d.shape == (2,)
+    assert bool((d > 0).all())
+    torch.testing.assert_close(lpips(y, x), d)
+    assert torch.equal(lpips(x, x), torch.zeros(2))
+    # Each sample's distance depends on that sample only.
+    torch.testing.assert_close(lpips(x[:1], y[:1]), d[:1])
+
+
+def test_lpips_matches_hand_computation(lpips, images):
+    x, y = images
+    feats = []
+    for v in (x, y):
+        h = (v - torch.tensor([-0.030, -0.088, -0.188]).reshape(1, 3, 1, 1)) / torch.tensor(
+            [0.458, 0.448, 0.450]
+        ).reshape(1, 3, 1, 1)
+        taps = []
+        for i, layer in enumerate(lpips.features):
+            h = layer(h)
+            if i in (3, 8, 15, 22, 29):
+                taps.append(h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10))
+        feats.append(taps)
+    assert [f.shape[1] for f in feats[0]] == list(TAP_CHANNELS)
+    ref = sum(
+        ((f0 - f1) ** 2 * head.weight.reshape(1, -1, 1, 1)).sum(dim=1).mean(dim=(1, 2))
+        for f0, f1, head in zip(*feats, lpips.heads)
+    )
+    torch.testing.assert_close(lpips(x, y), ref)
+
+
+def test_lpips_gradient_flows_to_input(lpips, images):
+    x, y = images
+    x = x.clone().requires_grad_(True)
+    lpips(x, y).sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and x.grad.abs().sum() > 0
+    # A small step against the gradient lowers the distance.
+    with torch.no_grad():
+        assert (lpips(x - 1e-2 * x.grad / x.grad.abs().max(), y).sum() < lpips(x, y).sum()).item()
+
+
+def test_lpips_weight_files_round_trip(lpips, images, tmp_path):
+    vgg_path, lin_path = _save_layouts(lpips, tmp_path)
+    loaded = LPIPS(vgg_weights=vgg_path, lin_weights=str(lin_path))
+    assert not any(p.requires_grad for p in loaded.parameters())
+    x, y = images
+    assert torch.equal(loaded(x, y), lpips(x, y))
+
+
+def test_lpips_wrong_keys_or_shapes_name_the_file(lpips, tmp_path):
+    vgg_path, lin_path = _save_layouts(lpips, tmp_path)
+    renamed = {k.replace("features.", "vgg."): v for k, v in torch.load(vgg_path, weights_only=True).items()}
+    torch.save(renamed, tmp_path / "renamed.pth")
+    with pytest.raises(LPIPSWeightsError, match=r"renamed\.pth: missing keys \['features\.0\.weight'"):
+        LPIPS(vgg_weights=tmp_path / "renamed.pth", lin_weights=lin_path)
+    lin = torch.load(lin_path, weights_only=True)
+    lin["lin2.model.1.weight"] = torch.zeros(1, 128, 1, 1)
+    torch.save(lin, tmp_path / "bad_shape.pth")
+    with pytest.raises(
+        LPIPSWeightsError, match=r"bad_shape\.pth: wrong shapes: lin2\.model\.1\.weight \(1, 128, 1, 1\)"
+    ):
+        LPIPS(vgg_weights=vgg_path, lin_weights=tmp_path / "bad_shape.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(LPIPSWeightsError, match=r"garbage\.pth: cannot read"):
+        LPIPS(vgg_weights=tmp_path / "garbage.pth", lin_weights=lin_path)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        LPIPS(vgg_weights=tmp_path / "missing.pth", lin_weights=lin_path)
