@@ -1,0 +1,105 @@
+"""The training configuration: one frozen dataclass, printed at start, saved as config.json, stored in checkpoints."""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the command-line flag."""
+
+
+# Every setting of one DMD training run. Field names match the `train` flags (`lr_gen` <-> `--lr-gen`).
+@dataclass(frozen=True)
+class TrainConfig:
+    model_path: str  # teacher EDM pickle: path, file:// or http(s):// URL
+    output_dir: str  # run folder: config.json, stats.jsonl, grids, checkpoints
+    data_path: Optional[str] = None  # pair file (z, y, label) for the regression loss
+    batch_size: int = 56  # per process; the global batch is batch_size * world size
+    max_steps: Optional[int] = None  # duration in steps (one G step + its fake steps) ...
+    epochs: Optional[int] = None  # ... or in passes over the pair file
+    lr_gen: float = 5e-5  # AdamW learning rate of G
+    lr_fake: float = 5e-5  # AdamW learning rate of mu_fake
+    weight_decay: float = 0.01  # AdamW weight decay, both networks
+    betas: Tuple[float, float] = (0.9, 0.999)  # AdamW betas, both networks
+    grad_clip: float = 10.0  # max gradient norm, both networks
+    lambda_reg: float = 0.25  # weight of the LPIPS regression loss; 0 disables it
+    fake_steps_per_gen: int = 1  # mu_fake updates per G update (DMD2's TTUR uses 5)
+    generator_sigma: float = 80.0  # sigma_G in G(z, c) = D_G(sigma_G z; sigma_G, c)
+    dropout: float = 0.0  # dropout of G and mu_fake (mu_real always runs in eval mode)
+    num_timesteps: int = 1000  # T of the Karras grid
+    t_min: float = 0.02  # DM loss draws t uniformly from [t_min T, t_max T)
+    t_max: float = 0.98
+    fake_sigma_sampling: str = "karras"  # fake-score sigma: 'karras' (uniform grid index) or 'lognormal'
+    ema_halflife_kimg: float = 0.0  # half-life of the EMA of G in thousands of images; 0 = no EMA
+    precision: str = "fp32"  # 'fp32' or 'bf16' (autocast on CUDA, fp32 master weights)
+    seed: int = 0  # seeds every random draw of the run
+    device: str = "auto"  # 'auto', 'cpu', 'cuda'; under torchrun each rank takes cuda:LOCAL_RANK
+    log_every: int = 50  # steps between console lines / stats.jsonl records
+    image_every: int = 500  # steps between grid PNGs; 0 = never
+    checkpoint_every: int = 1000  # steps between checkpoints (one is always written at exit); 0 = only at exit
+    keep_last: int = 3  # training states and snapshots to keep; 0 = keep all
+    max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    resume: Optional[str] = None  # 'auto' (latest state in output_dir, if any) or a training-state path
+    log_neptune: bool = False  # also log metrics to Neptune (neptune.cfg or NEPTUNE_* env vars)
+    lpips_vgg: Optional[str] = None  # LPIPS VGG-16 weights (path/URL); None = the public URL
+    lpips_lin: Optional[str] = None  # LPIPS v0.1 linear heads (path/URL); None = the public URL
+    lpips_pretrained: bool = True  # False: random LPIPS weights, for tests and smoke runs only
+    workers: int = 2  # DataLoader worker processes reading the pair file
+    fid_every: int = 0  # steps between FIDs of G (its EMA if any); 0 = never
+    fid_num: int = 10000  # one-step images per FID, seeds 0..fid_num-1 labelled seed % label_dim
+    fid_ref: Optional[str] = None  # reference statistics npz (path/URL); None = EDM's CIFAR-10 reference
+    fid_detector: Optional[str] = None  # TorchScript detector (path/URL); None = the Inception-v3 of EDM's protocol
+    cache_dir: Optional[str] = None  # download cache; None = $DMD_CACHE_DIR or ~/.cache/dmd
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        self.validate()
+
+    def validate(self):
+        """Raise ConfigError naming the flag of the first value that cannot work."""
+        checks = [
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            ((self.max_steps is None) != (self.epochs is None), "give exactly one of --max-steps and --epochs"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
+            (self.epochs is None or self.epochs >= 1, "--epochs must be at least 1"),
+            (self.epochs is None or self.data_path is not None, "--epochs counts passes over --data-path: give it"),
+            (self.lambda_reg >= 0, "--lambda-reg must be >= 0"),
+            (self.lambda_reg == 0 or self.data_path is not None, "--lambda-reg > 0 needs pairs: give --data-path"),
+            (self.fake_steps_per_gen >= 1, "--fake-steps-per-gen must be at least 1"),
+            (self.generator_sigma > 0, "--generator-sigma must be positive"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (0 <= self.t_min < self.t_max <= 1, "--t-min must be below --t-max, both in [0, 1]"),
+            (self.fake_sigma_sampling in ("karras", "lognormal"), "--fake-sigma-sampling: 'karras' or 'lognormal'"),
+            (self.ema_halflife_kimg >= 0, "--ema-halflife-kimg must be >= 0"),
+            (self.precision in ("fp32", "bf16"), "--precision must be 'fp32' or 'bf16'"),
+            (self.log_every >= 1, "--log-every must be at least 1"),
+            (min(self.image_every, self.checkpoint_every, self.keep_last) >= 0, "step intervals must be >= 0"),
+            (self.workers >= 0, "--workers must be >= 0"),
+            (self.fid_every >= 0 and self.fid_num >= 2, "--fid-every must be >= 0 and --fid-num at least 2"),
+            (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
+            (min(self.lr_gen, self.lr_fake, self.grad_clip) > 0, "--lr-gen, --lr-fake, --grad-clip must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self):
+        """Return the config as a JSON-serialisable dict."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build a config from `to_dict()` output; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_json(self):
+        """Return the config as indented JSON text."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"

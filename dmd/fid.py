@@ -1,0 +1,300 @@
+"""FID as EDM computes it: Inception-v3 pool features of uint8 images, float64 statistics, scipy's sqrtm.
+
+The detector is NVIDIA's TorchScript port of TF's `inception-2015-12-05`, called as
+`detector(uint8 images (N, 3, H, W), return_features=True) -> (N, 2048)`; any TorchScript module with that call
+signature can stand in (`--detector`). Images come from a PNG folder or ZIP (EDM's dataset layout), or straight from
+a generator, quantised with `to_uint8` exactly as the PNGs would be. Under torchrun each rank reads or generates its
+share and the feature sums are added over ranks, so every rank gets the same statistics.
+"""
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmd.utils import distributed
+from dmd.utils.common import to_uint8
+
+DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+CIFAR10_REF_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"  # EDM's CIFAR-10 statistics
+
+
+class FIDError(ValueError):
+    """Bad FID input: too few images, an unreadable reference or image, a detector that does not load."""
+
+
+def load_detector(source=None, *, cache_dir=None, device="cpu"):
+    """Load a TorchScript feature detector (path or URL; None: the Inception-v3 of the EDM protocol)."""
+    from dmd.utils.download import DownloadError, open_url
+
+    source = DETECTOR_URL if source is None else source
+    try:
+        path = open_url(source, cache_dir=cache_dir)
+        return torch.jit.load(str(path), map_location=device).eval()
+    except (DownloadError, FileNotFoundError) as e:
+        raise FIDError(f"detector: {e}") from e
+    except RuntimeError as e:
+        raise FIDError(f"detector {source}: not a TorchScript module ({' '.join(str(e).split())[:200]})") from e
+
+
+def load_ref(ref, *, cache_dir=None):
+    """Read reference statistics (npz with keys 'mu' (D,) and 'sigma' (D, D), path or URL) as float64 arrays."""
+    from dmd.utils.download import DownloadError, open_url
+
+    try:
+        path = open_url(ref, cache_dir=cache_dir)
+        with np.load(path) as data:
+            stats = {key: data[key] for key in data.files}
+    except (DownloadError, FileNotFoundError) as e:
+        raise FIDError(f"--ref: {e}") from e
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise FIDError(f"--ref {ref}: not a readable npz file ({e})") from e
+    missing = [key for key in ("mu", "sigma") if key not in stats]
+    if missing:
+        raise FIDError(f"--ref {ref}: missing key(s) {missing}; found {sorted(stats)}")
+    mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise FIDError(f"--ref {ref}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+    return mu, sigma
+
+
+def save_ref(mu, sigma, dest):
+    """Write reference statistics as EDM does (npz with 'mu' and 'sigma'), atomically."""
+    from dmd.utils.io import atomic_path
+
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64, real part of scipy's sqrtm."""
+    import scipy.linalg
+
+    m = np.square(mu1 - mu2).sum()
+    s, _ = scipy.linalg.sqrtm(np.dot(sigma1, sigma2), disp=False)
+    return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
+
+
+# Running float64 sums of features f (N, D): count, sum f and sum f f^T give mu and the unbiased covariance.
+class FeatureStats:
+    def __init__(self):
+        self.num = 0
+        self.sum = None  # (D,) float64
+        self.sum_outer = None  # (D, D) float64
+
+    def append(self, features):
+        """Add a batch of features (N, D)."""
+        f = features.to(torch.float64)
+        if self.sum is None:
+            self.sum = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+            self.sum_outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
+        self.num += f.shape[0]
+        self.sum += f.sum(0)
+        self.sum_outer += f.T @ f
+
+    def reduce(self, device):
+        """Add the sums of every rank (a no-op for one process); a rank that saw no image adds zeros."""
+        if not distributed.is_initialized():
+            return
+        import torch.distributed as dist
+
+        dim = distributed.broadcast_object(None if self.sum is None else self.sum.shape[0])  # rank 0 has batch 0
+        if dim is None:
+            return
+        if self.sum is None:
+            self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+            self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        num = torch.tensor([float(self.num)], dtype=torch.float64, device=self.sum.device)
+        for t in (num, self.sum, self.sum_outer):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        self.num = int(num.item())
+
+    def mu_sigma(self):
+        """Return mu = sum f / N and Sigma = (sum f f^T - N mu mu^T) / (N - 1) as float64 numpy arrays."""
+        if self.num < 2 or self.sum is None:
+            raise FIDError(f"statistics need at least 2 images, got {self.num}")
+        mu = self.sum / self.num
+        sigma = (self.sum_outer - self.num * torch.outer(mu, mu)) / (self.num - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def detect(detector, pixels, device):
+    """Features (N, D) of uint8 images (N, H, W, C) numpy; one-channel images are repeated to three."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(0, 3, 1, 2)  # (N, C, H, W) uint8
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    with torch.inference_mode():
+        return detector(x, return_features=True)
+
+
+# A PNG folder (searched recursively) or ZIP, read as EDM's ImageFolderDataset reads it: files sorted by name.
+class ImageFiles:
+    def __init__(self, path):
+        import PIL.Image
+
+        self.path = Path(path)
+        extensions = set(PIL.Image.registered_extensions())
+        if self.path.is_dir():
+            names = [str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()]
+            self.zip = None
+        elif zipfile.is_zipfile(self.path):
+            self.zip = zipfile.ZipFile(self.path)
+            names = self.zip.namelist()
+        else:
+            raise FIDError(f"{path}: not a folder or ZIP of images")
+        self.names = sorted(n for n in names if Path(n).suffix.lower() in extensions)
+        if not self.names:
+            raise FIDError(f"{path}: no images found")
+
+    def __len__(self):
+        return len(self.names)
+
+    def read(self, index):
+        """Return image `index` as (H, W, C) uint8 (C = 1 or 3)."""
+        import PIL.Image
+
+        name = self.names[index]
+        try:
+            with self.zip.open(name) if self.zip else open(self.path / name, "rb") as f:
+                image = PIL.Image.open(f)
+                image.load()
+        except (OSError, PIL.UnidentifiedImageError) as e:
+            raise FIDError(f"{self.path}/{name}: not a readable image ({e})") from e
+        if image.mode not in ("L", "RGB"):
+            raise FIDError(f"{self.path}/{name}: mode {image.mode}; expected RGB or L (grayscale)")
+        pixels = np.asarray(image)
+        return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def image_stats(path, detector, *, num=None, seed=0, batch_size=256, device="cpu", progress=True):
+    """mu, sigma of the images in a folder or ZIP: all of them, or a random subset of `num` as EDM's fid.py draws it."""
+    from tqdm import tqdm
+
+    files = ImageFiles(path)
+    indices = np.arange(len(files))
+    if num is not None:
+        if len(files) < num:
+            raise FIDError(f"{path}: {len(files)} images, fewer than --num {num}")
+        if len(files) > num:  # EDM's ImageFolderDataset(max_size=num, random_seed=seed): shuffle, keep num, sort
+            np.random.RandomState(seed).shuffle(indices)
+            indices = np.sort(indices[:num])
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    batches = [indices[lo : lo + batch_size] for lo in range(0, len(indices), batch_size)][rank::world]
+    stats = FeatureStats()
+    for batch in tqdm(batches, unit="batch", desc="fid", disable=not (progress and distributed.is_main())):
+        pixels = [files.read(i) for i in batch]
+        if len({p.shape for p in pixels}) > 1:
+            raise FIDError(f"{path}: images differ in size or channels around {files.names[batch[0]]}")
+        stats.append(detect(detector, np.stack(pixels), device))
+    stats.reduce(device)
+    return stats.mu_sigma()
+
+
+def generator_stats(generator_fn, seeds, label_dim, detector, *, batch_size=256, device="cpu", progress=False):
+    """mu, sigma of generator_fn(seeds, class_ids) images in [-1, 1], with seed s labelled s % label_dim."""
+    from tqdm import tqdm
+
+    seeds = list(seeds)
+    if len(seeds) < 2:
+        raise FIDError(f"FID needs at least 2 seeds, got {len(seeds)}")
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    batches = [seeds[lo : lo + batch_size] for lo in range(0, len(seeds), batch_size)][rank::world]
+    stats = FeatureStats()
+    for batch in tqdm(batches, unit="batch", desc="fid", disable=not (progress and distributed.is_main())):
+        class_ids = torch.as_tensor(batch) % label_dim if label_dim > 0 else None
+        stats.append(detect(detector, to_uint8(generator_fn(batch, class_ids)), device))
+    stats.reduce(device)
+    return stats.mu_sigma()
+
+
+def generator_fid(
+    generator_fn,  # generator_fn(seeds: list[int], class_ids: LongTensor (N,) or None) -> (N, C, R, R) in [-1, 1].
+    ref,  # Reference statistics: npz path or URL, or a (mu, sigma) pair from load_ref.
+    *,
+    seeds,  # Seeds of the images (e.g. range(10000)); seed s is labelled s % label_dim.
+    label_dim,  # Classes of the generator; 0 = unconditional.
+    detector=None,  # A loaded TorchScript detector, a path/URL, or None for the protocol's Inception-v3.
+    batch_size=256,  # Images per generator call and detector call, per process.
+    device="cpu",  # Where the detector runs.
+    cache_dir=None,  # Download cache for URL references and detectors.
+    progress=False,  # tqdm bar on rank 0.
+):
+    """FID of a generator's samples against reference statistics (every rank returns the same number)."""
+    mu_ref, sigma_ref = load_ref(ref, cache_dir=cache_dir) if isinstance(ref, (str, Path)) else ref
+    if not isinstance(detector, torch.nn.Module):
+        detector = load_detector(detector, cache_dir=cache_dir, device=device)
+    mu, sigma = generator_stats(
+        generator_fn, seeds, label_dim, detector, batch_size=batch_size, device=device, progress=progress
+    )
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+
+
+def calc_fid(
+    ref,  # Reference statistics: npz path or URL.
+    *,
+    images=None,  # A PNG folder or ZIP to score ...
+    network=None,  # ... or a network DMDGenerator loads, scored without writing PNGs.
+    num=50000,  # Images per score.
+    seeds=None,  # Seeds for --network (a list); None: 0 .. repeats * num - 1.
+    repeats=1,  # --network: disjoint seed ranges of `num` seeds each, scored separately.
+    num_steps=None,  # --network: None = one step; N = edm_sampler in N steps (an EDM teacher).
+    detector=None,  # TorchScript detector path or URL; None: the protocol's Inception-v3.
+    batch_size=256,  # Images per call, per process.
+    device="auto",  # 'auto', 'cpu', 'cuda', 'cuda:1'; under torchrun CUDA ranks use their local device.
+    cache_dir=None,  # Download cache.
+    progress=True,  # tqdm bar on rank 0.
+):
+    """Score images or a network against `ref`; return one FID per repeat (a list)."""
+    from dmd.generate import load_on_ranks, setup_device
+
+    if (images is None) == (network is None):
+        raise FIDError("give exactly one of --images and --network")
+    if images is not None and repeats != 1:
+        raise FIDError("--repeats needs --network (each repeat scores its own seed range)")
+    if images is not None and seeds is not None:
+        raise FIDError("--seeds needs --network")
+    if network is not None:
+        seeds = list(range(repeats * num)) if seeds is None else list(seeds)
+        if len(seeds) < repeats * num:
+            raise FIDError(f"--seeds gives {len(seeds)} seeds; --num {num} x --repeats {repeats} needs {repeats * num}")
+    mu_ref, sigma_ref = load_ref(ref, cache_dir=cache_dir)
+    device = setup_device(device)
+    detector = load_detector(detector, cache_dir=cache_dir, device=device)
+
+    if images is not None:
+        mu, sigma = image_stats(images, detector, num=num, batch_size=batch_size, device=device, progress=progress)
+        return [frechet_distance(mu, sigma, mu_ref, sigma_ref)]
+    generator = load_on_ranks(network, device=device, cache_dir=cache_dir)
+
+    def generator_fn(batch, class_ids):
+        return generator.generate_batch(seeds=batch, class_ids=class_ids, num_steps=num_steps)
+
+    scores = []
+    for r in range(repeats):
+        scores.append(
+            generator_fid(
+                generator_fn,
+                (mu_ref, sigma_ref),
+                seeds=seeds[r * num : (r + 1) * num],
+                label_dim=generator.label_dim,
+                detector=detector,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+            )
+        )
+    return scores
+
+
+def make_ref(data, dest, *, detector=None, batch_size=256, device="auto", cache_dir=None, progress=True):
+    """Compute reference statistics of every image in a folder or ZIP and write them to `dest`; return (mu, sigma)."""
+    from dmd.generate import setup_device
+
+    device = setup_device(device)
+    detector = load_detector(detector, cache_dir=cache_dir, device=device)
+    mu, sigma = image_stats(data, detector, batch_size=batch_size, device=device, progress=progress)
+    if distributed.is_main():
+        save_ref(mu, sigma, dest)
+    distributed.barrier()
+    return mu, sigma

@@ -1,0 +1,373 @@
+"""One-step generation: `DMDGenerator` loads any network `dmd` knows and maps per-seed noise to images.
+
+Sources, detected from the file itself:
+  - our `network-snapshot-*.pt` (inference weights, sigma_G stored with them);
+  - our `training-state-*.pt` (G_ema if the run kept an EMA, else G);
+  - an EDM network pickle (its 'ema' network, used as a one-step generator at sigma_G = 80);
+  - the unofficial port's released checkpoint, a torch.save dict whose 'model_g' holds an EDMPrecond state dict.
+
+Seeds work as in EDM's generate.py: each image has its own `StackedRandomGenerator` stream, drawn in the order latent
+(C, R, R), then label (randint(label_dim), conditional networks only), then one noise per sampler step. A seed thus
+gives the same image whatever the batch it is in, and with `num_steps` an EDM teacher gives EDM's own samples.
+"""
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmd.generator import SIGMA_G, one_step
+from dmd.utils import distributed
+from dmd.utils.common import make_grid, one_hot, parse_int_list, resolve_device, to_uint8
+
+SNAPSHOT_FORMAT = "dmd-snapshot"
+STATE_FORMAT = "dmd-training-state"
+FORMAT_VERSION = 1
+
+# The port trained its generator at index 998 of a 1000-level Karras grid (sigma_min 0.002, sigma_max 80, rho 7)
+# instead of at 80; its released weights expect that input scale.
+PORT_SIGMA_G = 79.56382521581216
+
+# EDM's DDPM++ CIFAR-10 architecture (edm-format.md 2.6); the port's checkpoint fills in the sizes from its shapes.
+DDPMPP_KWARGS = dict(
+    model_type="SongUNet",
+    embedding_type="positional",
+    encoder_type="standard",
+    decoder_type="standard",
+    resample_filter=[1, 1],
+    dropout=0.13,
+)
+
+
+class GeneratorLoadError(RuntimeError):
+    """A file is not a network `DMDGenerator` can load; the message names the file."""
+
+
+def _strip_prefixes(state_dict):
+    """Drop the 'module.' (DDP) and '_orig_mod.' (torch.compile) prefixes a saved state dict may carry."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def port_init_kwargs(state_dict, path):
+    """Infer the EDMPrecond + DDPM++ kwargs of the port's generator from its state dict's key names and shapes."""
+    convs = [k for k in state_dict if k.startswith("model.enc.") and k.endswith("_conv.weight")]
+    if len(convs) != 1 or "model.map_layer0.weight" not in state_dict:
+        raise GeneratorLoadError(f"{path}: 'model_g' is not the state dict of an EDMPrecond with a DDPM++ SongUNet")
+    resolution = int(convs[0].split(".")[2].split("x")[0])  # 'model.enc.32x32_conv.weight' -> 32
+    model_channels, img_channels = state_dict[convs[0]].shape[:2]  # (model_channels, img_channels, 3, 3)
+    emb_channels, noise_channels = state_dict["model.map_layer0.weight"].shape
+
+    # One level per halving of the resolution; its width is that of its first block, its depth the number of blocks.
+    channel_mult, attn_resolutions, level_res = [], [], resolution
+    while f"model.enc.{level_res}x{level_res}_block0.conv1.weight" in state_dict:
+        block0 = f"model.enc.{level_res}x{level_res}_block0"
+        channel_mult.append(state_dict[f"{block0}.conv1.weight"].shape[0] // model_channels)
+        if f"{block0}.qkv.weight" in state_dict:
+            attn_resolutions.append(level_res)
+        level_res //= 2
+    level0 = f"model.enc.{resolution}x{resolution}_block"
+    num_blocks = len({k.split(".")[2] for k in state_dict if k.startswith(level0)})  # '32x32_block0', ...
+
+    def in_features(key):
+        return state_dict[key].shape[1] if key in state_dict else 0
+
+    return dict(
+        img_resolution=resolution,
+        img_channels=int(img_channels),
+        label_dim=in_features("model.map_label.weight"),
+        augment_dim=in_features("model.map_augment.weight"),
+        model_channels=int(model_channels),
+        channel_mult=channel_mult,
+        channel_mult_emb=int(emb_channels // model_channels),
+        channel_mult_noise=int(noise_channels // model_channels),
+        num_blocks=num_blocks,
+        attn_resolutions=attn_resolutions,
+        **DDPMPP_KWARGS,
+    )
+
+
+def _build(path, class_name, init_kwargs, state_dict):
+    """Build a network and load its weights strictly; GeneratorLoadError naming `path` if they do not fit."""
+    from dmd.edm.precond import build_network
+
+    try:
+        net = build_network(class_name, init_kwargs)
+        net.load_state_dict(state_dict, strict=True)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise GeneratorLoadError(f"{path}: the weights do not fit {class_name}: {' '.join(str(e).split())}") from e
+    return net
+
+
+def _from_torch_file(path):
+    """Build the network of one of our snapshots or training states, or of the port's checkpoint: (net, sigma_G)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GeneratorLoadError(f"{path}: not a readable torch file, truncated or corrupt ({type(e).__name__})") from e
+    if not isinstance(data, dict):
+        raise GeneratorLoadError(f"{path}: holds a {type(data).__name__}, not a dmd snapshot or training state")
+    kind = data.get("format")
+    if kind in (SNAPSHOT_FORMAT, STATE_FORMAT):
+        if data.get("version", 0) > FORMAT_VERSION:
+            raise GeneratorLoadError(f"{path}: {kind} version {data['version']}; this dmd reads up to {FORMAT_VERSION}")
+        try:
+            if kind == SNAPSHOT_FORMAT:
+                state_dict = data["state_dict"]
+            else:
+                state_dict = data["G_ema"] if data.get("G_ema") is not None else data["G"]
+            class_name, init_kwargs, sigma_G = data["class_name"], data["init_kwargs"], float(data["sigma_G"])
+        except KeyError as e:
+            raise GeneratorLoadError(f"{path}: {kind} without the entry {e}") from e
+        return _build(path, class_name, init_kwargs, state_dict), sigma_G
+    if "model_g" in data:
+        state_dict = _strip_prefixes(data["model_g"])
+        return _build(path, "EDMPrecond", port_init_kwargs(state_dict, path), state_dict), PORT_SIGMA_G
+    keys = ", ".join(sorted(map(str, data))[:8])
+    raise GeneratorLoadError(f"{path}: not a dmd snapshot, training state or port checkpoint (keys: {keys})")
+
+
+def load_generator(source, *, cache_dir=None, device="cpu"):
+    """Load a network from any supported file (path or URL): return (net in eval mode, frozen, sigma_G)."""
+    from dmd.edm.persistence import NetworkLoadError, load_network
+    from dmd.utils.download import DownloadError, open_url
+
+    try:
+        path = open_url(source, cache_dir=cache_dir)
+    except (DownloadError, FileNotFoundError) as e:
+        raise GeneratorLoadError(str(e)) from e
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if zipfile.is_zipfile(path):  # torch.save's format
+        net, sigma_G = _from_torch_file(path)
+    elif head == b"\x80":  # a pickle (protocol >= 2), as EDM writes its networks
+        try:
+            net, sigma_G = load_network(path, cache_dir=cache_dir), SIGMA_G
+        except NetworkLoadError as e:
+            raise GeneratorLoadError(str(e)) from e
+    else:
+        raise GeneratorLoadError(
+            f"{path}: not a dmd snapshot, training state, port checkpoint (torch.save zip) or EDM pickle"
+        )
+    return net.eval().requires_grad_(False).to(device), sigma_G
+
+
+# One-step sampling of a loaded network, per-seed reproducible; also samples an EDM teacher with `num_steps`.
+class DMDGenerator:
+    def __init__(
+        self,
+        network_path=None,  # Snapshot, training state, EDM pickle or port checkpoint: path or URL.
+        device=None,  # None/'auto': cuda when available, else cpu.
+        cache_dir=None,  # Download cache for URLs.
+        sigma_G=None,  # Generator noise level; None: the file's (80 for EDM pickles).
+        net=None,  # An in-memory network instead of network_path (e.g. G_ema during training).
+    ):
+        if (network_path is None) == (net is None):
+            raise ValueError("DMDGenerator needs exactly one of network_path and net")
+        if net is None:
+            self.device = resolve_device(device)
+            net, stored_sigma = load_generator(network_path, cache_dir=cache_dir, device=self.device)
+        else:
+            self.device = next(net.parameters()).device if device is None else torch.device(device)
+            stored_sigma = SIGMA_G
+        self.net = net
+        self.sigma_G = float(stored_sigma if sigma_G is None else sigma_G)
+
+    @property
+    def label_dim(self):
+        return self.net.label_dim
+
+    @property
+    def img_channels(self):
+        return self.net.img_channels
+
+    @property
+    def img_resolution(self):
+        return self.net.img_resolution
+
+    def _class_ids(self, class_ids, n):
+        """Resolve class_ids (None, an int, a list or a tensor) to (n,) int64 on the device, or None."""
+        if class_ids is None:
+            return None
+        if self.label_dim == 0:
+            raise ValueError("class_ids were given but the network is unconditional (label_dim 0)")
+        ids = torch.as_tensor(class_ids, dtype=torch.int64, device=self.device).flatten()
+        if ids.numel() == 1:
+            ids = ids.expand(n)
+        if ids.numel() != n:
+            raise ValueError(f"class_ids has {ids.numel()} entries for {n} images")
+        if bool(((ids < 0) | (ids >= self.label_dim)).any()):
+            raise ValueError(f"class_ids must lie in [0, {self.label_dim}), got {ids.unique().tolist()}")
+        return ids
+
+    def _sample(self, z, labels, randn_like, num_steps):
+        """Images from unscaled noise z (B, C, R, R) and class indices (B,) or None, clamped to [-1, 1]."""
+        c = None if labels is None else one_hot(labels, self.label_dim, self.device)
+        if num_steps is None:
+            x = one_step(self.net, z, c, sigma=self.sigma_G)
+        else:
+            from dmd.edm.sampler import edm_sampler
+
+            x = edm_sampler(self.net, z, c, randn_like=randn_like, num_steps=num_steps)
+        return x.float().clamp(-1, 1)
+
+    def generate_batch(self, seeds=None, class_ids=None, latents=None, batch_size=None, num_steps=None):
+        """Generate (N, C, R, R) float32 images in [-1, 1] on the device from seeds or from unscaled latents."""
+        from dmd.edm.sampler import StackedRandomGenerator
+
+        if (seeds is None) == (latents is None):
+            raise ValueError("generate_batch needs exactly one of seeds and latents")
+        shape = (self.img_channels, self.img_resolution, self.img_resolution)
+        if latents is not None:
+            latents = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
+            if latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
+                raise ValueError(f"latents must have shape (N, *{shape}), not {tuple(latents.shape)}")
+            n = latents.shape[0]
+            if self.label_dim > 0 and class_ids is None:
+                raise ValueError("class_ids are needed with latents on a class-conditional network")
+        else:
+            seeds = parse_int_list(seeds) if isinstance(seeds, str) else [int(s) for s in seeds]
+            n = len(seeds)
+        ids = self._class_ids(class_ids, n)
+        batch_size = batch_size or max(n, 1)
+
+        was_training = self.net.training
+        self.net.eval()  # dropout off: a sample depends on its seed only
+        try:
+            with torch.inference_mode():
+                out = []
+                for lo in range(0, n, batch_size):
+                    hi = min(lo + batch_size, n)
+                    labels = None if ids is None else ids[lo:hi]
+                    if latents is not None:
+                        out.append(self._sample(latents[lo:hi], labels, torch.randn_like, num_steps))
+                        continue
+                    rnd = StackedRandomGenerator(self.device, seeds[lo:hi])
+                    z = rnd.randn([hi - lo, *shape], device=self.device)
+                    if self.label_dim > 0:
+                        drawn = rnd.randint(self.label_dim, size=[hi - lo], device=self.device)  # keeps EDM's stream
+                        labels = drawn if labels is None else labels
+                    out.append(self._sample(z, labels, rnd.randn_like, num_steps))
+                images = torch.cat(out) if out else torch.empty(0, *shape, device=self.device)
+        finally:
+            self.net.train(was_training)
+        return images
+
+
+def png_path(outdir, seed, subdirs=False):
+    """Where EDM's generate.py puts the image of `seed`: outdir/{seed:06d}.png, or in a folder per 1000 seeds."""
+    outdir = Path(outdir)
+    if subdirs:
+        outdir = outdir / f"{seed - seed % 1000:06d}"
+    return outdir / f"{seed:06d}.png"
+
+
+def save_png(pixels, path):
+    """Write an (H, W, C) uint8 image as an RGB or L PNG; a temp file and os.replace keep readers from partial files.
+
+    No fsync per image (unlike dmd.utils.io): 50k fsyncs would cost minutes, and a crash only loses whole images.
+    """
+    import PIL.Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = PIL.Image.fromarray(pixels[:, :, 0], "L") if pixels.shape[2] == 1 else PIL.Image.fromarray(pixels, "RGB")
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def read_png(path):
+    """Read a PNG written by `save_png` back as a (1, C, H, W) float tensor that `to_uint8` maps to the same bytes."""
+    import PIL.Image
+
+    pixels = np.asarray(PIL.Image.open(path))
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    return (torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() - 127.5) / 127.5
+
+
+def rank_batches(seeds, batch_size):
+    """EDM's split of seeds over ranks: ceil(n / (batch * world)) * world batches, rank k takes every world-th one."""
+    world = distributed.get_world_size()
+    num_batches = max((len(seeds) - 1) // (batch_size * world) + 1, 1) * world
+    batches = torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)
+    return [b.tolist() for b in batches[distributed.get_rank() :: world]]
+
+
+def load_on_ranks(network, *, device, cache_dir=None, sigma_G=None):
+    """Build a DMDGenerator on every rank, rank 0 first so a URL is downloaded once."""
+    if distributed.is_main():
+        generator = DMDGenerator(network, device=device, cache_dir=cache_dir, sigma_G=sigma_G)
+    distributed.barrier()
+    if not distributed.is_main():
+        generator = DMDGenerator(network, device=device, cache_dir=cache_dir, sigma_G=sigma_G)
+    return generator
+
+
+def setup_device(device):
+    """Resolve the device (each torchrun rank on its local GPU) and join the process group."""
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", distributed.local_rank())
+    distributed.init(device.type)
+    return device
+
+
+def generate_images(
+    network,  # Anything DMDGenerator loads: path or URL.
+    outdir,  # Folder for the PNGs.
+    seeds="0-63",  # Seed list or range string.
+    class_idx=None,  # One class for every image; None: drawn per seed (or cycled with class_balanced).
+    class_balanced=False,  # Seed s gets class s % label_dim, as in the FID protocol.
+    grid=None,  # Also write a grid of all images here, one labelled row per ceil(sqrt(n)) seeds.
+    batch_size=256,  # Images per network call, per process.
+    num_steps=None,  # None: one step. N: sample with edm_sampler in N steps (an EDM teacher).
+    subdirs=False,  # One folder per 1000 seeds, as EDM's --subdirs.
+    device="auto",  # 'auto', 'cpu', 'cuda', 'cuda:1'; under torchrun CUDA ranks use their local device.
+    cache_dir=None,  # Download cache for URLs.
+    progress=True,  # tqdm bar on rank 0.
+):
+    """Write one PNG per seed (quantised exactly as EDM does) and optionally a grid; return the list of paths."""
+    from tqdm import tqdm
+
+    seeds = parse_int_list(seeds)
+    if not seeds:
+        raise ValueError("--seeds is empty")
+    if class_idx is not None and class_balanced:
+        raise ValueError("--class and --class-balanced exclude each other")
+    device = setup_device(device)
+    generator = load_on_ranks(network, device=device, cache_dir=cache_dir)
+    if (class_balanced or class_idx is not None) and generator.label_dim == 0:
+        raise ValueError("--class and --class-balanced need a class-conditional network")
+    if class_idx is not None and class_idx >= generator.label_dim:
+        raise ValueError(f"--class {class_idx} is out of range: the network has {generator.label_dim} classes")
+
+    batches = rank_batches(seeds, batch_size)
+    for batch in tqdm(batches, unit="batch", desc="generate", disable=not (progress and distributed.is_main())):
+        if not batch:
+            continue
+        class_ids = class_idx
+        if class_balanced:
+            class_ids = torch.as_tensor(batch) % generator.label_dim
+        images = generator.generate_batch(seeds=batch, class_ids=class_ids, num_steps=num_steps)
+        for seed, pixels in zip(batch, to_uint8(images)):
+            save_png(pixels, png_path(outdir, seed, subdirs))
+    distributed.barrier()
+
+    paths = [png_path(outdir, seed, subdirs) for seed in seeds]
+    if grid is not None and distributed.is_main():
+        from dmd.utils.io import atomic_path
+
+        nrow = int(np.ceil(np.sqrt(len(seeds))))
+        images = torch.cat([read_png(p) for p in paths])
+        row_labels = [str(seeds[i]) for i in range(0, len(seeds), nrow)]
+        with atomic_path(grid) as tmp:
+            make_grid(images, nrow=nrow, row_labels=row_labels).save(tmp, format="PNG")
+    distributed.print0(f"{len(seeds)} images in {outdir}" + (f", grid {grid}" if grid is not None else ""))
+    return paths

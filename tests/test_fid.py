@@ -1,0 +1,208 @@
+"""FID: statistics and the Frechet distance against numpy/scipy, `fid ref`/`fid calc` on PNGs, ZIPs and networks."""
+
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import scipy.linalg
+import torch
+from click.testing import CliRunner
+
+from dmd.cli import main
+from dmd.fid import (
+    FeatureStats,
+    FIDError,
+    ImageFiles,
+    calc_fid,
+    detect,
+    frechet_distance,
+    generator_fid,
+    load_ref,
+    save_ref,
+)
+from dmd.generate import DMDGenerator
+
+PKL = Path(__file__).parent / "fixtures" / "edm_ddpmpp_cond.pkl"
+
+
+# A stand-in for the Inception detector with its call signature: fixed random projections of 4x4-pooled pixels.
+class TinyDetector(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("proj", torch.randn(48, 16, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x, return_features: bool = True):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1)  # (N, 3 * 4 * 4)
+        return pooled @ self.proj / 255  # (N, 16)
+
+
+@pytest.fixture(scope="module")
+def detector_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("detector") / "tiny.pt"
+    torch.jit.save(torch.jit.script(TinyDetector()), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory, detector_path):
+    """40 PNGs from `dmd generate` with the FID protocol's labels (seed s -> class s % 10)."""
+    out = tmp_path_factory.mktemp("pngs")
+    args = ["generate", "--network", str(PKL), "--outdir", str(out), "--seeds", "0-39", "--class-balanced"]
+    result = CliRunner().invoke(main, [*args, "--batch", "40", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def numpy_fid(f1, f2):
+    """FID straight from two feature sets with numpy and scipy, in float64."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    return np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(scipy.linalg.sqrtm(s1 @ s2)))
+
+
+def stats_of(features, chunk):
+    stats = FeatureStats()
+    for lo in range(0, len(features), chunk):
+        stats.append(torch.from_numpy(features[lo : lo + chunk]))
+    return stats.mu_sigma()
+
+
+def fid_number(output):
+    return float(re.search(r"FID: (\S+)", output).group(1))
+
+
+def test_statistics_and_fid_match_numpy():
+    rng = np.random.default_rng(0)
+    f1 = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8))
+    f2 = rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8)) + 0.3
+    mu1, sigma1 = stats_of(f1, chunk=64)
+    np.testing.assert_allclose(mu1, f1.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma1, np.cov(f1, rowvar=False), rtol=1e-10, atol=1e-12)
+    mu2, sigma2 = stats_of(f2, chunk=200)
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(numpy_fid(f1, f2), rel=1e-9)
+    assert abs(frechet_distance(mu1, sigma1, mu1, sigma1)) < 1e-8
+
+
+def test_fid_of_diagonal_gaussians():
+    # Closed form for diagonal covariances: |mu1 - mu2|^2 + sum (s1 + s2 - 2 sqrt(s1 s2)).
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    expected = 5.0 + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_ref_then_calc_on_the_same_images_is_zero(pngs, detector_path, tmp_path):
+    det = ["--detector", str(detector_path), "--device", "cpu", "--batch", "16"]
+    result = CliRunner().invoke(main, ["fid", "ref", "--data", str(pngs), "--dest", str(tmp_path / "ref.npz"), *det])
+    assert result.exit_code == 0, result.output
+    mu, sigma = load_ref(tmp_path / "ref.npz")
+    assert sorted(np.load(tmp_path / "ref.npz").files) == ["mu", "sigma"] and sigma.shape == (16, 16)
+
+    # The statistics equal numpy's on the detector's features of the PNGs.
+    files = ImageFiles(pngs)
+    features = detect(torch.jit.load(str(detector_path)), np.stack([files.read(i) for i in range(40)]), "cpu")
+    np.testing.assert_allclose(mu, features.double().mean(0).numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(features.double().numpy(), rowvar=False), rtol=1e-8, atol=1e-12)
+
+    args = ["fid", "calc", "--images", str(pngs), "--ref", str(tmp_path / "ref.npz"), "--num", "40", *det]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert abs(fid_number(result.output)) < 1e-6
+
+
+def test_pngs_zip_and_network_give_the_same_fid(pngs, detector_path, tmp_path):
+    rng = np.random.default_rng(1)
+    save_ref(rng.normal(size=16) * 0.01, np.eye(16) * 1e-3, tmp_path / "ref.npz")
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as z:
+        for png in sorted(pngs.glob("*.png")):
+            z.write(png, f"00000/{png.name}")
+    det = ["--ref", str(tmp_path / "ref.npz"), "--detector", str(detector_path), "--device", "cpu"]
+    scores = []
+    for source in (["--images", str(pngs)], ["--images", str(tmp_path / "images.zip")], ["--network", str(PKL)]):
+        result = CliRunner().invoke(main, ["fid", "calc", *source, "--num", "40", "--batch", "16", *det])
+        assert result.exit_code == 0, result.output
+        scores.append(fid_number(result.output))
+    assert scores[0] > 0.01
+    assert scores[1] == pytest.approx(scores[0], abs=2e-6)  # printed with 6 decimals
+    assert scores[2] == pytest.approx(scores[0], abs=2e-6)
+
+    # In full precision: the PNG route and the library call the training loop makes.
+    detector = torch.jit.load(str(detector_path))
+    from_pngs = calc_fid(tmp_path / "ref.npz", images=pngs, num=40, detector=detector_path, device="cpu")
+    generator = DMDGenerator(PKL, device="cpu")
+    from_network = generator_fid(
+        generator.generate_batch,
+        tmp_path / "ref.npz",
+        seeds=range(40),
+        label_dim=generator.label_dim,
+        detector=detector,
+        batch_size=40,
+    )
+    assert from_network == pytest.approx(from_pngs[0], rel=1e-9)
+
+
+def test_repeats_score_disjoint_seed_ranges(detector_path, tmp_path):
+    save_ref(np.zeros(16), np.eye(16) * 1e-3, tmp_path / "ref.npz")
+    det = ["--ref", str(tmp_path / "ref.npz"), "--detector", str(detector_path), "--device", "cpu", "--batch", "20"]
+    result = CliRunner().invoke(main, ["fid", "calc", "--network", str(PKL), "--num", "20", "--repeats", "2", *det])
+    assert result.exit_code == 0, result.output
+    per_repeat = [float(v) for v in re.findall(r"repeat \d: FID (\S+)", result.output)]
+    assert len(per_repeat) == 2 and per_repeat[0] != per_repeat[1]
+    assert fid_number(result.output) == min(per_repeat)
+    assert "FID over 2 seed ranges: min" in result.output and "+-" in result.output
+
+    second = CliRunner().invoke(main, ["fid", "calc", "--network", str(PKL), "--num", "20", "--seeds", "20-39", *det])
+    assert fid_number(second.output) == pytest.approx(per_repeat[1], abs=2e-6)
+
+
+def test_grayscale_is_repeated_to_three_channels(detector_path, tmp_path):
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+    PIL.Image.fromarray(gray, "L").save(tmp_path / "a.png")
+    PIL.Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB").save(tmp_path / "b.png")
+    files = ImageFiles(tmp_path)
+    det = torch.jit.load(str(detector_path))
+    assert files.read(0).shape == (8, 8, 1) and files.read(1).shape == (8, 8, 3)
+    torch.testing.assert_close(detect(det, files.read(0)[None], "cpu"), detect(det, files.read(1)[None], "cpu"))
+
+
+def test_subset_is_edm_random_subset(pngs, detector_path):
+    # More images than --num: EDM's fid.py keeps the first num of a RandomState(0) shuffle, sorted.
+    from dmd.fid import image_stats
+
+    det = torch.jit.load(str(detector_path))
+    mu, _ = image_stats(pngs, det, num=30, batch_size=16, progress=False)
+    indices = np.arange(40)
+    np.random.RandomState(0).shuffle(indices)
+    files = ImageFiles(pngs)
+    features = detect(det, np.stack([files.read(i) for i in sorted(indices[:30])]), "cpu")
+    np.testing.assert_allclose(mu, features.double().mean(0).numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_errors(pngs, detector_path, tmp_path):
+    np.savez(tmp_path / "bad_ref.npz", mu=np.zeros(16))
+    save_ref(np.zeros(16), np.eye(16), tmp_path / "ref.npz")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "not_script.pt").write_bytes(b"garbage")
+    det = ["--detector", str(detector_path), "--device", "cpu"]
+    ref = ["--ref", str(tmp_path / "ref.npz")]
+    cases = [
+        (["--images", str(pngs), *ref, "--num", "41"], "40 images, fewer than --num 41"),
+        (["--images", str(pngs), "--ref", str(tmp_path / "bad_ref.npz")], "missing key(s) ['sigma']"),
+        (["--images", str(pngs), "--ref", str(tmp_path / "nope.npz")], "nope.npz"),
+        (["--images", str(pngs), "--network", str(PKL), *ref], "exactly one of --images and --network"),
+        (["--images", str(pngs), *ref, "--repeats", "2"], "--repeats needs --network"),
+        (["--network", str(PKL), *ref, "--num", "10", "--seeds", "0-4"], "--seeds gives 5 seeds"),
+        (["--images", str(tmp_path / "empty"), *ref], "no images found"),
+        (["--network", str(tmp_path / "bad_ref.npz"), *ref, "--num", "4"], "bad_ref.npz"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["fid", "calc", *args, *det])
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+    not_script = ["--detector", str(tmp_path / "not_script.pt")]
+    result = CliRunner().invoke(main, ["fid", "calc", "--images", str(pngs), *ref, "--num", "40", *not_script])
+    assert result.exit_code == 1 and "not a TorchScript module" in result.output, result.output
+    with pytest.raises(FIDError, match="at least 2 images"):
+        FeatureStats().mu_sigma()

@@ -1,0 +1,289 @@
+"""DMDGenerator and `dmd generate`: the four sources, per-seed images, EDM's quantisation, eval mode, errors."""
+
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dmd.cli import main
+from dmd.edm.persistence import load_network
+from dmd.edm.precond import build_network
+from dmd.edm.sampler import StackedRandomGenerator, edm_sampler
+from dmd.generate import PORT_SIGMA_G, DMDGenerator, GeneratorLoadError
+from dmd.generator import one_step
+from dmd.utils.common import one_hot, to_uint8
+
+PKL = Path(__file__).parent / "fixtures" / "edm_ddpmpp_cond.pkl"
+
+README_SNIPPET = """
+from dmd.generate import DMDGenerator
+from dmd.utils.common import display_samples
+generator = DMDGenerator(network_path="path/to/model.pt")
+samples = generator.generate_batch(seeds=list(range(0, 25)), class_ids=1)
+display_samples(samples)
+"""
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_network(PKL)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return dict(np.load(PKL.with_suffix(".npz")))
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return DMDGenerator(PKL, device="cpu")
+
+
+def state_dict(net, scale=1.0):
+    return {k: v.clone() * scale if v.is_floating_point() else v.clone() for k, v in net.state_dict().items()}
+
+
+def write_snapshot(path, net, sigma_G=80.0):
+    snapshot = {
+        "format": "dmd-snapshot",
+        "version": 1,
+        "class_name": type(net).__name__,
+        "init_kwargs": net.init_kwargs,
+        "state_dict": state_dict(net),
+        "sigma_G": sigma_G,
+        "step": 7,
+        "config": {"lr_gen": 2e-6},
+    }
+    torch.save(snapshot, path)
+    return path
+
+
+def write_training_state(path, net, with_ema):
+    # G differs from the EMA weights, so the test sees which of them the generator picked.
+    G, G_ema = (state_dict(net, 0.5), state_dict(net)) if with_ema else (state_dict(net), None)
+    state = {
+        "format": "dmd-training-state",
+        "version": 1,
+        "class_name": type(net).__name__,
+        "init_kwargs": net.init_kwargs,
+        "G": G,
+        "mu_fake": state_dict(net, 0.25),
+        "G_ema": G_ema,
+        "opt_G": {"state": {}, "param_groups": []},
+        "opt_fake": {"state": {}, "param_groups": []},
+        "step": 11,
+        "rng": {"torch": torch.get_rng_state()},
+        "data_position": {"epoch": 0, "index": 3},
+        "config": {},
+        "sigma_G": 80.0,
+    }
+    torch.save(state, path)
+    return path
+
+
+def direct_one_step(net, z, class_idx, sigma=80.0):
+    """The generator's images computed straight from the denoiser: D(sigma z; sigma, c), clamped."""
+    with torch.no_grad():
+        return one_step(net, z, one_hot(class_idx, net.label_dim), sigma=sigma).clamp(-1, 1)
+
+
+def test_edm_pickle_matches_edm_one_step_output(generator, ref):
+    # onestep_out was computed by EDM's own code: net(80 z, 80, labels).
+    images = generator.generate_batch(latents=torch.from_numpy(ref["onestep_z"]), class_ids=ref["class_idx"])
+    expected = torch.from_numpy(ref["onestep_out"]).clamp(-1, 1)
+    assert generator.sigma_G == 80.0 and images.dtype == torch.float32
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+
+
+def test_seeds_draw_edm_latents_and_labels(generator, ref):
+    # EDM's per-seed stream: latent first, then the label; the fixture holds both for seeds 0-3.
+    from_seeds = generator.generate_batch(seeds=ref["sampler_seeds"].tolist())
+    latents = torch.from_numpy(ref["sampler_latents"])
+    from_latents = generator.generate_batch(latents=latents, class_ids=torch.from_numpy(ref["sampler_class_idx"]))
+    torch.testing.assert_close(from_seeds, from_latents, atol=1e-6, rtol=0)
+
+
+def test_teacher_steps_sample_with_edm_sampler(generator, teacher, tmp_path):
+    # `--steps N` runs EDM's sampler on the seed's own stream: latent, label, then one noise per step.
+    args = ["generate", "--network", str(PKL), "--outdir", str(tmp_path), "--seeds", "0-1", "--steps", "2"]
+    result = CliRunner().invoke(main, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rnd = StackedRandomGenerator("cpu", [0, 1])
+    latents = rnd.randn([2, 3, 8, 8])
+    labels = one_hot(rnd.randint(10, size=[2]), 10)
+    with torch.no_grad():
+        expected = to_uint8(edm_sampler(teacher, latents, labels, randn_like=rnd.randn_like, num_steps=2))
+    for seed in (0, 1):
+        np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / f"{seed:06d}.png")), expected[seed])
+
+
+def test_all_sources_load(teacher, tmp_path):
+    z = torch.randn(3, 3, 8, 8)
+    class_idx = torch.tensor([0, 4, 9])
+    expected = direct_one_step(teacher, z, class_idx)
+    sources = {
+        "snapshot": write_snapshot(tmp_path / "network-snapshot-000007.pt", teacher),
+        "state_ema": write_training_state(tmp_path / "training-state-000011.pt", teacher, with_ema=True),
+        "state_no_ema": write_training_state(tmp_path / "training-state-000012.pt", teacher, with_ema=False),
+    }
+    for name, path in sources.items():
+        generator = DMDGenerator(network_path=path, device="cpu")
+        images = generator.generate_batch(latents=z, class_ids=class_idx)
+        torch.testing.assert_close(images, expected, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_port_checkpoint(teacher, tmp_path, prefix):
+    port = {
+        "model_g": {prefix + k: v for k, v in state_dict(teacher).items()},
+        "optimizer_g": {"state": {}, "param_groups": []},
+        "model_d": state_dict(teacher, 0.5),
+        "epoch": 3,
+    }
+    torch.save(port, tmp_path / "port.pt")
+    generator = DMDGenerator(tmp_path / "port.pt", device="cpu")
+    kwargs = generator.net.init_kwargs
+    for key in ("img_resolution", "img_channels", "label_dim", "augment_dim", "model_channels", "channel_mult"):
+        assert kwargs[key] == teacher.init_kwargs[key], key
+    assert kwargs["num_blocks"] == 1 and kwargs["attn_resolutions"] == [4]
+    assert generator.sigma_G == PORT_SIGMA_G
+    z, class_idx = torch.randn(2, 3, 8, 8), torch.tensor([3, 5])
+    images = generator.generate_batch(latents=z, class_ids=class_idx)
+    torch.testing.assert_close(images, direct_one_step(teacher, z, class_idx, PORT_SIGMA_G), atol=1e-6, rtol=0)
+
+
+def test_port_sigma_is_the_port_grid_index():
+    # Index 998 of the port's ascending 1000-level Karras grid from 0.002 to 80.
+    i = torch.arange(1000, dtype=torch.float64)
+    grid = (0.002 ** (1 / 7) + i / 999 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    assert PORT_SIGMA_G == pytest.approx(grid[998].item(), abs=1e-12)
+
+
+def test_same_image_for_a_seed_whatever_the_batch(generator):
+    seeds = [5, 17, 1000]
+    together = generator.generate_batch(seeds=seeds)
+    in_batches = generator.generate_batch(seeds=seeds, batch_size=2)
+    reordered = generator.generate_batch(seeds=seeds[::-1])
+    assert together.shape == (3, 3, 8, 8) and together.abs().max() <= 1
+    torch.testing.assert_close(in_batches, together, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reordered.flip(0), together, atol=1e-5, rtol=0)
+    assert (together[0] - together[1]).abs().max() > 0.01  # different seeds, different images
+
+
+def test_class_ids_forms(generator):
+    seeds = [0, 1, 2]
+    as_int = generator.generate_batch(seeds=seeds, class_ids=7)
+    torch.testing.assert_close(generator.generate_batch(seeds=seeds, class_ids=[7, 7, 7]), as_int)
+    as_tensor = generator.generate_batch(seeds=seeds, class_ids=torch.tensor([1, 7, 2]))
+    torch.testing.assert_close(as_tensor[1], as_int[1])
+    assert (as_tensor[0] - as_int[0]).abs().max() > 1e-3  # the label reaches the network
+
+
+def test_dropout_has_no_effect(teacher):
+    net = build_network("EDMPrecond", {**teacher.init_kwargs, "dropout": 0.5})
+    net.load_state_dict(teacher.state_dict())
+    z, c = torch.randn(2, 3, 8, 8), one_hot([1, 2], 10)
+    net.train()
+    with torch.no_grad():
+        assert (one_step(net, z, c) - one_step(net, z, c)).abs().max() > 1e-3  # dropout is really there
+
+    generator = DMDGenerator(net=net)  # a training net, as the training loop passes G
+    first = generator.generate_batch(seeds=[0, 1])
+    second = generator.generate_batch(seeds=[0, 1])
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    assert net.training  # the caller's mode is restored
+    assert first.requires_grad is False
+
+
+def test_readme_snippet_runs(teacher, tmp_path):
+    path = write_snapshot(tmp_path / "model.pt", teacher)
+    namespace = {}
+    exec(README_SNIPPET.replace("path/to/model.pt", str(path)), namespace)
+    samples = namespace["samples"]
+    assert samples.shape == (25, 3, 8, 8)
+    grid = namespace["display_samples"](samples)
+    assert isinstance(grid, PIL.Image.Image) and grid.size[0] > 5 * 8
+
+
+def test_generate_pngs_quantised_like_edm(generator, tmp_path):
+    network = str(PKL)
+    args = ["generate", "--network", network, "--outdir", str(tmp_path / "out"), "--seeds", "998-1001", "--batch", "3"]
+    result = CliRunner().invoke(main, [*args, "--class", "3", "--subdirs", "--grid", str(tmp_path / "grid.png")])
+    assert result.exit_code == 0, result.output
+    images = generator.generate_batch(seeds=[998, 999, 1000, 1001], class_ids=3)
+    edm = (images.numpy() * 127.5 + 128).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(to_uint8(images), edm)
+    for i, seed in enumerate([998, 999, 1000, 1001]):
+        folder = "000000" if seed < 1000 else "001000"
+        np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "out" / folder / f"{seed:06d}.png")), edm[i])
+    grid = PIL.Image.open(tmp_path / "grid.png")
+    assert grid.size[0] > 2 * 8 and grid.size[1] > 2 * 8
+
+
+def test_grayscale_pngs_are_mode_l(teacher, tmp_path):
+    kwargs = {**teacher.init_kwargs, "img_channels": 1, "label_dim": 0}
+    net = build_network("EDMPrecond", kwargs)
+    write_snapshot(tmp_path / "gray.pt", net)
+    args = ["generate", "--network", str(tmp_path / "gray.pt"), "--outdir", str(tmp_path), "--seeds", "4"]
+    result = CliRunner().invoke(main, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    image = PIL.Image.open(tmp_path / "000004.png")
+    expected = to_uint8(DMDGenerator(tmp_path / "gray.pt", device="cpu").generate_batch(seeds=[4]))
+    assert image.mode == "L"
+    np.testing.assert_array_equal(np.asarray(image), expected[0, :, :, 0])
+
+
+def test_load_errors_name_the_file(teacher, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a network")
+    with pytest.raises(GeneratorLoadError, match="notes.txt"):
+        DMDGenerator(text, device="cpu")
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(GeneratorLoadError, match="other.pt.*keys: weights"):
+        DMDGenerator(tmp_path / "other.pt", device="cpu")
+    broken = state_dict(teacher)
+    broken["model.enc.8x8_conv.weight"] = torch.zeros(16, 3, 1, 1)
+    torch.save({"model_g": broken}, tmp_path / "port.pt")
+    with pytest.raises(GeneratorLoadError, match="port.pt: the weights do not fit"):
+        DMDGenerator(tmp_path / "port.pt", device="cpu")
+    snapshot = write_snapshot(tmp_path / "no_sigma.pt", teacher)
+    data = torch.load(snapshot, weights_only=True)
+    del data["sigma_G"]
+    torch.save(data, snapshot)
+    with pytest.raises(GeneratorLoadError, match="no_sigma.pt: dmd-snapshot without the entry 'sigma_G'"):
+        DMDGenerator(snapshot, device="cpu")
+    snapshot = write_snapshot(tmp_path / "cut.pt", teacher)
+    snapshot.write_bytes(snapshot.read_bytes()[:5000])
+    with pytest.raises(GeneratorLoadError, match="cut.pt"):
+        DMDGenerator(snapshot, device="cpu")
+    with pytest.raises(GeneratorLoadError, match="missing.pt"):
+        DMDGenerator(tmp_path / "missing.pt", device="cpu")
+
+
+def test_generate_batch_errors(generator):
+    with pytest.raises(ValueError, match="exactly one of seeds and latents"):
+        generator.generate_batch()
+    with pytest.raises(ValueError, match="shape"):
+        generator.generate_batch(latents=torch.zeros(2, 3, 4, 4), class_ids=0)
+    with pytest.raises(ValueError, match="class_ids are needed"):
+        generator.generate_batch(latents=torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        generator.generate_batch(seeds=[0], class_ids=10)
+    with pytest.raises(ValueError, match="3 entries for 2 images"):
+        generator.generate_batch(seeds=[0, 1], class_ids=[1, 2, 3])
+
+
+def test_generate_cli_errors(tmp_path):
+    args = ["generate", "--network", str(PKL), "--outdir", str(tmp_path)]
+    for extra, message in [
+        (["--class", "10"], "--class 10 is out of range"),
+        (["--class", "1", "--class-balanced"], "exclude each other"),
+        (["--seeds", "5-2"], "ends before it starts"),
+    ]:
+        result = CliRunner().invoke(main, [*args, "--device", "cpu", *extra])
+        assert result.exit_code == 1 and message in result.output, result.output
+    result = CliRunner().invoke(main, ["generate", "--network", str(tmp_path / "nope.pkl"), "--outdir", str(tmp_path)])
+    assert result.exit_code == 1 and "nope.pkl" in result.output
