@@ -31,31 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from dmd.data import PairWriter, create_pair_file
 from dmd.edm.persistence import load_network, save_network_pickle
 from dmd.edm.precond import build_network
+from dmd.edm.presets import CIFAR10_COND
 from dmd.lpips import LPIPS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "edm_ddpmpp_cond.pkl"
-
-# EDM's conditional CIFAR-10 network (edm-cifar10-32x32-cond-vp.pkl): EDMPrecond + DDPM++ SongUNet.
-CIFAR10_KWARGS = dict(
-    img_resolution=32,
-    img_channels=3,
-    label_dim=10,
-    use_fp16=False,
-    sigma_min=0,
-    sigma_max=float("inf"),
-    sigma_data=0.5,
-    model_type="SongUNet",
-    embedding_type="positional",
-    encoder_type="standard",
-    decoder_type="standard",
-    channel_mult_noise=1,
-    resample_filter=[1, 1],
-    model_channels=128,
-    channel_mult=[2, 2, 2],
-    augment_dim=9,
-    dropout=0.13,
-)
 
 
 def forward_flops(fn):
@@ -122,7 +102,7 @@ def main():
             speed, mem = run_steps(folder, FIXTURE, 8, batch_size, lambda_reg, "fp32", "cpu", steps, warmup)
             rows.append(("tiny 8x8 (fixture)", "cpu", "fp32", batch_size, lambda_reg, speed, mem, flops))
         torch.manual_seed(0)
-        cifar = build_network("EDMPrecond", CIFAR10_KWARGS)
+        cifar = build_network("EDMPrecond", CIFAR10_COND)
         save_network_pickle(cifar, folder / "cifar10.pkl")
         flops = step_flops(cifar, 56, 0.25)
         for precision in ("fp32", "bf16"):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmd.edm.presets import DDPMPP
 from dmd.generator import SIGMA_G, one_step
 from dmd.utils import distributed
 from dmd.utils.common import make_grid, one_hot, parse_int_list, resolve_device, to_uint8
@@ -29,16 +30,6 @@ FORMAT_VERSION = 1
 # The port trained its generator at index 998 of a 1000-level Karras grid (sigma_min 0.002, sigma_max 80, rho 7)
 # instead of at 80; its released weights expect that input scale.
 PORT_SIGMA_G = 79.56382521581216
-
-# EDM's DDPM++ CIFAR-10 architecture (edm-format.md 2.6); the port's checkpoint fills in the sizes from its shapes.
-DDPMPP_KWARGS = dict(
-    model_type="SongUNet",
-    embedding_type="positional",
-    encoder_type="standard",
-    decoder_type="standard",
-    resample_filter=[1, 1],
-    dropout=0.13,
-)
 
 
 class GeneratorLoadError(RuntimeError):
@@ -79,6 +70,7 @@ def port_init_kwargs(state_dict, path):
         return state_dict[key].shape[1] if key in state_dict else 0
 
     return dict(
+        DDPMPP,
         img_resolution=resolution,
         img_channels=int(img_channels),
         label_dim=in_features("model.map_label.weight"),
@@ -89,7 +81,7 @@ def port_init_kwargs(state_dict, path):
         channel_mult_noise=int(noise_channels // model_channels),
         num_blocks=num_blocks,
         attn_resolutions=attn_resolutions,
-        **DDPMPP_KWARGS,
+        dropout=0.13,
     )
 
 

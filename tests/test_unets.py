@@ -8,24 +8,13 @@ import torch
 from test_layers import randomize_
 
 from dmd.edm.precond import build_network
+from dmd.edm.presets import ADM as ADM_ARCH
+from dmd.edm.presets import DDPMPP, NCSNPP
 from dmd.edm.unets import DhariwalUNet, SongUNet
 
-DDPMPP = dict(
-    model_type="SongUNet",
-    embedding_type="positional",
-    encoder_type="standard",
-    decoder_type="standard",
-    channel_mult_noise=1,
-    resample_filter=[1, 1],
-    model_channels=128,
-    channel_mult=[2, 2, 2],
-)
-NCSNPP = dict(
-    DDPMPP, embedding_type="fourier", encoder_type="residual", channel_mult_noise=2, resample_filter=[1, 3, 3, 1]
-)
 CIFAR = dict(img_resolution=32, img_channels=3, augment_dim=9, dropout=0.13)
 ADM = dict(img_resolution=64, img_channels=3, label_dim=1000, use_fp16=True, dropout=0.10, augment_dim=0)
-ADM.update(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4])
+ADM.update(ADM_ARCH)
 
 RELEASED = {
     "cifar10-cond-ddpmpp": (dict(CIFAR, label_dim=10, **DDPMPP), 55_735_299, 427),
