@@ -24,7 +24,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay, both networks
     betas: Tuple[float, float] = (0.9, 0.999)  # AdamW betas, both networks
     grad_clip: float = 10.0  # max gradient norm, both networks
-    lambda_reg: float = 0.25  # weight of the LPIPS regression loss; 0 disables it
+    lambda_dm: float = 1.0  # weight of the distribution-matching loss; 0 = regression only (no mu_fake steps)
+    lambda_reg: float = 0.25  # weight of the regression loss; 0 disables it
+    regression_distance: str = "lpips"  # 'lpips' (the paper's, VGG-16 at 224x224) or 'mse' (native resolution)
     fake_steps_per_gen: int = 1  # mu_fake updates per G update (DMD2's TTUR uses 5)
     generator_sigma: float = 80.0  # sigma_G in G(z, c) = D_G(sigma_G z; sigma_G, c)
     dropout: float = 0.0  # dropout of G and mu_fake (mu_real always runs in eval mode)
@@ -65,7 +67,9 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.epochs is None or self.epochs >= 1, "--epochs must be at least 1"),
             (self.epochs is None or self.data_path is not None, "--epochs counts passes over --data-path: give it"),
-            (self.lambda_reg >= 0, "--lambda-reg must be >= 0"),
+            (self.lambda_reg >= 0 and self.lambda_dm >= 0, "--lambda-reg and --lambda-dm must be >= 0"),
+            (self.lambda_reg + self.lambda_dm > 0, "--lambda-reg and --lambda-dm are both 0: nothing to train"),
+            (self.regression_distance in ("lpips", "mse"), "--regression-distance must be 'lpips' or 'mse'"),
             (self.lambda_reg == 0 or self.data_path is not None, "--lambda-reg > 0 needs pairs: give --data-path"),
             (self.fake_steps_per_gen >= 1, "--fake-steps-per-gen must be at least 1"),
             (self.generator_sigma > 0, "--generator-sigma must be positive"),

@@ -143,6 +143,14 @@ class RegressionLoss:
         return self.lpips(x_ref, y_ref).reshape(-1)
 
 
+class MSERegressionLoss:
+    """Mean squared error of G(z_ref) to y_ref at native resolution: the demo's CPU stand-in for LPIPS."""
+
+    def __call__(self, x_ref, y_ref):
+        """Return mean over C, H, W of (x_ref - y_ref)^2 per sample (N,)."""
+        return _per_sample_mean((x_ref - y_ref.to(x_ref.dtype)) ** 2)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Fake-score denoising: mu_fake learns the score of the generator's current distribution with EDM's weighted loss.
 

@@ -1,7 +1,7 @@
 """DMD training: a one-step generator G distilled from a frozen EDM teacher mu_real with a learned fake score mu_fake.
 
-One step = a generator step (distribution matching + lambda_reg * LPIPS regression on teacher pairs), then
-`fake_steps_per_gen` fake-score steps (denoising loss on generated images), then maintenance (EMA, logs, grids,
+One step = a generator step (lambda_dm * distribution matching + lambda_reg * LPIPS regression on teacher pairs),
+then `fake_steps_per_gen` fake-score steps (denoising loss on generated images), then maintenance (EMA, logs, grids,
 checkpoints). Every random draw of step s is a function of (seed, s) alone: the global batch's noise is drawn from
 the step seed and each rank takes its slice, and the pairs follow a DistributedSampler whose position is saved, so a
 resumed run repeats an uninterrupted one bit for bit and K processes reproduce one process at the same global batch
@@ -32,7 +32,6 @@ from dmd.utils.logger import NeptuneLogger, StatsLogger, format_stats
 STATE_FORMAT = "dmd-training-state"
 SNAPSHOT_FORMAT = "dmd-snapshot"
 FORMAT_VERSION = 1
-GRID_ROWS = ("G(z)", "mu_real(x_t)", "mu_fake(x_t)", "G(z_ref)", "y_ref")
 
 
 class TrainError(RuntimeError):
@@ -301,8 +300,8 @@ def wrap_ddp(net, device):
 
 
 def build_losses(cfg, mu_real, mu_fake, rows, device):
-    """The three losses: distribution matching and fake-score on this rank's `rows`, LPIPS regression (or None)."""
-    from dmd.losses import DistributionMatchingLoss, FakeScoreLoss, KarrasGrid, RegressionLoss
+    """The three losses: distribution matching and fake-score on this rank's `rows`, regression (or None)."""
+    from dmd.losses import DistributionMatchingLoss, FakeScoreLoss, KarrasGrid, MSERegressionLoss, RegressionLoss
     from dmd.lpips import LPIPS
 
     grid = KarrasGrid(T=cfg.num_timesteps)
@@ -310,6 +309,8 @@ def build_losses(cfg, mu_real, mu_fake, rows, device):
     fake_loss = FakeScoreLoss(grid, sigma_sampling=cfg.fake_sigma_sampling)
     if cfg.lambda_reg == 0:
         return dm_loss, fake_loss, None
+    if cfg.regression_distance == "mse":
+        return dm_loss, fake_loss, MSERegressionLoss()
     weights = dict(vgg_weights=cfg.lpips_vgg, lin_weights=cfg.lpips_lin, cache_dir=cfg.cache_dir)
     try:
         lpips = LPIPS(**weights, pretrained=cfg.lpips_pretrained).to(device)
@@ -377,10 +378,10 @@ def memory_gib(device):
 
 
 def save_grid(path, rows, n):
-    """Write the labelled sample grid: one row per tensor of `rows`, `n` images each."""
-    images = torch.cat([r[:n].detach().float().cpu() for r in rows])
+    """Write the labelled sample grid: one row per entry of `rows` ({label: tensor}), `n` images each."""
+    images = torch.cat([r[:n].detach().float().cpu() for r in rows.values()])
     with atomic_path(path) as tmp:
-        make_grid(images, nrow=n, row_labels=list(GRID_ROWS[: len(rows)])).save(tmp, format="PNG")
+        make_grid(images, nrow=n, row_labels=list(rows)).save(tmp, format="PNG")
 
 
 def check_pairs(pairs, teacher):
@@ -554,11 +555,13 @@ def train(cfg):
                 with autocast:
                     x_all = one_step(G_ddp, z_in, c_in, sigma=cfg.generator_sigma)  # (B or 2B, C, H, W)
                     x = x_all[:B]
-                    dm_gen = step_generator(cfg.seed, step, "dm", device)
-                    loss_dm, aux = dm_loss(spread(x, rows, n), c, generator=dm_gen)
-                    loss_dm = loss_dm[rows].mean()
+                    loss_dm, aux = zero, None
+                    if cfg.lambda_dm > 0:
+                        dm_gen = step_generator(cfg.seed, step, "dm", device)
+                        loss_dm, aux = dm_loss(spread(x, rows, n), c, generator=dm_gen)
+                        loss_dm = loss_dm[rows].mean()
                     loss_reg = zero if reg_loss is None else reg_loss(x_all[B:], y_ref).mean()
-                    loss_G = loss_dm + cfg.lambda_reg * loss_reg
+                    loss_G = cfg.lambda_dm * loss_dm + cfg.lambda_reg * loss_reg
                 loss_G.backward()
                 norm_G, ok_G = clip_and_check(G.parameters(), cfg.grad_clip, loss_G)
                 if ok_G:
@@ -566,8 +569,9 @@ def train(cfg):
                 opt_G.zero_grad(set_to_none=True)
 
                 # Fake-score step: mu_fake denoises G's samples, x first, then fresh batches from the updated G.
-                x_fake, c_fake, ok_fake, loss_fake_sum = spread(x.detach(), rows, n), c, True, zero
-                for k in range(cfg.fake_steps_per_gen):
+                # Regression-only training (lambda_dm 0) has no use for mu_fake and skips it.
+                x_fake, c_fake, ok_fake, loss_fake_sum, norm_fake = spread(x.detach(), rows, n), c, True, zero, zero
+                for k in range(cfg.fake_steps_per_gen if cfg.lambda_dm > 0 else 0):
                     if k > 0:
                         z, c_fake = draw_generator_inputs(mu_real, cfg.seed, step, f"fake{k}", n, device)
                         with torch.no_grad(), autocast:
@@ -594,8 +598,11 @@ def train(cfg):
                     logger.log(done, stats)
                     bar.write(format_stats(done, num_steps, stats))
                 if logger is not None and cfg.image_every and done % cfg.image_every == 0:
-                    rows_out = [x, aux["p_real"][rows], aux["p_fake"][rows]]
-                    rows_out += [] if reg_loss is None else [x_all[B:], y_ref]
+                    rows_out = {"G(z)": x}
+                    if aux is not None:
+                        rows_out.update({"mu_real(x_t)": aux["p_real"][rows], "mu_fake(x_t)": aux["p_fake"][rows]})
+                    if reg_loss is not None:
+                        rows_out.update({"G(z_ref)": x_all[B:], "y_ref": y_ref})
                     save_grid(run_dir / f"grid-{done:06d}.png", rows_out, n=min(B, 8))
                 if bad_streak >= cfg.max_bad_steps:
                     last = find_latest_state(run_dir)

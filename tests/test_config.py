@@ -46,6 +46,9 @@ def test_config_is_frozen():
         (dict(ema_halflife_kimg=-1), "--ema-halflife-kimg"),
         (dict(max_bad_steps=0), "--max-bad-steps"),
         (dict(workers=-1), "--workers"),
+        (dict(lambda_dm=-1), "--lambda-dm"),
+        (dict(lambda_dm=0, lambda_reg=0), "--lambda-dm"),
+        (dict(regression_distance="l1"), "--regression-distance"),
     ],
 )
 def test_bad_values_name_their_flag(change, flag):

@@ -12,6 +12,7 @@ from dmd.losses import (
     DistributionMatchingLoss,
     FakeScoreLoss,
     KarrasGrid,
+    MSERegressionLoss,
     RegressionLoss,
     distribution_matching_grad,
 )
@@ -197,6 +198,12 @@ def test_regression_loss_upsamples_both_images_to_224():
     up = [F.interpolate(v, size=(224, 224), mode="bilinear", align_corners=False) for v in (x, y)]
     torch.testing.assert_close(d, ((up[0] - up[1]) ** 2).mean(dim=(1, 2, 3)))
     assert d.shape == (3,)
+
+
+def test_mse_regression_loss_is_the_per_sample_mean_square():
+    x, y = torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    x[0, 0, 0, 0], x[1] = 4.0, 0.5  # sample 0: one pixel off by 4; sample 1: every pixel off by 0.5
+    torch.testing.assert_close(MSERegressionLoss()(x, y), torch.tensor([1.0, 0.25]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

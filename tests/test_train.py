@@ -134,6 +134,25 @@ def test_three_step_run_writes_every_output(tmp_path, pairs):
     assert set(state) >= {"G", "mu_fake", "opt_G", "opt_fake", "step", "rng", "config", "sigma_G", "class_name"}
 
 
+def test_regression_only_run_trains_g_on_mse_and_leaves_mu_fake_alone(tmp_path, pairs):
+    from dmd.edm.persistence import load_network
+
+    out = tmp_path / "run"
+    run_cli(
+        train_args(out, pairs, "--max-steps", 2, "--batch-size", 2, "--image-every", 2)
+        + ["--lambda-dm", "0", "--regression-distance", "mse", "--lambda-reg", "1"]
+    )
+    stats = read_stats(out)
+    assert all(r["loss_dm"] == 0 and r["loss_fake"] == 0 and r["grad_norm_fake"] == 0 for r in stats)
+    assert all(r["loss_reg"] > 0 and r["loss_G"] == r["loss_reg"] for r in stats)
+    state = load(out / "training-state-000002.pt")
+    teacher = load_network(TEACHER).state_dict()
+    assert all(torch.equal(state["mu_fake"][k], teacher[k]) for k in teacher)
+    assert not all(torch.equal(state["G"][k], teacher[k]) for k in teacher)
+    grid = __import__("PIL.Image", fromlist=["Image"]).open(out / "grid-000002.png")
+    assert grid.height == 3 * (8 + 2) + 2  # rows G(z), G(z_ref), y_ref: no mu_real / mu_fake rows without DM
+
+
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, pairs):
     # 6 pairs at batch 2 are 3 steps per epoch, so step 4 also crosses an epoch of the pair sampler.
     straight, split = tmp_path / "straight", tmp_path / "split"
