@@ -72,7 +72,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     import scipy.linalg
 
     m = np.square(mu1 - mu2).sum()
-    s, _ = scipy.linalg.sqrtm(np.dot(sigma1, sigma2), disp=False)
+    s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))  # EDM's disp=False result; the flag is deprecated
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
 
 
