@@ -121,7 +121,8 @@ class FeatureStats:
 
 def detect(detector, pixels, device):
     """Features (N, D) of uint8 images (N, H, W, C) numpy; one-channel images are repeated to three."""
-    x = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).to(device).permute(0, 3, 1, 2)  # (N, C, H, W) uint8
+    pixels = np.require(pixels, requirements=["C", "W"])  # torch wants a writable array
+    x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2)  # (N, C, H, W) uint8
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     with torch.inference_mode():
