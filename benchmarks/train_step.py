@@ -106,7 +106,7 @@ def main():
         save_network_pickle(cifar, folder / "cifar10.pkl")
         flops = step_flops(cifar, 56, 0.25)
         for precision in ("fp32", "bf16"):
-            speed, mem = float("nan"), float("nan")  # FLOPs only, without a GPU.
+            speed, mem = None, None  # FLOPs only, without a GPU.
             if torch.cuda.is_available():
                 speed, mem = run_steps(
                     folder, folder / "cifar10.pkl", 32, 56, 0.25, precision, "cuda", args.steps, args.warmup
@@ -117,7 +117,8 @@ def main():
     print("| network | device | precision | batch | lambda_reg | img/s | peak memory GiB | GFLOP/step |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, device, precision, batch, reg, speed, mem, flops in rows:
-        print(f"| {name} | {device} | {precision} | {batch} | {reg} | {speed:.2f} | {mem:.2f} | {flops / 1e9:.2f} |")
+        speed, mem = ("n/a (no GPU)", "n/a") if speed is None else (f"{speed:.2f}", f"{mem:.2f}")
+        print(f"| {name} | {device} | {precision} | {batch} | {reg} | {speed} | {mem} | {flops / 1e9:.2f} |")
 
 
 if __name__ == "__main__":
