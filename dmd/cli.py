@@ -107,7 +107,14 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option("--lr-fake", default=_default("lr_fake"), type=_POSITIVE, help="AdamW learning rate of mu_fake.")
 @click.option("--weight-decay", default=_default("weight_decay"), type=click.FloatRange(min=0), help="AdamW, both.")
 @click.option("--grad-clip", default=_default("grad_clip"), type=_POSITIVE, help="Max gradient norm, both networks.")
+@click.option("--lambda-dm", default=_default("lambda_dm"), type=click.FloatRange(min=0), help="DM weight; 0=off.")
 @click.option("--lambda-reg", default=_default("lambda_reg"), type=click.FloatRange(min=0), help="LPIPS weight; 0=off.")
+@click.option(
+    "--regression-distance",
+    default=_default("regression_distance"),
+    type=click.Choice(["lpips", "mse"]),
+    help="Regression distance: the paper's LPIPS, or MSE at native resolution (CPU smoke runs).",
+)
 @click.option("--fake-steps-per-gen", default=1, type=click.IntRange(min=1), help="mu_fake steps per G step.")
 @click.option(
     "--generator-sigma",
@@ -297,3 +304,90 @@ def fid_calc_command(images, network, ref, num, seeds, repeats, num_steps, detec
     if len(scores) > 1:
         mean, std = np.mean(scores), np.std(scores, ddof=1)
         click.echo(f"FID over {len(scores)} seed ranges: min {min(scores):.4f}, mean {mean:.4f} +- {std:.4f} (std)")
+
+
+# Embedded demo (dmd/demo/).
+def _demo_default(config, name):
+    """The default of a DemoConfig / TeacherConfig field, so `--help` shows what the demo really uses."""
+    from dmd.demo import config as demo_config
+
+    return getattr(demo_config, config).__dataclass_fields__[name].default
+
+
+def _set_threads(threads):
+    """Use `threads` torch CPU threads (0: torch's default); one thread is fastest on a CPU others are using."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@main.group("demo", invoke_without_command=True)
+@click.option(
+    "--output-dir",
+    default=_demo_default("DemoConfig", "output_dir"),
+    type=click.Path(file_okay=False),
+    help="Pairs, training runs, grids, results.md/.json.",
+)
+@click.option("--steps", default=_demo_default("DemoConfig", "steps"), type=click.IntRange(min=1), help="Per student.")
+@click.option(
+    "--num-pairs",
+    default=_demo_default("DemoConfig", "num_pairs"),
+    type=click.IntRange(min=1),
+    help="Teacher pairs (35 NFE each).",
+)
+@click.option("--batch-size", default=_demo_default("DemoConfig", "batch_size"), type=click.IntRange(min=1), help="G.")
+@click.option("--lr", default=_demo_default("DemoConfig", "lr"), type=_POSITIVE, help="AdamW lr, G and mu_fake.")
+@click.option(
+    "--lambda-reg", default=_demo_default("DemoConfig", "lambda_reg"), type=_POSITIVE, help="MSE regression weight."
+)
+@click.option(
+    "--fake-steps-per-gen",
+    default=_demo_default("DemoConfig", "fake_steps_per_gen"),
+    type=click.IntRange(min=1),
+    help="mu_fake steps per G step.",
+)
+@click.option("--num-eval", default=_demo_default("DemoConfig", "num_eval"), type=click.IntRange(min=1), help="FID.")
+@click.option("--seed", default=_demo_default("DemoConfig", "seed"), type=int, help="Judge and training seed.")
+@click.option("--teacher", default=None, type=click.Path(dir_okay=False), help="EDM pickle. [default: shipped]")
+@click.option("--threads", default=0, type=click.IntRange(min=0), help="Torch CPU threads; 0 = torch's default.")
+@click.option("--no-progress", is_flag=True, help="No tqdm bars.")
+@click.pass_context
+def demo_group(ctx, teacher, threads, no_progress, **options):
+    """Distil the shipped digits teacher into one-step generators on CPU and measure them (minutes)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from dmd.config import ConfigError
+    from dmd.data import PairFileError
+    from dmd.demo.config import DemoConfig, DemoError
+    from dmd.demo.digits import DigitsUnavailableError
+    from dmd.demo.run import run_demo
+    from dmd.train import TrainError
+
+    _set_threads(threads)
+    try:
+        cfg = DemoConfig(**options, progress=not no_progress, **({} if teacher is None else {"teacher": teacher}))
+        run_demo(cfg)
+    except (DemoError, DigitsUnavailableError, TrainError, ConfigError, PairFileError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+@demo_group.command("train-teacher")
+@click.option("--out", default="demo_teacher.pkl", type=click.Path(dir_okay=False), help="EDM pickle to write.")
+@click.option("--seed", default=_demo_default("TeacherConfig", "seed"), type=int, help="Seeds every draw.")
+@click.option("--kimg", default=_demo_default("TeacherConfig", "kimg"), type=_POSITIVE, help="Thousands of images.")
+@click.option("--batch", "batch_size", default=_demo_default("TeacherConfig", "batch_size"), type=click.IntRange(min=1))
+@click.option("--lr", default=_demo_default("TeacherConfig", "lr"), type=_POSITIVE, help="Adam lr after warm-up.")
+@click.option("--threads", default=0, type=click.IntRange(min=0), help="Torch CPU threads; 0 = torch's default.")
+def demo_train_teacher_command(out, threads, **options):
+    """Train the demo's digits teacher with EDM's loss and save it as an EDM pickle (reproducible from --seed)."""
+    from dmd.demo.config import DemoError, TeacherConfig
+    from dmd.demo.digits import DigitsUnavailableError
+    from dmd.demo.teacher import train_teacher
+
+    _set_threads(threads)
+    try:
+        train_teacher(out, TeacherConfig(**options))
+    except (DemoError, DigitsUnavailableError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{out}: teacher written; distil it with `python -m dmd demo --teacher {out}`")

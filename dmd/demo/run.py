@@ -1,0 +1,272 @@
+"""The embedded demo: distil the shipped digits teacher into one-step generators on a CPU and measure them.
+
+Stages: (1) train the judge, a small classifier of the real digits; (2) sample teacher pairs (18-step Heun, 35 NFE);
+(3) distil three one-step students with the real training loop (DMD; regression only; distribution matching only);
+(4) score the teacher at 35 NFE, the teacher in one step (one denoiser call at sigma 80), and the three students
+by digits FID, class accuracy and samples/s on the same seeds, and write results.md, results.json and grids.
+"""
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from dmd.demo.config import GRID_COLUMNS, DemoError
+
+EVAL_SEED0 = 1_000_000  # Evaluation seeds start here, far from the pair seeds 0..num_pairs-1.
+RESULTS_FORMAT = "dmd-demo-results"
+
+
+# The three students: (key, title, lambda_reg multiplier, lambda_dm). DMD is the paper's loss, the others ablate it.
+STUDENTS = (
+    ("dmd", "DMD (DM + regression)", 1.0, 1.0),
+    ("regression", "regression only", 1.0, 0.0),
+    ("dm", "DM only", 0.0, 1.0),
+)
+
+
+def stage(index, total, text):
+    """Print a stage header."""
+    print(f"\n[{index}/{total}] {text}", flush=True)
+
+
+def check_output_dir(cfg, out):
+    """Refuse an output folder holding a demo run with other settings (its pairs and checkpoints would be reused)."""
+    from dmd.utils.io import atomic_write_text
+
+    path, settings = out / "demo-config.json", {k: v for k, v in cfg.to_dict().items() if k != "progress"}
+    if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != settings:
+        raise DemoError(f"--output-dir {out} holds a demo run with other settings; choose another folder or delete it")
+    atomic_write_text(json.dumps(settings, indent=2) + "\n", path)
+
+
+def build_judge(seed):
+    """Train the classifier on the real digits; return it, its held-out accuracy and the real digits' feature stats."""
+    from dmd.demo.classifier import train_classifier
+    from dmd.demo.digits import load_digits
+
+    images, labels = load_digits()
+    classifier, holdout_accuracy = train_classifier(images, labels, seed=seed)
+    return classifier, holdout_accuracy, feature_stats(classifier, images)
+
+
+def feature_stats(classifier, images):
+    """Mean (D,) and covariance (D, D) in float64 of the classifier's penultimate features of images."""
+    from dmd.demo.classifier import features
+    from dmd.fid import FeatureStats
+
+    stats = FeatureStats()
+    stats.append(torch.from_numpy(features(classifier, images)))
+    return stats.mu_sigma()
+
+
+def distil(cfg, out, key, reg_scale, lambda_dm, pairs_path):
+    """Train one student with dmd.train and return its final network snapshot (resumes an interrupted run)."""
+    from dmd.config import TrainConfig
+    from dmd.train import list_checkpoints, train
+
+    lambda_reg = cfg.lambda_reg * reg_scale
+    train_cfg = TrainConfig(
+        model_path=cfg.teacher,
+        output_dir=str(out / "train" / key),
+        data_path=str(pairs_path) if lambda_reg > 0 else None,
+        batch_size=cfg.batch_size,
+        max_steps=cfg.steps,
+        lr_gen=cfg.lr,
+        lr_fake=cfg.lr,
+        lambda_reg=lambda_reg,
+        fake_steps_per_gen=cfg.fake_steps_per_gen,
+        regression_distance=cfg.regression_distance,
+        lambda_dm=lambda_dm,
+        seed=cfg.seed,
+        device="cpu",
+        log_every=max(cfg.steps // 4, 1),
+        image_every=0,
+        checkpoint_every=0,
+        keep_last=1,
+        workers=0,
+        resume="auto",
+    )
+    train(train_cfg)
+    return list_checkpoints(train_cfg.output_dir, "network-snapshot")[-1]
+
+
+def quantise(images):
+    """EDM's PNG quantisation applied in memory: [-1, 1] floats -> uint8 levels -> [-1, 1] floats (N, C, H, W)."""
+    from dmd.utils.common import to_uint8
+
+    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def score(images, class_ids, classifier, ref_stats):
+    """Digits FID against the real digits and class accuracy of conditional samples (N, 1, 16, 16)."""
+    from dmd.demo.classifier import predict
+    from dmd.fid import frechet_distance
+
+    mu, sigma = feature_stats(classifier, images)
+    fid = frechet_distance(mu, sigma, *ref_stats)
+    accuracy = (predict(classifier, images) == class_ids).float().mean().item()
+    return fid, accuracy
+
+
+def evaluate(cfg, methods, classifier, ref_stats, out):
+    """Sample every method on the evaluation seeds; return result rows and write the grids."""
+    from dmd.generate import DMDGenerator
+    from dmd.utils.common import make_grid
+
+    seeds = list(range(EVAL_SEED0, EVAL_SEED0 + cfg.num_eval))
+    class_ids = torch.arange(cfg.num_eval) % 10
+    rows, grid_rows = [], []
+    for key, title, network, num_steps in methods:
+        generator = DMDGenerator(network_path=network, device="cpu")
+        start = time.perf_counter()
+        images = generator.generate_batch(seeds=seeds, class_ids=class_ids, batch_size=250, num_steps=num_steps)
+        seconds = time.perf_counter() - start
+        images = quantise(images)
+        fid, accuracy = score(images, class_ids, classifier, ref_stats)
+        nfe = 1 if num_steps is None else 2 * num_steps - 1
+        speed = len(seeds) / seconds
+        rows.append(dict(key=key, method=title, nfe=nfe, fid=fid, accuracy=accuracy, samples_per_s=speed))
+        print(f"  {title:<28} NFE {nfe:>2}  FID {fid:8.3f}  accuracy {accuracy:6.1%}  {speed:.0f} samples/s")
+        save_png(make_grid(images[:100], nrow=10), out / f"samples-{key}.png")  # column k = class k
+        grid_rows.append(images[:GRID_COLUMNS])
+    titles = [f"{r['method']} ({r['nfe']} NFE)" for r in rows]
+    save_png(make_grid(torch.cat(grid_rows), nrow=GRID_COLUMNS, row_labels=titles), out / "grid.png")
+    return rows
+
+
+def save_png(image, path):
+    """Write a PIL image as PNG atomically."""
+    from dmd.utils.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def check_claims(rows):
+    """The issue's acceptance checks on the result rows: DMD beats the one-step baselines and nears the teacher."""
+    by = {r["key"]: r for r in rows}
+    dmd = by["dmd"]
+    return {
+        "dmd_fid_below_teacher_1step": dmd["fid"] < by["teacher_1step"]["fid"],
+        "dmd_fid_below_regression": dmd["fid"] < by["regression"]["fid"],
+        "dmd_fid_within_2x_teacher_35nfe": dmd["fid"] <= 2 * by["teacher_35nfe"]["fid"],
+        "dmd_accuracy_above_90pct": dmd["accuracy"] > 0.9,
+    }
+
+
+def machine():
+    """What the timings were measured on."""
+    return dict(
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        load_average_1min=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    )
+
+
+def results_markdown(results):
+    """Render results.json as the Markdown report (table, checks, timings)."""
+    cfg, rows = results["config"], results["rows"]
+    lines = [
+        "# DMD demo: digits 16x16, class-conditional",
+        "",
+        f"Teacher `{Path(cfg['teacher']).name}`; {cfg['num_pairs']} pairs (18-step Heun, 35 NFE); each student "
+        f"trained {cfg['steps']} steps at batch {cfg['batch_size']}, lr {cfg['lr']}, "
+        f"{cfg['fake_steps_per_gen']} fake-score steps per generator step, seed {cfg['seed']}; "
+        f"regression distance `{cfg['regression_distance']}` (lambda_reg {cfg['lambda_reg']}). "
+        f"{cfg['num_eval']} samples per method (classes cycling, seeds {EVAL_SEED0}+).",
+        "",
+        "| method | NFE | digits FID (lower is better) | class accuracy | samples/s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['nfe']} | {r['fid']:.2f} | {r['accuracy']:.1%} | {r['samples_per_s']:.0f} |"
+        )
+    judge = results["classifier"]
+    lines += [
+        "",
+        f"Digits FID: Frechet distance of the judge's {judge['feature_dim']}-d penultimate features to those of the "
+        f"1,797 real digits. The judge is a small CNN trained on the real digits (held-out accuracy "
+        f"{judge['holdout_accuracy']:.1%}).",
+        "",
+        "Checks (issue 6): " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in results["checks"].items()),
+        "",
+        "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items()),
+        f"on {results['machine']['cpu_count']} CPUs, {results['machine']['torch_threads']} torch threads, "
+        f"load average {results['machine']['load_average_1min']}.",
+        "",
+        "![grid](grid.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(cfg):
+    """Run the whole demo as `cfg` says; return the results dict also written to results.json."""
+    from dmd.pairs import make_pairs
+    from dmd.utils.io import atomic_write_text
+
+    if not Path(cfg.teacher).is_file():
+        raise DemoError(
+            f"--teacher: {cfg.teacher} does not exist (retrain one with `python -m dmd demo train-teacher`)"
+        )
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(cfg, out)
+    total, timings, start = 3 + len(STUDENTS), {}, time.perf_counter()
+
+    def lap(name, since):
+        timings[name] = time.perf_counter() - since
+        return time.perf_counter()
+
+    stage(1, total, "training the judge (a small classifier of the real digits)")
+    t = time.perf_counter()
+    classifier, holdout_accuracy, ref_stats = build_judge(cfg.seed)
+    print(f"  held-out accuracy {holdout_accuracy:.1%}")
+    t = lap("judge", t)
+
+    stage(2, total, f"sampling {cfg.num_pairs} teacher pairs (18-step Heun, 35 NFE)")
+    pairs_path = make_pairs(
+        cfg.teacher, out / "pairs.h5", cfg.num_pairs, class_balanced=True, batch_size=250, progress=cfg.progress
+    )
+    t = lap("pairs", t)
+
+    snapshots = {}
+    for i, (key, title, reg_scale, lambda_dm) in enumerate(STUDENTS):
+        stage(3 + i, total, f"distilling the {title} student ({cfg.steps} steps)")
+        snapshots[key] = distil(cfg, out, key, reg_scale, lambda_dm, pairs_path)
+        t = lap(f"train_{key}", t)
+
+    stage(total, total, f"evaluating {cfg.num_eval} samples per method")
+    methods = [
+        ("teacher_35nfe", "teacher", cfg.teacher, 18),
+        ("teacher_1step", "teacher, one step", cfg.teacher, None),
+        *[(key, title, snapshots[key], None) for key, title, _, _ in STUDENTS],
+    ]
+    rows = evaluate(cfg, methods, classifier, ref_stats, out)
+    lap("evaluate", t)
+    timings["total"] = time.perf_counter() - start
+
+    from dmd.demo.classifier import FEATURE_DIM
+
+    results = {
+        "format": RESULTS_FORMAT,
+        "version": 1,
+        "config": cfg.to_dict(),
+        "classifier": {"holdout_accuracy": holdout_accuracy, "feature_dim": FEATURE_DIM},
+        "rows": rows,
+        "checks": check_claims(rows),
+        "timings_s": timings,
+        "machine": machine(),
+    }
+    atomic_write_text(json.dumps(results, indent=2) + "\n", out / "results.json")
+    atomic_write_text(results_markdown(results), out / "results.md")
+    print(f"\n{results_markdown(results)}\nWrote {out / 'results.md'}, {out / 'results.json'} and grids.")
+    return results
