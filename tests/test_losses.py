@@ -283,15 +283,6 @@ def _mode_fractions(x):
 
 
 @pytest.fixture
-def one_thread():
-    """Run tiny-MLP training on one thread: on shared cores, intra-op threads for 64-wide layers only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def mixture_eval():
     """Fixed evaluation noise, reference samples of the mixture and projection directions."""
     g = torch.Generator().manual_seed(1234)
@@ -301,7 +292,7 @@ def mixture_eval():
     return z, ref, torch.stack([angle.cos(), angle.sin()])
 
 
-def test_analytic_teacher_dmd_covers_all_modes(mixture_eval, one_thread):
+def test_analytic_teacher_dmd_covers_all_modes(mixture_eval):
     z_eval, ref, directions = mixture_eval
     torch.manual_seed(0)
     steps, batch, lr = 2000, 512, 2e-3
@@ -339,7 +330,7 @@ def test_analytic_teacher_dmd_covers_all_modes(mixture_eval, one_thread):
     torch.testing.assert_close(fractions, MODE_WEIGHTS, atol=0.1, rtol=0)
 
 
-def test_analytic_teacher_regression_only_misses_modes(mixture_eval, one_thread):
+def test_analytic_teacher_regression_only_misses_modes(mixture_eval):
     z_eval, ref, directions = mixture_eval
     torch.manual_seed(0)
     G = MLPGenerator()

@@ -27,15 +27,6 @@ OTHER_TEACHER = FIXTURES / "vp_ddpmpp_cond.pkl"
 REPO = Path(__file__).parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread here: on busy shared cores OpenMP's spinning makes two threads ~50x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _make(out, num, **kwargs):
     return make_pairs(TEACHER, out, num, device="cpu", progress=False, **kwargs)
 

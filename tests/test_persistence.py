@@ -38,15 +38,6 @@ TINY_NETS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny 8x8 convolutions: a second intra-op thread costs ~10x the CPU time on a busy machine and saves nothing.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Pickles as a call of `func(*args)`, the way a malicious pickle smuggles code in.
 class Call:
     def __init__(self, func, *args):

@@ -41,15 +41,6 @@ class PointMass:
         return self.mu.expand_as(x).to(torch.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny 8x8 convolutions: a second intra-op thread costs ~10x the CPU time on a busy machine and saves nothing.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def nets():
     return {name: load_network(FIXTURES / f"{name}.pkl") for name in NAMES}

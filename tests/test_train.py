@@ -40,15 +40,6 @@ def _cheap_lpips(monkeypatch):
     monkeypatch.setattr("dmd.lpips.LPIPS", MeanAbsDistance)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks run ~100x faster on one thread than on two threads of a shared, loaded CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # The same for the runs in subprocesses.
 
 

@@ -12,10 +12,12 @@ import torch
 
 from dmd.demo.config import TeacherConfig
 from dmd.demo.digits import NUM_CLASSES, RESOLUTION, load_digits
+from dmd.edm.presets import DDPMPP
 from dmd.utils.common import one_hot
 
 # EDMPrecond kwargs: EDM's DDPM++ preset shrunk to digits (1 channel, 16x16, 10 classes, no augmentation pipe).
 TEACHER_KWARGS = dict(
+    DDPMPP,
     img_resolution=RESOLUTION,
     img_channels=1,
     label_dim=NUM_CLASSES,
@@ -23,12 +25,6 @@ TEACHER_KWARGS = dict(
     sigma_min=0,
     sigma_max=float("inf"),
     sigma_data=0.5,
-    model_type="SongUNet",
-    embedding_type="positional",
-    encoder_type="standard",
-    decoder_type="standard",
-    channel_mult_noise=1,
-    resample_filter=[1, 1],
     model_channels=16,
     channel_mult=[1, 2, 2],
     channel_mult_emb=4,
