@@ -322,33 +322,21 @@ def _set_threads(threads):
         torch.set_num_threads(threads)
 
 
+def _demo_option(flag, type, help):
+    """A `demo` option whose default is DemoConfig's field of the same name."""
+    return click.option(flag, default=_demo_default("DemoConfig", flag[2:].replace("-", "_")), type=type, help=help)
+
+
 @main.group("demo", invoke_without_command=True)
-@click.option(
-    "--output-dir",
-    default=_demo_default("DemoConfig", "output_dir"),
-    type=click.Path(file_okay=False),
-    help="Pairs, training runs, grids, results.md/.json.",
-)
-@click.option("--steps", default=_demo_default("DemoConfig", "steps"), type=click.IntRange(min=1), help="Per student.")
-@click.option(
-    "--num-pairs",
-    default=_demo_default("DemoConfig", "num_pairs"),
-    type=click.IntRange(min=1),
-    help="Teacher pairs (35 NFE each).",
-)
-@click.option("--batch-size", default=_demo_default("DemoConfig", "batch_size"), type=click.IntRange(min=1), help="G.")
-@click.option("--lr", default=_demo_default("DemoConfig", "lr"), type=_POSITIVE, help="AdamW lr, G and mu_fake.")
-@click.option(
-    "--lambda-reg", default=_demo_default("DemoConfig", "lambda_reg"), type=_POSITIVE, help="MSE regression weight."
-)
-@click.option(
-    "--fake-steps-per-gen",
-    default=_demo_default("DemoConfig", "fake_steps_per_gen"),
-    type=click.IntRange(min=1),
-    help="mu_fake steps per G step.",
-)
-@click.option("--num-eval", default=_demo_default("DemoConfig", "num_eval"), type=click.IntRange(min=1), help="FID.")
-@click.option("--seed", default=_demo_default("DemoConfig", "seed"), type=int, help="Judge and training seed.")
+@_demo_option("--output-dir", click.Path(file_okay=False), "Pairs, training runs, grids, results.md/.json.")
+@_demo_option("--steps", click.IntRange(min=1), "Training steps per student.")
+@_demo_option("--num-pairs", click.IntRange(min=1), "Teacher pairs (35 NFE each).")
+@_demo_option("--batch-size", click.IntRange(min=1), "Generated images (and pairs) per step.")
+@_demo_option("--lr", _POSITIVE, "AdamW learning rate of G and mu_fake.")
+@_demo_option("--lambda-reg", _POSITIVE, "MSE regression weight.")
+@_demo_option("--fake-steps-per-gen", click.IntRange(min=1), "mu_fake steps per G step.")
+@_demo_option("--num-eval", click.IntRange(min=1), "Samples per method for FID and accuracy.")
+@_demo_option("--seed", int, "Seed of the judge and the training runs.")
 @click.option("--teacher", default=None, type=click.Path(dir_okay=False), help="EDM pickle. [default: shipped]")
 @click.option("--threads", default=0, type=click.IntRange(min=0), help="Torch CPU threads; 0 = torch's default.")
 @click.option("--no-progress", is_flag=True, help="No tqdm bars.")
