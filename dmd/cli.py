@@ -339,7 +339,7 @@ def _demo_option(flag, type, help):
 @_demo_option("--seed", int, "Seed of the judge and the training runs.")
 @click.option("--teacher", default=None, type=click.Path(dir_okay=False), help="EDM pickle. [default: shipped]")
 @click.option("--threads", default=0, type=click.IntRange(min=0), help="Torch CPU threads; 0 = torch's default.")
-@click.option("--no-progress", is_flag=True, help="No tqdm bars.")
+@click.option("--no-progress", is_flag=True, help="No bar while sampling pairs (training keeps its bar).")
 @click.pass_context
 def demo_group(ctx, teacher, threads, no_progress, **options):
     """Distil the shipped digits teacher into one-step generators on CPU and measure them (minutes)."""

@@ -19,14 +19,14 @@ class DemoConfig:
     teacher: str = str(SHIPPED_TEACHER)  # EDM pickle of the digits teacher
     seed: int = 0  # seeds the judge and the training runs; the pair and evaluation seeds are fixed lists
     num_pairs: int = 1000  # teacher pairs (seeds 0..num_pairs-1, classes cycling) for the regression loss
-    steps: int = 300  # training steps of each student
+    steps: int = 250  # training steps of each student
     batch_size: int = 32  # generated images per step (and pairs per step for the regression loss)
     lr: float = 5e-4  # AdamW learning rate of G and mu_fake
     fake_steps_per_gen: int = 5  # mu_fake steps per G step (DMD2's TTUR; 1:1 lets mu_fake lag G here)
     lambda_reg: float = 2.0  # weight of the MSE regression loss in the DMD run (MSE is ~10x smaller than LPIPS)
     regression_distance: str = "mse"  # distance of G(z_ref) to y_ref (VGG LPIPS cannot run here: see the README)
     num_eval: int = 1000  # samples per method for FID and accuracy (classes cycling)
-    progress: bool = True  # tqdm bars
+    progress: bool = True  # tqdm bar of the pair sampling (training always shows its own bar)
 
     def __post_init__(self):
         checks = [
