@@ -11,7 +11,6 @@ Seeds work as in EDM's generate.py: each image has its own `StackedRandomGenerat
 gives the same image whatever the batch it is in, and with `num_steps` an EDM teacher gives EDM's own samples.
 """
 
-import os
 import zipfile
 from pathlib import Path
 
@@ -19,13 +18,10 @@ import numpy as np
 import torch
 
 from dmd.edm.presets import DDPMPP
-from dmd.generator import SIGMA_G, one_step
+from dmd.generator import FORMAT_VERSION, SIGMA_G, SNAPSHOT_FORMAT, STATE_FORMAT, one_step
 from dmd.utils import distributed
 from dmd.utils.common import make_grid, one_hot, parse_int_list, resolve_device, to_uint8
-
-SNAPSHOT_FORMAT = "dmd-snapshot"
-STATE_FORMAT = "dmd-training-state"
-FORMAT_VERSION = 1
+from dmd.utils.io import atomic_path, atomic_save_image
 
 # The port trained its generator at index 998 of a 1000-level Karras grid (sigma_min 0.002, sigma_max 80, rho 7)
 # instead of at 80; its released weights expect that input scale.
@@ -261,18 +257,15 @@ def png_path(outdir, seed, subdirs=False):
 
 
 def save_png(pixels, path):
-    """Write an (H, W, C) uint8 image as an RGB or L PNG; a temp file and os.replace keep readers from partial files.
+    """Write an (H, W, C) uint8 image as an RGB or L PNG atomically.
 
-    No fsync per image (unlike dmd.utils.io): 50k fsyncs would cost minutes, and a crash only loses whole images.
+    No fsync per image: 50k fsyncs would cost minutes, and a crash only loses whole images.
     """
     import PIL.Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = PIL.Image.fromarray(pixels[:, :, 0], "L") if pixels.shape[2] == 1 else PIL.Image.fromarray(pixels, "RGB")
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=False) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def read_png(path):
@@ -354,12 +347,9 @@ def generate_images(
 
     paths = [png_path(outdir, seed, subdirs) for seed in seeds]
     if grid is not None and distributed.is_main():
-        from dmd.utils.io import atomic_path
-
         nrow = int(np.ceil(np.sqrt(len(seeds))))
         images = torch.cat([read_png(p) for p in paths])
         row_labels = [str(seeds[i]) for i in range(0, len(seeds), nrow)]
-        with atomic_path(grid) as tmp:
-            make_grid(images, nrow=nrow, row_labels=row_labels).save(tmp, format="PNG")
+        atomic_save_image(make_grid(images, nrow=nrow, row_labels=row_labels), grid)
     distributed.print0(f"{len(seeds)} images in {outdir}" + (f", grid {grid}" if grid is not None else ""))
     return paths

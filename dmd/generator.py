@@ -4,6 +4,11 @@ import torch
 
 SIGMA_G = 80.0
 
+# The files `train` writes and `DMDGenerator` reads: inference snapshots and full training states (torch.save dicts).
+SNAPSHOT_FORMAT = "dmd-snapshot"
+STATE_FORMAT = "dmd-training-state"
+FORMAT_VERSION = 1
+
 
 def one_step(net, z, class_labels=None, sigma=SIGMA_G):
     """Map unscaled noise z ~ N(0, I) of shape (N, C, H, W) to images with one denoiser call at `sigma`."""

@@ -24,14 +24,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from dmd.generator import FORMAT_VERSION, SNAPSHOT_FORMAT, STATE_FORMAT
 from dmd.utils import distributed as dist
 from dmd.utils.common import make_grid, one_hot, resolve_device
-from dmd.utils.io import atomic_path, atomic_torch_save, atomic_write_text
+from dmd.utils.io import atomic_save_image, atomic_torch_save, atomic_write_text
 from dmd.utils.logger import NeptuneLogger, StatsLogger, format_stats
-
-STATE_FORMAT = "dmd-training-state"
-SNAPSHOT_FORMAT = "dmd-snapshot"
-FORMAT_VERSION = 1
 
 
 class TrainError(RuntimeError):
@@ -380,8 +377,7 @@ def memory_gib(device):
 def save_grid(path, rows, n):
     """Write the labelled sample grid: one row per entry of `rows` ({label: tensor}), `n` images each."""
     images = torch.cat([r[:n].detach().float().cpu() for r in rows.values()])
-    with atomic_path(path) as tmp:
-        make_grid(images, nrow=n, row_labels=list(rows)).save(tmp, format="PNG")
+    atomic_save_image(make_grid(images, nrow=n, row_labels=list(rows)), path)
 
 
 def check_pairs(pairs, teacher):

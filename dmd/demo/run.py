@@ -116,6 +116,7 @@ def evaluate(cfg, methods, classifier, ref_stats, out):
     """Sample every method on the evaluation seeds; return result rows and write the grids."""
     from dmd.generate import DMDGenerator
     from dmd.utils.common import make_grid
+    from dmd.utils.io import atomic_save_image
 
     seeds = list(range(EVAL_SEED0, EVAL_SEED0 + cfg.num_eval))
     class_ids = torch.arange(cfg.num_eval) % 10
@@ -131,19 +132,11 @@ def evaluate(cfg, methods, classifier, ref_stats, out):
         speed = len(seeds) / seconds
         rows.append(dict(key=key, method=title, nfe=nfe, fid=fid, accuracy=accuracy, samples_per_s=speed))
         print(f"  {title:<28} NFE {nfe:>2}  FID {fid:8.3f}  accuracy {accuracy:6.1%}  {speed:.0f} samples/s")
-        save_png(make_grid(images[:100], nrow=10), out / f"samples-{key}.png")  # column k = class k
+        atomic_save_image(make_grid(images[:100], nrow=10), out / f"samples-{key}.png")  # column k = class k
         grid_rows.append(images[:GRID_COLUMNS])
     titles = [f"{r['method']} ({r['nfe']} NFE)" for r in rows]
-    save_png(make_grid(torch.cat(grid_rows), nrow=GRID_COLUMNS, row_labels=titles), out / "grid.png")
+    atomic_save_image(make_grid(torch.cat(grid_rows), nrow=GRID_COLUMNS, row_labels=titles), out / "grid.png")
     return rows
-
-
-def save_png(image, path):
-    """Write a PIL image as PNG atomically."""
-    from dmd.utils.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
 
 
 def check_claims(rows):

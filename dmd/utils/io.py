@@ -9,16 +9,20 @@ import torch
 
 
 @contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; on success move it onto `path` with `os.replace`, else delete it."""
+def atomic_path(path, fsync=True):
+    """Yield a temporary path beside `path`; on success move it onto `path` with `os.replace`, else delete it.
+
+    fsync=False skips flushing the data to disk first: a crash may then lose the file, never leave half of it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -29,6 +33,12 @@ def atomic_torch_save(obj, path):
     """`torch.save` to `path` atomically."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def atomic_save_image(image, path):
+    """Write a PIL image as PNG atomically."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def atomic_write_text(text, path):
