@@ -534,6 +534,7 @@ def train(cfg):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
     beta_ema = 0.5 ** (n / (cfg.ema_halflife_kimg * 1000)) if G_ema is not None else None
     zero = torch.zeros((), device=device)
+    use_dm = cfg.lambda_dm > 0
     window, bad_streak, done, saved = Window(), 0, start, start
     bar = tqdm(initial=start, total=num_steps, unit="step", disable=not dist.is_main(), dynamic_ncols=True)
     try:
@@ -542,21 +543,23 @@ def train(cfg):
                 torch.manual_seed(step_seed(cfg.seed, step, f"rank{dist.get_rank()}"))  # dropout, if any
 
                 # Generator step: distribution matching on G(z) plus LPIPS regression of G(z_ref) onto y_ref.
+                # Regression-only training (lambda_dm 0) runs G on the pairs alone.
                 z, c = draw_generator_inputs(mu_real, cfg.seed, step, "G", n, device)  # global batch (n, ...)
-                z_in, c_in = z[rows], take(c, rows)
+                z_in, c_in = (z[rows], take(c, rows)) if use_dm else (z[:0], take(c, slice(0)))
+                B_dm = z_in.shape[0]  # B, or 0 without distribution matching
                 if reg_loss is not None:
                     z_ref, y_ref, k_ref = stream.next(device)
                     c_ref = one_hot(k_ref, mu_real.label_dim, device=device)
                     z_in, c_in = torch.cat([z_in, z_ref]), None if c is None else torch.cat([c_in, c_ref])
                 with autocast:
-                    x_all = one_step(G_ddp, z_in, c_in, sigma=cfg.generator_sigma)  # (B or 2B, C, H, W)
-                    x = x_all[:B]
+                    x_all = one_step(G_ddp, z_in, c_in, sigma=cfg.generator_sigma)  # (B_dm + B or B_dm, C, H, W)
+                    x, x_ref = x_all[:B_dm], x_all[B_dm:]
                     loss_dm, aux = zero, None
-                    if cfg.lambda_dm > 0:
+                    if use_dm:
                         dm_gen = step_generator(cfg.seed, step, "dm", device)
                         loss_dm, aux = dm_loss(spread(x, rows, n), c, generator=dm_gen)
                         loss_dm = loss_dm[rows].mean()
-                    loss_reg = zero if reg_loss is None else reg_loss(x_all[B:], y_ref).mean()
+                    loss_reg = zero if reg_loss is None else reg_loss(x_ref, y_ref).mean()
                     loss_G = cfg.lambda_dm * loss_dm + cfg.lambda_reg * loss_reg
                 loss_G.backward()
                 norm_G, ok_G = clip_and_check(G.parameters(), cfg.grad_clip, loss_G)
@@ -566,8 +569,9 @@ def train(cfg):
 
                 # Fake-score step: mu_fake denoises G's samples, x first, then fresh batches from the updated G.
                 # Regression-only training (lambda_dm 0) has no use for mu_fake and skips it.
-                x_fake, c_fake, ok_fake, loss_fake_sum, norm_fake = spread(x.detach(), rows, n), c, True, zero, zero
-                for k in range(cfg.fake_steps_per_gen if cfg.lambda_dm > 0 else 0):
+                x_fake = spread(x.detach(), rows, n) if use_dm else None
+                c_fake, ok_fake, loss_fake_sum, norm_fake = c, True, zero, zero
+                for k in range(cfg.fake_steps_per_gen if use_dm else 0):
                     if k > 0:
                         z, c_fake = draw_generator_inputs(mu_real, cfg.seed, step, f"fake{k}", n, device)
                         with torch.no_grad(), autocast:
@@ -594,11 +598,14 @@ def train(cfg):
                     logger.log(done, stats)
                     bar.write(format_stats(done, num_steps, stats))
                 if logger is not None and cfg.image_every and done % cfg.image_every == 0:
+                    if not use_dm:
+                        with torch.no_grad(), autocast:
+                            x = one_step(G, z[rows], take(c, rows), cfg.generator_sigma)
                     rows_out = {"G(z)": x}
                     if aux is not None:
                         rows_out.update({"mu_real(x_t)": aux["p_real"][rows], "mu_fake(x_t)": aux["p_fake"][rows]})
                     if reg_loss is not None:
-                        rows_out.update({"G(z_ref)": x_all[B:], "y_ref": y_ref})
+                        rows_out.update({"G(z_ref)": x_ref, "y_ref": y_ref})
                     save_grid(run_dir / f"grid-{done:06d}.png", rows_out, n=min(B, 8))
                 if bad_streak >= cfg.max_bad_steps:
                     last = find_latest_state(run_dir)
