@@ -8,6 +8,7 @@ share and the feature sums are added over ranks, so every rank gets the same sta
 """
 
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +248,7 @@ def calc_fid(
     progress=True,  # tqdm bar on rank 0.
 ):
     """Score images or a network against `ref`; return one FID per repeat (a list)."""
-    from dmd.generate import load_on_ranks, setup_device
+    from dmd.generate import load_on_ranks
 
     if (images is None) == (network is None):
         raise FIDError("give exactly one of --images and --network")
@@ -259,9 +260,9 @@ def calc_fid(
         seeds = list(range(repeats * num)) if seeds is None else list(seeds)
         if len(seeds) < repeats * num:
             raise FIDError(f"--seeds gives {len(seeds)} seeds; --num {num} x --repeats {repeats} needs {repeats * num}")
-    mu_ref, sigma_ref = load_ref(ref, cache_dir=cache_dir)
-    device = setup_device(device)
-    detector = load_detector(detector, cache_dir=cache_dir, device=device)
+    device = distributed.setup_device(device)
+    mu_ref, sigma_ref = distributed.main_first(partial(load_ref, ref, cache_dir=cache_dir))
+    detector = distributed.main_first(partial(load_detector, detector, cache_dir=cache_dir, device=device))
 
     if images is not None:
         mu, sigma = image_stats(images, detector, num=num, batch_size=batch_size, device=device, progress=progress)
@@ -290,10 +291,8 @@ def calc_fid(
 
 def make_ref(data, dest, *, detector=None, batch_size=256, device="auto", cache_dir=None, progress=True):
     """Compute reference statistics of every image in a folder or ZIP and write them to `dest`; return (mu, sigma)."""
-    from dmd.generate import setup_device
-
-    device = setup_device(device)
-    detector = load_detector(detector, cache_dir=cache_dir, device=device)
+    device = distributed.setup_device(device)
+    detector = distributed.main_first(partial(load_detector, detector, cache_dir=cache_dir, device=device))
     mu, sigma = image_stats(data, detector, batch_size=batch_size, device=device, progress=progress)
     if distributed.is_main():
         save_ref(mu, sigma, dest)

@@ -12,6 +12,7 @@ gives the same image whatever the batch it is in, and with `num_steps` an EDM te
 """
 
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -287,21 +288,7 @@ def rank_batches(seeds, batch_size):
 
 def load_on_ranks(network, *, device, cache_dir=None, sigma_G=None):
     """Build a DMDGenerator on every rank, rank 0 first so a URL is downloaded once."""
-    if distributed.is_main():
-        generator = DMDGenerator(network, device=device, cache_dir=cache_dir, sigma_G=sigma_G)
-    distributed.barrier()
-    if not distributed.is_main():
-        generator = DMDGenerator(network, device=device, cache_dir=cache_dir, sigma_G=sigma_G)
-    return generator
-
-
-def setup_device(device):
-    """Resolve the device (each torchrun rank on its local GPU) and join the process group."""
-    device = resolve_device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", distributed.local_rank())
-    distributed.init(device.type)
-    return device
+    return distributed.main_first(partial(DMDGenerator, network, device=device, cache_dir=cache_dir, sigma_G=sigma_G))
 
 
 def generate_images(
@@ -326,7 +313,7 @@ def generate_images(
         raise ValueError("--seeds is empty")
     if class_idx is not None and class_balanced:
         raise ValueError("--class and --class-balanced exclude each other")
-    device = setup_device(device)
+    device = distributed.setup_device(device)
     generator = load_on_ranks(network, device=device, cache_dir=cache_dir)
     if (class_balanced or class_idx is not None) and generator.label_dim == 0:
         raise ValueError("--class and --class-balanced need a class-conditional network")

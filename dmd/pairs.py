@@ -10,6 +10,7 @@ is one file, equal to what one process makes. The file on disk is the only state
 `num_complete` with any number of processes.
 """
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 
 from dmd.data import PairFileError, PairWriter, create_pair_file, read_pair_attrs, read_seeds
 from dmd.utils import distributed
-from dmd.utils.common import one_hot, parse_int_list, resolve_device
+from dmd.utils.common import one_hot, parse_int_list
 
 
 def sample_pairs(net, seeds, first_row=0, class_balanced=False, device="cpu", **sampler_kwargs):
@@ -82,11 +83,7 @@ def _load_teacher(network, cache_dir, device):
     from dmd.edm.persistence import load_network
     from dmd.utils.download import open_url
 
-    if distributed.is_main():
-        local = open_url(network, cache_dir=cache_dir)
-    distributed.barrier()
-    if not distributed.is_main():
-        local = open_url(network, cache_dir=cache_dir, progress=False)
+    local = distributed.main_first(partial(open_url, network, cache_dir=cache_dir, progress=distributed.is_main()))
     return load_network(local, device=device), local
 
 
@@ -116,14 +113,14 @@ def make_pairs(
 
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}")
-    seeds = list(range(num)) if seeds is None else parse_int_list(seeds)
+    try:
+        seeds = list(range(num)) if seeds is None else parse_int_list(seeds)
+    except ValueError as e:
+        raise ValueError(f"--seeds: {e}") from e
     if len(seeds) < num:
         raise ValueError(f"--seeds gives {len(seeds)} seeds but --num asks for {num}")
     seeds = seeds[:num]
-    device = resolve_device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", distributed.local_rank())
-    distributed.init(device.type)
+    device = distributed.setup_device(device)
     net, local = _load_teacher(network, cache_dir, device)
     sampler_kwargs = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     sampler_kwargs.update(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from dmd.generator import FORMAT_VERSION, SNAPSHOT_FORMAT, STATE_FORMAT
 from dmd.utils import distributed as dist
-from dmd.utils.common import make_grid, one_hot, resolve_device
+from dmd.utils.common import make_grid, one_hot
 from dmd.utils.io import atomic_save_image, atomic_torch_save, atomic_write_text
 from dmd.utils.logger import NeptuneLogger, StatsLogger, format_stats
 
@@ -260,7 +261,8 @@ def load_teacher(cfg, device):
     from dmd.utils.download import DownloadError
 
     try:
-        net = load_network(cfg.model_path, key="ema", cache_dir=cfg.cache_dir, device=device)
+        # Rank 0 downloads a URL teacher, the others then read the cache.
+        net = dist.main_first(partial(load_network, cfg.model_path, key="ema", cache_dir=cfg.cache_dir, device=device))
     except (OSError, NetworkLoadError, DownloadError) as e:
         raise TrainError(f"--model-path: cannot load a teacher from {cfg.model_path} ({e})") from e
     return net.eval().requires_grad_(False)
@@ -277,10 +279,8 @@ def student_copy(teacher, dropout, device):
 
 def setup_device(cfg):
     """Join torchrun's process group if any and return this rank's device; TF32 on, bf16 refused off CUDA."""
-    device = resolve_device(cfg.device)
-    dist.init(device.type)
+    device = dist.setup_device(cfg.device)
     if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank()) if device.index is None else device
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if cfg.precision == "bf16" and device.type != "cuda":
@@ -323,11 +323,11 @@ def setup_fid(cfg, device):
     from dmd.fid import CIFAR10_REF_URL, FIDError, load_detector, load_ref
 
     try:
-        detector = load_detector(cfg.fid_detector, cache_dir=cfg.cache_dir, device=device)
+        detector = dist.main_first(partial(load_detector, cfg.fid_detector, cache_dir=cfg.cache_dir, device=device))
     except FIDError as e:
         raise TrainError(f"--fid-detector: {e}") from e
     try:
-        ref = load_ref(cfg.fid_ref or CIFAR10_REF_URL, cache_dir=cfg.cache_dir)
+        ref = dist.main_first(partial(load_ref, cfg.fid_ref or CIFAR10_REF_URL, cache_dir=cfg.cache_dir))
     except FIDError as e:
         raise TrainError(f"--fid-ref: {e}") from e
     return detector, ref

@@ -18,6 +18,27 @@ def init(device_type="cpu"):
         dist.init_process_group(backend=backend)
 
 
+def setup_device(name="auto"):
+    """Resolve `name` ('auto', 'cpu', 'cuda', 'cuda:N'), put each torchrun rank on its local GPU, join the group."""
+    from dmd.utils.common import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank())
+    init(device.type)
+    return device
+
+
+def main_first(fn):
+    """Return fn() called on rank 0 first and then on the other ranks, so a download fills the cache once."""
+    if is_main():
+        result = fn()
+    barrier()
+    if not is_main():
+        result = fn()
+    return result
+
+
 def is_initialized():
     return dist.is_available() and dist.is_initialized()
 
