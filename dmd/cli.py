@@ -7,6 +7,11 @@ Commands live here, one function each; the work itself lives in the module named
 import click
 
 from dmd import __version__
+from dmd.config import (
+    ConfigError,
+    TrainConfig,
+)  # Plain dataclasses (no torch): the flags take their defaults from them.
+from dmd.demo.config import DemoConfig, DemoError, TeacherConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -49,17 +54,10 @@ def make_pairs_command(network, out, num, seeds, **options):
     from dmd.edm.persistence import NetworkLoadError
     from dmd.pairs import make_pairs
     from dmd.utils import distributed
-    from dmd.utils.common import parse_int_list
     from dmd.utils.download import DownloadError
 
     try:
-        seed_list = parse_int_list(seeds) if seeds is not None else list(range(num))
-    except ValueError as e:
-        raise click.ClickException(f"--seeds: {e}") from e
-    if len(seed_list) < num:
-        raise click.ClickException(f"--seeds gives {len(seed_list)} seeds but --num asks for {num}")
-    try:
-        make_pairs(network, out, num, seeds=seed_list, **options)
+        make_pairs(network, out, num, seeds=seeds, **options)
     except (PairFileError, NetworkLoadError, DownloadError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
     finally:
@@ -86,11 +84,14 @@ def convert_pairs_command(old, new, label_dim):
 
 
 # DMD training (dmd/train.py, dmd/config.py).
-def _default(name):
-    """The TrainConfig default of a field, so `--help` shows the value the config really uses."""
-    from dmd.config import TrainConfig
+def _default(config, name):
+    """The default of a config dataclass field, so `--help` shows the value the config really uses."""
+    return config.__dataclass_fields__[name].default
 
-    return TrainConfig.__dataclass_fields__[name].default
+
+def _option(config, flag, type, help):
+    """An option whose default is the field of `config` named like the flag (--lr-gen -> lr_gen)."""
+    return click.option(flag, default=_default(config, flag[2:].replace("-", "_")), type=type, help=help)
 
 
 _POSITIVE = click.FloatRange(min=0, min_open=True)
@@ -100,51 +101,44 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option("--model-path", required=True, help="Teacher EDM network pickle: path, file:// or http(s):// URL.")
 @click.option("--data-path", type=click.Path(dir_okay=False), help="Teacher pair file (make-pairs) for regression.")
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False), help="Run folder (created).")
-@click.option("--batch-size", default=_default("batch_size"), type=click.IntRange(min=1), help="Per process.")
+@_option(TrainConfig, "--batch-size", click.IntRange(min=1), "Per process.")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Duration in steps; or give --epochs.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Duration in passes over --data-path.")
-@click.option("--lr-gen", default=_default("lr_gen"), type=_POSITIVE, help="AdamW learning rate of G.")
-@click.option("--lr-fake", default=_default("lr_fake"), type=_POSITIVE, help="AdamW learning rate of mu_fake.")
-@click.option("--weight-decay", default=_default("weight_decay"), type=click.FloatRange(min=0), help="AdamW, both.")
-@click.option("--grad-clip", default=_default("grad_clip"), type=_POSITIVE, help="Max gradient norm, both networks.")
-@click.option("--lambda-dm", default=_default("lambda_dm"), type=click.FloatRange(min=0), help="DM weight; 0=off.")
-@click.option("--lambda-reg", default=_default("lambda_reg"), type=click.FloatRange(min=0), help="LPIPS weight; 0=off.")
-@click.option(
+@_option(TrainConfig, "--lr-gen", _POSITIVE, "AdamW learning rate of G.")
+@_option(TrainConfig, "--lr-fake", _POSITIVE, "AdamW learning rate of mu_fake.")
+@_option(TrainConfig, "--weight-decay", click.FloatRange(min=0), "AdamW, both.")
+@_option(TrainConfig, "--grad-clip", _POSITIVE, "Max gradient norm, both networks.")
+@_option(TrainConfig, "--lambda-dm", click.FloatRange(min=0), "DM weight; 0=off.")
+@_option(TrainConfig, "--lambda-reg", click.FloatRange(min=0), "LPIPS weight; 0=off.")
+@_option(
+    TrainConfig,
     "--regression-distance",
-    default=_default("regression_distance"),
-    type=click.Choice(["lpips", "mse"]),
-    help="Regression distance: the paper's LPIPS, or MSE at native resolution (CPU smoke runs).",
+    click.Choice(["lpips", "mse"]),
+    "Regression distance: the paper's LPIPS, or MSE at native resolution (CPU smoke runs).",
 )
-@click.option("--fake-steps-per-gen", default=1, type=click.IntRange(min=1), help="mu_fake steps per G step.")
-@click.option(
-    "--generator-sigma",
-    default=_default("generator_sigma"),
-    type=_POSITIVE,
-    help="sigma_G of G(z) = D(sigma_G z; sigma_G).",
-)
-@click.option("--dropout", default=_default("dropout"), type=click.FloatRange(0, 1, max_open=True), help="G, mu_fake.")
-@click.option("--t-min", default=_default("t_min"), type=click.FloatRange(0, 1), help="DM loss t range, fraction of T.")
-@click.option("--t-max", default=_default("t_max"), type=click.FloatRange(0, 1), help="Its upper end (exclusive).")
-@click.option(
-    "--fake-sigma-sampling", default="karras", type=click.Choice(["karras", "lognormal"]), help="Fake-loss sigmas."
-)
-@click.option("--ema-halflife-kimg", default=0.0, type=click.FloatRange(min=0), help="EMA of G; 0 = off.")
-@click.option("--precision", default="fp32", type=click.Choice(["fp32", "bf16"]), help="bf16: CUDA autocast.")
-@click.option("--seed", default=_default("seed"), type=int, help="Seeds every random draw of the run.")
+@_option(TrainConfig, "--fake-steps-per-gen", click.IntRange(min=1), "mu_fake steps per G step.")
+@_option(TrainConfig, "--generator-sigma", _POSITIVE, "sigma_G of G(z) = D(sigma_G z; sigma_G).")
+@_option(TrainConfig, "--dropout", click.FloatRange(0, 1, max_open=True), "G, mu_fake.")
+@_option(TrainConfig, "--t-min", click.FloatRange(0, 1), "DM loss t range, fraction of T.")
+@_option(TrainConfig, "--t-max", click.FloatRange(0, 1), "Its upper end (exclusive).")
+@_option(TrainConfig, "--fake-sigma-sampling", click.Choice(["karras", "lognormal"]), "Fake-loss sigmas.")
+@_option(TrainConfig, "--ema-halflife-kimg", click.FloatRange(min=0), "EMA of G; 0 = off.")
+@_option(TrainConfig, "--precision", click.Choice(["fp32", "bf16"]), "bf16: CUDA autocast.")
+@_option(TrainConfig, "--seed", int, "Seeds every random draw of the run.")
 @click.option("--device", default="auto", help="auto, cpu or cuda (torchrun ranks use their local GPU).")
-@click.option("--log-every", default=_default("log_every"), type=click.IntRange(min=1), help="Steps per stats line.")
-@click.option("--image-every", default=_default("image_every"), type=click.IntRange(min=0), help="Grid; 0 = never.")
-@click.option("--checkpoint-every", default=_default("checkpoint_every"), type=click.IntRange(min=0), help="0: exit.")
-@click.option("--keep-last", default=_default("keep_last"), type=click.IntRange(min=0), help="Checkpoints; 0 = all.")
-@click.option("--max-bad-steps", default=_default("max_bad_steps"), type=click.IntRange(min=1), help="NaN in a row.")
+@_option(TrainConfig, "--log-every", click.IntRange(min=1), "Steps per stats line.")
+@_option(TrainConfig, "--image-every", click.IntRange(min=0), "Grid; 0 = never.")
+@_option(TrainConfig, "--checkpoint-every", click.IntRange(min=0), "0: exit.")
+@_option(TrainConfig, "--keep-last", click.IntRange(min=0), "Checkpoints; 0 = all.")
+@_option(TrainConfig, "--max-bad-steps", click.IntRange(min=1), "NaN in a row.")
 @click.option("--resume", help="'auto' (newest state in --output-dir, if any) or a training-state file.")
 @click.option("--log-neptune", is_flag=True, help="Log to Neptune (neptune.cfg or NEPTUNE_PROJECT/NEPTUNE_API_TOKEN).")
 @click.option("--lpips-vgg", help="VGG-16 weights for LPIPS: path or URL.  [default: torchvision's URL]")
 @click.option("--lpips-lin", help="LPIPS v0.1 heads: path or URL.  [default: the LPIPS repository's URL]")
 @click.option("--lpips-random", is_flag=True, help="Random LPIPS weights: tests and smoke runs only.")
-@click.option("--workers", default=_default("workers"), type=click.IntRange(min=0), help="Pair loader processes.")
-@click.option("--fid-every", default=0, type=click.IntRange(min=0), help="Steps between FIDs of G; 0 = never.")
-@click.option("--fid-num", default=_default("fid_num"), type=click.IntRange(min=2), help="Images per FID.")
+@_option(TrainConfig, "--workers", click.IntRange(min=0), "Pair loader processes.")
+@_option(TrainConfig, "--fid-every", click.IntRange(min=0), "Steps between FIDs of G; 0 = never.")
+@_option(TrainConfig, "--fid-num", click.IntRange(min=2), "Images per FID.")
 @click.option("--fid-ref", help="FID reference npz: path or URL.  [default: EDM's CIFAR-10 statistics]")
 @click.option("--fid-detector", help="TorchScript feature detector: path or URL.  [default: EDM's Inception-v3]")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Download cache (teacher, LPIPS weights).")
@@ -152,7 +146,6 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.pass_context
 def train_command(ctx, lpips_random, dry_run, **options):
     """Distill a teacher into a one-step generator with DMD (torchrun for several GPUs)."""
-    from dmd.config import ConfigError, TrainConfig
     from dmd.train import TrainError, train
     from dmd.utils.logger import LoggerError
 
@@ -307,13 +300,6 @@ def fid_calc_command(images, network, ref, num, seeds, repeats, num_steps, detec
 
 
 # Embedded demo (dmd/demo/).
-def _demo_default(config, name):
-    """The default of a DemoConfig / TeacherConfig field, so `--help` shows what the demo really uses."""
-    from dmd.demo import config as demo_config
-
-    return getattr(demo_config, config).__dataclass_fields__[name].default
-
-
 def _set_threads(threads):
     """Use `threads` torch CPU threads (0: torch's default); one thread is fastest on a CPU others are using."""
     import torch
@@ -322,21 +308,16 @@ def _set_threads(threads):
         torch.set_num_threads(threads)
 
 
-def _demo_option(flag, type, help):
-    """A `demo` option whose default is DemoConfig's field of the same name."""
-    return click.option(flag, default=_demo_default("DemoConfig", flag[2:].replace("-", "_")), type=type, help=help)
-
-
 @main.group("demo", invoke_without_command=True)
-@_demo_option("--output-dir", click.Path(file_okay=False), "Pairs, training runs, grids, results.md/.json.")
-@_demo_option("--steps", click.IntRange(min=1), "Training steps per student.")
-@_demo_option("--num-pairs", click.IntRange(min=1), "Teacher pairs (35 NFE each).")
-@_demo_option("--batch-size", click.IntRange(min=1), "Generated images (and pairs) per step.")
-@_demo_option("--lr", _POSITIVE, "AdamW learning rate of G and mu_fake.")
-@_demo_option("--lambda-reg", _POSITIVE, "MSE regression weight.")
-@_demo_option("--fake-steps-per-gen", click.IntRange(min=1), "mu_fake steps per G step.")
-@_demo_option("--num-eval", click.IntRange(min=1), "Samples per method for FID and accuracy.")
-@_demo_option("--seed", int, "Seed of the judge and the training runs.")
+@_option(DemoConfig, "--output-dir", click.Path(file_okay=False), "Pairs, training runs, grids, results.md/.json.")
+@_option(DemoConfig, "--steps", click.IntRange(min=1), "Training steps per student.")
+@_option(DemoConfig, "--num-pairs", click.IntRange(min=1), "Teacher pairs (35 NFE each).")
+@_option(DemoConfig, "--batch-size", click.IntRange(min=1), "Generated images (and pairs) per step.")
+@_option(DemoConfig, "--lr", _POSITIVE, "AdamW learning rate of G and mu_fake.")
+@_option(DemoConfig, "--lambda-reg", _POSITIVE, "MSE regression weight.")
+@_option(DemoConfig, "--fake-steps-per-gen", click.IntRange(min=1), "mu_fake steps per G step.")
+@_option(DemoConfig, "--num-eval", click.IntRange(min=1), "Samples per method for FID and accuracy.")
+@_option(DemoConfig, "--seed", int, "Seed of the judge and the training runs.")
 @click.option("--teacher", default=None, type=click.Path(dir_okay=False), help="EDM pickle. [default: shipped]")
 @click.option("--threads", default=0, type=click.IntRange(min=0), help="Torch CPU threads; 0 = torch's default.")
 @click.option("--no-progress", is_flag=True, help="No bar while sampling pairs (training keeps its bar).")
@@ -345,9 +326,7 @@ def demo_group(ctx, teacher, threads, no_progress, **options):
     """Distil the shipped digits teacher into one-step generators on CPU and measure them (minutes)."""
     if ctx.invoked_subcommand is not None:
         return
-    from dmd.config import ConfigError
     from dmd.data import PairFileError
-    from dmd.demo.config import DemoConfig, DemoError
     from dmd.demo.digits import DigitsUnavailableError
     from dmd.demo.run import run_demo
     from dmd.train import TrainError
@@ -362,14 +341,13 @@ def demo_group(ctx, teacher, threads, no_progress, **options):
 
 @demo_group.command("train-teacher")
 @click.option("--out", default="demo_teacher.pkl", type=click.Path(dir_okay=False), help="EDM pickle to write.")
-@click.option("--seed", default=_demo_default("TeacherConfig", "seed"), type=int, help="Seeds every draw.")
-@click.option("--kimg", default=_demo_default("TeacherConfig", "kimg"), type=_POSITIVE, help="Thousands of images.")
-@click.option("--batch", "batch_size", default=_demo_default("TeacherConfig", "batch_size"), type=click.IntRange(min=1))
-@click.option("--lr", default=_demo_default("TeacherConfig", "lr"), type=_POSITIVE, help="Adam lr after warm-up.")
+@_option(TeacherConfig, "--seed", int, "Seeds every draw.")
+@_option(TeacherConfig, "--kimg", _POSITIVE, "Thousands of images.")
+@click.option("--batch", "batch_size", default=_default(TeacherConfig, "batch_size"), type=click.IntRange(min=1))
+@_option(TeacherConfig, "--lr", _POSITIVE, "Adam lr after warm-up.")
 @click.option("--threads", default=0, type=click.IntRange(min=0), help="Torch CPU threads; 0 = torch's default.")
 def demo_train_teacher_command(out, threads, **options):
     """Train the demo's digits teacher with EDM's loss and save it as an EDM pickle (reproducible from --seed)."""
-    from dmd.demo.config import DemoError, TeacherConfig
     from dmd.demo.digits import DigitsUnavailableError
     from dmd.demo.teacher import train_teacher
 
