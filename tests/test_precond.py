@@ -299,3 +299,53 @@ def test_build_errors_name_the_culprit():
         build_network("EDMPrecond", dict(img_resolution=8, img_channels=3, model_type="UNet2D"))
     with pytest.raises(ValueError, match="'dropout' is a Tensor"):
         EDMPrecond(8, 3, model_type="SongUNet", dropout=torch.tensor(0.1))
+
+
+# Bottleneck features: the encoder output of the same preconditioned call.
+
+
+def forward_capturing_bottleneck(net, *args, **kwargs):
+    """Run net(*args, **kwargs); return the input of the U-Net's first decoder block, the bottleneck, as it was."""
+    seen = []
+    first_dec = net.model.dec[list(net.model.dec)[0]]
+    handle = first_dec.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        net(*args, **kwargs)
+    handle.remove()
+    return seen[0]
+
+
+def assert_bottleneck_matches_forward(net, *args, **kwargs):
+    with torch.no_grad():
+        h = net.bottleneck(*args, **kwargs)
+    inside = forward_capturing_bottleneck(net, *args, **kwargs)
+    assert h.dtype == torch.float32
+    torch.testing.assert_close(h, inside.to(torch.float32), rtol=0, atol=0)
+    return h
+
+
+def test_fixture_bottleneck_is_the_encoder_output_of_forward(reference):
+    net, ref = reference
+    x, sigma, labels = (torch.from_numpy(ref[k]) for k in ("x", "sigma", "labels"))
+    h = assert_bottleneck_matches_forward(net, x, sigma, labels)
+    assert h.shape == (4, 32, 4, 4)
+    assert_bottleneck_matches_forward(net, x, sigma, None)
+    assert_bottleneck_matches_forward(net, x, sigma, labels, augment_labels=torch.from_numpy(ref["augment_labels"]))
+    assert_bottleneck_matches_forward(net, x, torch.tensor(2.5, dtype=torch.float64), labels)  # 0-d sigma
+    assert (net.bottleneck(x, sigma * 2, labels) - h).abs().max() > 1e-3  # c_in and c_noise follow sigma
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_bottleneck_of_every_preconditioner(kind):
+    net = tiny(kind)
+    x, sigma, labels = inputs(net)
+    assert_bottleneck_matches_forward(net, x, sigma, labels)
+
+
+def test_bf16_bottleneck_is_returned_in_float32():
+    net = tiny("edm-ddpmpp", use_bf16=True)
+    x, sigma, labels = inputs(net)
+    assert forward_capturing_bottleneck(net, x, sigma, labels).dtype == torch.bfloat16
+    h = assert_bottleneck_matches_forward(net, x, sigma, labels)
+    assert_bottleneck_matches_forward(net, x, sigma, labels, force_fp32=True)
+    assert (net.bottleneck(x, sigma, labels, force_fp32=True) - h).abs().max() > 0

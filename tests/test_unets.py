@@ -184,3 +184,50 @@ def test_augment_labels_are_used_when_given(make):
 def test_song_unet_rejects_unknown_types(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SongUNet(img_resolution=8, in_channels=3, out_channels=3, **kwargs)
+
+
+# Bottleneck features (DMD2's GAN head reads them).
+
+
+@pytest.mark.parametrize(
+    "name, shape", [("cifar10-cond-ddpmpp", (2, 256, 8, 8)), ("imagenet64-cond-adm", (2, 768, 8, 8))]
+)
+def test_released_config_bottleneck_shapes(name, shape):
+    net = meta_network(name)
+    x = torch.zeros(2, 3, net.img_resolution, net.img_resolution, device="meta")
+    assert net.bottleneck(x, torch.ones(2, device="meta"), torch.zeros(2, net.label_dim, device="meta")).shape == shape
+
+
+def forward_capturing_bottleneck(net, *args, **kwargs):
+    """Run net(*args) and return (its output, the last encoder module's output, the first decoder block's input)."""
+    seen = {}
+    last_enc = net.enc[list(net.enc)[-1]].register_forward_hook(lambda m, a, out: seen.update(enc=out))
+    first_dec = net.dec[list(net.dec)[0]].register_forward_pre_hook(lambda m, a: seen.update(dec=a[0]))
+    out = net(*args, **kwargs)
+    last_enc.remove()
+    first_dec.remove()
+    return out, seen["enc"], seen["dec"]
+
+
+@pytest.mark.parametrize(
+    "make, kwargs",
+    [
+        (tiny_song, {}),
+        (tiny_song, dict(encoder_type="skip", decoder_type="skip", channel_mult=[1, 2, 2])),
+        (tiny_song, dict(encoder_type="residual", embedding_type="fourier", resample_filter=[1, 3, 3, 1])),
+        (tiny_adm, dict(channel_mult=[1, 2, 2])),
+    ],
+)
+@pytest.mark.parametrize("training", [False, True])
+def test_encode_is_the_bottleneck_inside_forward(make, kwargs, training):
+    net = make(label_dim=5, augment_dim=9, dropout=0.3, label_dropout=0.5, **kwargs).train(training)
+    x, noise, labels, augment = torch.randn(3, 3, 8, 8), torch.randn(3), torch.eye(5)[[0, 2, 4]], torch.randn(3, 9)
+    torch.manual_seed(1)  # in training, dropout and label dropout draw the same numbers in both calls
+    with torch.no_grad():
+        _, enc_out, dec_in = forward_capturing_bottleneck(net, x, noise, labels, augment_labels=augment)
+        torch.manual_seed(1)
+        h = net.encode(x, noise, labels, augment_labels=augment)
+    torch.testing.assert_close(enc_out, dec_in, rtol=0, atol=0)
+    torch.testing.assert_close(h, enc_out, rtol=0, atol=0)
+    bottom = 8 >> (len(kwargs.get("channel_mult", [1, 2])) - 1)  # one halving per level after the first
+    assert h.shape == (3, net.dec[list(net.dec)[0]].in_channels, bottom, bottom)

@@ -102,6 +102,29 @@ class Preconditioner(torch.nn.Module):
         D_x = c_skip * x + c_out * F_x[:, : self.img_channels].to(torch.float32)
         return D_x
 
+    def bottleneck(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        """Return the U-Net's bottleneck features (N, C', H', W') in float32 for the call net(x, sigma, ...) would make.
+
+        The input goes through the same c_in, c_noise, label handling and compute dtype as in `forward` (the
+        preconditioner tests compare this against the encoder's output captured inside a forward call).
+        """
+        x, sigma, class_labels, dtype = self._unet_inputs(x, sigma, class_labels, force_fp32)
+        _, _, c_in, c_noise = self.scalings(sigma)
+        h = self.model.encode((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        return h.to(torch.float32)
+
+    def _unet_inputs(self, x, sigma, class_labels, force_fp32):
+        """Return x, sigma (N or 1, 1, 1, 1), the class labels and the compute dtype, prepared as `forward` does."""
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)  # a 0-d sigma broadcasts
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)  # one zero row, broadcast by the U-Net
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        return x, sigma, class_labels, self.model_dtype(x, force_fp32)
+
 
 # EDM's own preconditioning (Karras et al. 2022, Table 1): unit-variance input and training target for every sigma.
 class EDMPrecond(Preconditioner):

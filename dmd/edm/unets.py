@@ -3,6 +3,7 @@
 
 Both take `(x, noise_labels, class_labels, augment_labels=None)`: x (N, C, H, W), noise_labels (N,) or (1,) (the
 preconditioner's c_noise), class_labels (N or 1, label_dim) or None, augment_labels (N, augment_dim) or None.
+`encode` takes the same arguments and returns the bottleneck features that `forward` passes from encoder to decoder.
 """
 
 import math
@@ -26,9 +27,23 @@ def _decode(dec, x, emb, skips):
     return dec(x, emb)
 
 
+# What both U-Nets share: a mapping network (c_noise and labels -> embedding), an encoder down to the bottleneck and a
+# decoder back up. `encode` stops at the bottleneck (DMD2's GAN head reads it) without changing EDM's forward.
+class _UNet(torch.nn.Module):
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        emb = self._mapping(x, noise_labels, class_labels, augment_labels)
+        x, skips = self._encoder(x, emb)
+        return self._decoder(x, emb, skips)
+
+    def encode(self, x, noise_labels, class_labels, augment_labels=None):
+        """Return the bottleneck features (N, C', H', W'): the encoder's output, the first decoder block's input."""
+        emb = self._mapping(x, noise_labels, class_labels, augment_labels)
+        return self._encoder(x, emb)[0]
+
+
 # DDPM++ and NCSN++ U-Net of "Score-Based Generative Modeling through Stochastic Differential Equations". The output
 # is accumulated on an auxiliary path ('aux') that every decoder level with an output head adds to.
-class SongUNet(torch.nn.Module):
+class SongUNet(_UNet):
     def __init__(
         self,
         img_resolution,  # Image resolution at input and output.
@@ -136,8 +151,9 @@ class SongUNet(torch.nn.Module):
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        # Mapping. The embedding's halves are swapped to [sin, cos], the layout DDPM++ was trained with.
+    def _mapping(self, x, noise_labels, class_labels, augment_labels):
+        """Return the per-sample embedding (N, emb_channels) of c_noise, class and augmentation labels."""
+        # The embedding's halves are swapped to [sin, cos], the layout DDPM++ was trained with.
         emb = self.map_noise(noise_labels)  # (N, noise_channels) as [cos, sin]
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)
         if self.map_label is not None:
@@ -148,9 +164,11 @@ class SongUNet(torch.nn.Module):
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = silu(self.map_layer0(emb))
-        emb = silu(self.map_layer1(emb))
+        return silu(self.map_layer1(emb))
 
-        # Encoder. aux starts as the input image and feeds the 'skip' / 'residual' side paths.
+    def _encoder(self, x, emb):
+        """Run the encoder on x; return the bottleneck x and the skips the decoder consumes."""
+        # aux starts as the input image and feeds the 'skip' / 'residual' side paths.
         skips = []
         aux = x
         for name, block in self.enc.items():
@@ -163,8 +181,11 @@ class SongUNet(torch.nn.Module):
             else:
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
+        return x, skips
 
-        # Decoder. aux now accumulates the output heads, upsampled from level to level.
+    def _decoder(self, x, emb, skips):
+        """Run the decoder from the bottleneck x; return the output image (N, out_channels, H, W)."""
+        # aux now accumulates the output heads, upsampled from level to level.
         aux = None
         tmp = None
         for name, block in self.dec.items():
@@ -182,7 +203,7 @@ class SongUNet(torch.nn.Module):
 
 # ADM U-Net of "Diffusion Models Beat GANs on Image Synthesis": adaptive group-norm scale/shift, 64-channel attention
 # heads, attention in every block at the attention resolutions, and a single output head.
-class DhariwalUNet(torch.nn.Module):
+class DhariwalUNet(_UNet):
     def __init__(
         self,
         img_resolution,  # Image resolution at input and output.
@@ -249,8 +270,9 @@ class DhariwalUNet(torch.nn.Module):
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        # Mapping (no [sin, cos] swap and no label scaling here, unlike SongUNet).
+    def _mapping(self, x, noise_labels, class_labels, augment_labels):
+        """Return the per-sample embedding (N, emb_channels) of c_noise, augmentation and class labels."""
+        # No [sin, cos] swap and no label scaling here, unlike SongUNet.
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -261,15 +283,18 @@ class DhariwalUNet(torch.nn.Module):
             if self.training and self.label_dropout:
                 labels = _drop_labels(labels, x.shape[0], self.label_dropout)
             emb = emb + self.map_label(labels)
-        emb = silu(emb)
+        return silu(emb)
 
-        # Encoder.
+    def _encoder(self, x, emb):
+        """Run the encoder on x; return the bottleneck x and the skips (every encoder module's output)."""
         skips = []
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
+        return x, skips
 
-        # Decoder.
+    def _decoder(self, x, emb, skips):
+        """Run the decoder from the bottleneck x; return the output image (N, out_channels, H, W)."""
         for block in self.dec.values():
             x = _decode(block, x, emb, skips)
         return self.out_conv(silu(self.out_norm(x)))
