@@ -292,10 +292,9 @@ def mixture_eval():
     return z, ref, torch.stack([angle.cos(), angle.sin()])
 
 
-def test_analytic_teacher_dmd_covers_all_modes(mixture_eval):
-    z_eval, ref, directions = mixture_eval
-    torch.manual_seed(0)
-    steps, batch, lr = 2000, 512, 2e-3
+def _train_dmd_on_mixture(seed, z_eval, steps=2000, batch=512, lr=2e-3):
+    """Distil the exact mixture teacher into an MLP generator with DMD; return its samples of z_eval (N, 2, 1, 1)."""
+    torch.manual_seed(seed)
     G, mu_fake, grid = MLPGenerator(), MLPDenoiser(), KarrasGrid()
     dm_loss = DistributionMatchingLoss(MixtureDenoiser(), mu_fake, grid)
     fake_loss = FakeScoreLoss(grid, sigma_sampling="lognormal")
@@ -303,7 +302,7 @@ def test_analytic_teacher_dmd_covers_all_modes(mixture_eval):
     opt_fake = torch.optim.AdamW(mu_fake.parameters(), lr=2 * lr, weight_decay=0.01)
     decay = [torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.05, 1 - i / steps)) for opt in (opt_G, opt_fake)]
     with torch.no_grad():
-        start = _sliced_wasserstein(G(z_eval), ref, directions)
+        x_start = G(z_eval)
 
     # mu_fake starts as a denoiser of G's initial samples, as the paper's copy of the teacher starts near them.
     for _ in range(200):
@@ -320,14 +319,33 @@ def test_analytic_teacher_dmd_covers_all_modes(mixture_eval):
         opt_fake.step()
         for scheduler in decay:
             scheduler.step()
-
     with torch.no_grad():
-        x = G(z_eval)
-    end = _sliced_wasserstein(x, ref, directions)
-    fractions = _mode_fractions(x)
-    print(f"DMD: sliced W2 {start:.4f} -> {end:.4f}, mode fractions {fractions.tolist()}")
-    assert end < start / 5
-    torch.testing.assert_close(fractions, MODE_WEIGHTS, atol=0.1, rtol=0)
+        return x_start, G(z_eval)
+
+
+def test_analytic_teacher_dmd_covers_all_modes(mixture_eval):
+    # The GAN-like game is chaotic: one run's end point moves with the CPU's instruction set (float sums are ordered
+    # differently), between sliced W2 0.055 and 0.14 over 6 seeds x 3 capability levels. So the claim is checked on
+    # three seeds, by statistics with margins set by what the claim means, not by one run's number: a generator that
+    # matches the mixture is far closer to it than at the start (the median of three has 0.12 at worst against
+    # start / 3 = 0.19) and than one collapsed onto a single mode (about 0.7); every run covers every mode
+    # (smallest weight 0.2; a dropped mode gets < 0.02); the mean mode weights over the runs are within 0.1 of the
+    # truth (worst single run seen: 0.076 off).
+    z_eval, ref, directions = mixture_eval
+    g = torch.Generator().manual_seed(99)
+    collapsed = (MODE_MEANS[1] + MODE_STD * torch.randn(len(ref), 2, generator=g)).reshape(ref.shape)
+    w2_collapsed = _sliced_wasserstein(collapsed, ref, directions)
+    starts, ends, fractions = [], [], []
+    for seed in range(3):
+        x_start, x = _train_dmd_on_mixture(seed, z_eval)
+        starts.append(_sliced_wasserstein(x_start, ref, directions))
+        ends.append(_sliced_wasserstein(x, ref, directions))
+        fractions.append(_mode_fractions(x))
+        print(f"DMD seed {seed}: sliced W2 {starts[-1]:.4f} -> {ends[-1]:.4f}, mode fractions {fractions[-1].tolist()}")
+    median_start, median_end = sorted(starts)[1], sorted(ends)[1]
+    assert median_end < median_start / 3 and median_end < w2_collapsed / 3
+    assert all(bool((f > 0.1).all()) for f in fractions)
+    torch.testing.assert_close(torch.stack(fractions).mean(dim=0), MODE_WEIGHTS, atol=0.1, rtol=0)
 
 
 def test_analytic_teacher_regression_only_misses_modes(mixture_eval):
