@@ -1,4 +1,13 @@
-"""Resolve a local path or URL to a local file, downloading http(s) URLs once into a cache folder."""
+"""Resolve a local path or URL to a local file, downloading http(s) URLs once into a cache folder.
+
+A download enters the cache only once it is proven complete: its byte count matches the server's Content-Length, a
+chunked body ended with its closing chunk (urllib3 raises when the connection drops before it), or it matches the
+caller's `sha256` / `size`. A short body, a cut chunked body and a mismatch against a size the server announced are
+retried. A body that ends when the server closes the connection, with neither Content-Length nor chunked framing,
+looks the same whole or cut off; without `sha256` or `size` to check it against, it is written to
+`downloads/unverified/` instead, returned for this one call with a warning, and fetched again by the next call, so
+a cut copy is never reused. Every file is moved into place atomically, so an interrupted download leaves nothing.
+"""
 
 import hashlib
 import os
@@ -6,6 +15,7 @@ import posixpath
 import re
 import time
 import urllib.parse
+import warnings
 from pathlib import Path
 
 from dmd.utils.io import atomic_path
@@ -48,11 +58,17 @@ def cached_path(url, override=None):
     return cache_dir(override) / "downloads" / f"{key}_{basename}"
 
 
+def unverified_path(target):
+    """Where a download that cannot be proven complete goes instead of `target`: never looked up, only overwritten."""
+    return target.parent / "unverified" / target.name
+
+
 def open_url(
     url_or_path,  # Local path, file:// URL or http(s):// URL.
     *,
     cache_dir=None,  # Cache folder; None = $DMD_CACHE_DIR or ~/.cache/dmd.
     sha256=None,  # Expected hex digest; a mismatching download is an error and is not cached.
+    size=None,  # Expected size in bytes; a download of another size is an error and is not cached.
     num_attempts=5,  # Tries before giving up on dropped connections, short bodies and 5xx/429 answers.
     progress=True,  # Show a tqdm progress bar while downloading.
     retry_delay=1.0,  # Seconds before the second try, doubled before each further one.
@@ -64,6 +80,8 @@ def open_url(
         path = _local_path(text)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
+        if size is not None and path.stat().st_size != size:
+            raise DownloadError(f"{path}: {path.stat().st_size} bytes, not the expected {size}")
         if sha256 and sha256_file(path) != sha256.lower():
             raise DownloadError(f"{path}: sha256 does not match the expected {sha256}")
         return path
@@ -71,13 +89,13 @@ def open_url(
         raise DownloadError(f"unsupported URL scheme (expected a path, file://, http:// or https://): {text}")
 
     target = cached_path(text, cache_dir)
-    if target.is_file() and (not sha256 or sha256_file(target) == sha256.lower()):
-        return target
+    if target.is_file() and (size is None or target.stat().st_size == size):
+        if not sha256 or sha256_file(target) == sha256.lower():
+            return target
     last_error = None
     for attempt in range(num_attempts):
         try:
-            _download(text, target, sha256=sha256, progress=progress, timeout=timeout)
-            return target
+            return _download(text, target, sha256=sha256, size=size, progress=progress, timeout=timeout)
         except _RetryableError as e:
             last_error = e
         if attempt + 1 < num_attempts:
@@ -92,8 +110,8 @@ def _local_path(text):
     return Path(text).expanduser()
 
 
-def _download(url, target, *, sha256, progress, timeout):
-    """Stream `url` into a temp file beside `target`, check its length (and sha256), then move it into place."""
+def _download(url, target, *, sha256, size, progress, timeout):
+    """Stream `url` into a temp file, prove it complete, move it into place; return where it went (module docstring)."""
     import requests
     from tqdm import tqdm
 
@@ -104,13 +122,21 @@ def _download(url, target, *, sha256, progress, timeout):
                 raise _RetryableError(f"HTTP {response.status_code}")
             if response.status_code >= 400:
                 raise DownloadError(f"could not download {url}: HTTP {response.status_code}")
-            expected = int(response.headers["Content-Length"]) if "Content-Length" in response.headers else None
+            # A chunked body ends with a zero-length chunk, and urllib3 raises when the connection closes before it;
+            # Content-Length is then ignored, as RFC 9112 says.
+            chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
+            expected = None if chunked else _content_length(url, response.headers)
+            if expected is not None and size is not None and expected != size:
+                raise DownloadError(f"{url}: the server announces {expected} bytes, not the expected {size}")
+            length_proven = chunked or expected is not None or size is not None
+            dest = target if length_proven or sha256 else unverified_path(target)
             digest = hashlib.sha256()
             received = 0
+            total = expected if expected is not None else size
             bar = tqdm(
-                total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name, disable=not progress
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name, disable=not progress
             )
-            with bar, atomic_path(target) as tmp, open(tmp, "wb") as f:
+            with bar, atomic_path(dest) as tmp, open(tmp, "wb") as f:
                 for chunk in response.iter_content(chunk_size=_CHUNK_BYTES):
                     f.write(chunk)
                     digest.update(chunk)
@@ -119,7 +145,31 @@ def _download(url, target, *, sha256, progress, timeout):
                 # urllib3 2 raises on a short body by itself; urllib3 1.x, which requests also accepts, does not.
                 if expected is not None and received != expected:
                     raise _RetryableError(f"connection closed after {received} of {expected} bytes")
+                if size is not None and received != size:
+                    raise _RetryableError(f"connection closed after {received} bytes, not the expected {size}")
                 if sha256 and digest.hexdigest() != sha256.lower():
-                    raise DownloadError(f"{url}: sha256 {digest.hexdigest()} does not match the expected {sha256}")
+                    mismatch = f"sha256 {digest.hexdigest()} does not match the expected {sha256}"
+                    if length_proven:  # the whole file arrived: it is another file
+                        raise DownloadError(f"{url}: {mismatch}")
+                    raise _RetryableError(f"{mismatch}; the body may have been cut (the server sent no length)")
     except requests.RequestException as e:
         raise _RetryableError(f"{type(e).__name__}: {e}") from e
+    if dest == target:
+        unverified_path(target).unlink(missing_ok=True)  # a proven copy supersedes an earlier unproven one
+    else:
+        warnings.warn(
+            f"{url}: the server sent neither Content-Length nor a chunked body, so this download cannot be proven "
+            f"complete; it is used this once and fetched again next time (give sha256= or size= to cache it)",
+            stacklevel=3,
+        )
+    return dest
+
+
+def _content_length(url, headers):
+    """The Content-Length header as an int, or None without one."""
+    if "Content-Length" not in headers:
+        return None
+    try:
+        return int(headers["Content-Length"])
+    except ValueError:
+        raise DownloadError(f"{url}: bad Content-Length header {headers['Content-Length']!r}") from None
