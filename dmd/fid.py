@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmd.images import ImageFolder
 from dmd.utils import distributed
 from dmd.utils.common import to_uint8
 
@@ -55,7 +56,7 @@ def load_ref(ref, *, cache_dir=None):
     if missing:
         raise FIDError(f"--ref {ref}: missing key(s) {missing}; found {sorted(stats)}")
     mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+    if mu.ndim != 1 or mu.shape[0] == 0 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise FIDError(f"--ref {ref}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
     return mu, sigma
 
@@ -72,6 +73,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64, real part of scipy's sqrtm."""
     import scipy.linalg
 
+    if np.shape(mu1) != np.shape(mu2) or np.shape(sigma1) != np.shape(sigma2):
+        raise FIDError(
+            f"statistics of shapes mu {np.shape(mu1)}, sigma {np.shape(sigma1)} cannot be compared with a reference's "
+            f"mu {np.shape(mu2)}, sigma {np.shape(sigma2)}: the reference was made with another detector"
+        )
     m = np.square(mu1 - mu2).sum()
     s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))  # EDM's disp=False result; the flag is deprecated
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
@@ -120,6 +126,23 @@ class FeatureStats:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
+# The detector, refusing features of another size than the reference's at its first batch, not after the whole pass.
+class _SizeCheckedDetector:
+    def __init__(self, detector, dim, ref_name):
+        self.detector = detector
+        self.dim = dim  # D of the reference's mu (D,)
+        self.ref_name = ref_name  # for the message: "--ref PATH"
+
+    def __call__(self, x, return_features=True):
+        features = self.detector(x, return_features=return_features)  # (N, D')
+        if features.shape[1] != self.dim:
+            raise FIDError(
+                f"{self.ref_name} holds statistics of {self.dim}-dimensional features, but the detector gives "
+                f"{features.shape[1]}; make the reference with the same detector (`dmd fid ref --detector ...`)"
+            )
+        return features
+
+
 def detect(detector, pixels, device):
     """Features (N, D) of uint8 images (N, H, W, C) numpy; one-channel images are repeated to three."""
     pixels = np.require(pixels, requirements=["C", "W"])  # torch wants a writable array
@@ -130,43 +153,10 @@ def detect(detector, pixels, device):
         return detector(x, return_features=True)
 
 
-# A PNG folder (searched recursively) or ZIP, read as EDM's ImageFolderDataset reads it: files sorted by name.
-class ImageFiles:
-    def __init__(self, path):
-        import PIL.Image
-
-        self.path = Path(path)
-        extensions = set(PIL.Image.registered_extensions())
-        if self.path.is_dir():
-            names = [str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()]
-            self.zip = None
-        elif zipfile.is_zipfile(self.path):
-            self.zip = zipfile.ZipFile(self.path)
-            names = self.zip.namelist()
-        else:
-            raise FIDError(f"{path}: not a folder or ZIP of images")
-        self.names = sorted(n for n in names if Path(n).suffix.lower() in extensions)
-        if not self.names:
-            raise FIDError(f"{path}: no images found")
-
-    def __len__(self):
-        return len(self.names)
-
-    def read(self, index):
-        """Return image `index` as (H, W, C) uint8 (C = 1 or 3)."""
-        import PIL.Image
-
-        name = self.names[index]
-        try:
-            with self.zip.open(name) if self.zip else open(self.path / name, "rb") as f:
-                image = PIL.Image.open(f)
-                image.load()
-        except (OSError, PIL.UnidentifiedImageError) as e:
-            raise FIDError(f"{self.path}/{name}: not a readable image ({e})") from e
-        if image.mode not in ("L", "RGB"):
-            raise FIDError(f"{self.path}/{name}: mode {image.mode}; expected RGB or L (grayscale)")
-        pixels = np.asarray(image)
-        return pixels[:, :, None] if pixels.ndim == 2 else pixels
+# A PNG folder (searched recursively) or ZIP, read as EDM's ImageFolderDataset reads it: files sorted by name. The
+# reader of the real images for training (dmd.images), raising FIDError.
+class ImageFiles(ImageFolder):
+    error = FIDError
 
 
 def image_stats(path, detector, *, num=None, seed=0, batch_size=256, device="cpu", progress=True):
@@ -185,10 +175,8 @@ def image_stats(path, detector, *, num=None, seed=0, batch_size=256, device="cpu
     batches = [indices[lo : lo + batch_size] for lo in range(0, len(indices), batch_size)][rank::world]
     stats = FeatureStats()
     for batch in tqdm(batches, unit="batch", desc="fid", disable=not (progress and distributed.is_main())):
-        pixels = [files.read(i) for i in batch]
-        if len({p.shape for p in pixels}) > 1:
-            raise FIDError(f"{path}: images differ in size or channels around {files.names[batch[0]]}")
-        stats.append(detect(detector, np.stack(pixels), device))
+        pixels = np.stack([files.read_same_shape(i) for i in batch])  # the error names both files if sizes differ
+        stats.append(detect(detector, pixels, device))
     stats.reduce(device)
     return stats.mu_sigma()
 
@@ -223,9 +211,14 @@ def generator_fid(
     progress=False,  # tqdm bar on rank 0.
 ):
     """FID of a generator's samples against reference statistics (every rank returns the same number)."""
-    mu_ref, sigma_ref = load_ref(ref, cache_dir=cache_dir) if isinstance(ref, (str, Path)) else ref
-    if not isinstance(detector, torch.nn.Module):
+    if isinstance(ref, (str, Path)):
+        (mu_ref, sigma_ref), ref_name = load_ref(ref, cache_dir=cache_dir), f"--ref {ref}"
+    else:
+        (mu_ref, sigma_ref), ref_name = ref, "the reference"
+    if detector is None or isinstance(detector, (str, Path)):
         detector = load_detector(detector, cache_dir=cache_dir, device=device)
+    if not isinstance(detector, _SizeCheckedDetector):  # calc_fid's own check names the file
+        detector = _SizeCheckedDetector(detector, mu_ref.shape[0], ref_name)
     mu, sigma = generator_stats(
         generator_fn, seeds, label_dim, detector, batch_size=batch_size, device=device, progress=progress
     )
@@ -263,6 +256,7 @@ def calc_fid(
     device = distributed.setup_device(device)
     mu_ref, sigma_ref = distributed.main_first(partial(load_ref, ref, cache_dir=cache_dir))
     detector = distributed.main_first(partial(load_detector, detector, cache_dir=cache_dir, device=device))
+    detector = _SizeCheckedDetector(detector, mu_ref.shape[0], f"--ref {ref}")
 
     if images is not None:
         mu, sigma = image_stats(images, detector, num=num, batch_size=batch_size, device=device, progress=progress)

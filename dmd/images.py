@@ -1,0 +1,245 @@
+"""Real images in EDM's dataset format, the real data of DMD2's GAN: a reader, a torch Dataset and a writer.
+
+The format is what EDM's `dataset_tool.py` writes (e.g. `cifar10-32x32.zip`): a folder, or an uncompressed ZIP, of
+PNGs named `00000/img00000000.png`, `00000/img00000001.png`, ..., `00001/img00001000.png`, ..., and a `dataset.json`
+at the top whose "labels" is a list of `[relative_path, class_index]` pairs, or null for unlabelled data. As EDM's
+ImageFolderDataset does, every image file under the folder (any extension PIL reads) counts, in sorted name order;
+the first image fixes the size and mode (RGB or grayscale) and every image read is checked against it.
+
+`ImageFolder` is the one reader of this format: `dmd.fid.ImageFiles` is the same class raising FIDError.
+"""
+
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+LABELS_FILE = "dataset.json"
+
+
+class ImageDatasetError(ValueError):
+    """A real-image folder or ZIP that cannot be read or used with a given teacher; the message names the file."""
+
+
+def _describe(shape):
+    """(H, W, C) -> '32x32 RGB' or '28x28 grayscale'."""
+    return f"{shape[0]}x{shape[1]} {'RGB' if shape[2] == 3 else 'grayscale'}"
+
+
+# The images of a folder (searched recursively) or ZIP, sorted by name, decoded as (H, W, C) uint8, and the labels of
+# its dataset.json. A ZIP is opened lazily by each process that reads: DataLoader workers are forked copies, and one
+# ZipFile handle must not be shared across processes.
+class ImageFolder:
+    error = ImageDatasetError  # The exception class of every message (fid's subclass raises FIDError).
+
+    def __init__(self, path):
+        import PIL.Image
+
+        self.path = Path(path)
+        self._zip = self._pid = None
+        self._shape = None  # (H, W, C) of the first image, read when first needed.
+        if self.path.is_dir():
+            self.is_zip = False
+            names = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
+        elif zipfile.is_zipfile(self.path):
+            self.is_zip = True
+            try:
+                names = self._zipfile().namelist()
+            except (OSError, zipfile.BadZipFile) as e:
+                raise self.error(f"{path}: not a readable ZIP ({e})") from e
+        else:
+            raise self.error(f"{path}: not a folder or ZIP of images")
+        extensions = set(PIL.Image.registered_extensions())
+        self.names = sorted(n for n in names if Path(n).suffix.lower() in extensions)
+        self.has_labels_file = LABELS_FILE in names
+        if not self.names:
+            raise self.error(f"{path}: no images found")
+
+    def __len__(self):
+        return len(self.names)
+
+    def _zipfile(self):
+        """The ZipFile of this process (reopened after a fork)."""
+        if self._zip is None or self._pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.path)
+            self._pid = os.getpid()
+        return self._zip
+
+    def _open(self, name):
+        return self._zipfile().open(name) if self.is_zip else open(self.path / name, "rb")
+
+    def __getstate__(self):
+        """Pickle (for DataLoader workers) without this process's ZIP handle."""
+        return dict(self.__dict__, _zip=None, _pid=None)
+
+    def close(self):
+        """Close this process's ZIP handle (the next read reopens it)."""
+        if self._zip is not None:
+            self._zip.close()
+        self._zip = self._pid = None
+
+    def read(self, index):
+        """Return image `index` as (H, W, C) uint8 (C = 1 or 3)."""
+        import PIL.Image
+
+        name = self.names[index]
+        try:
+            with self._open(name) as f:
+                image = PIL.Image.open(f)
+                image.load()
+        except (OSError, zipfile.BadZipFile, PIL.UnidentifiedImageError) as e:
+            raise self.error(f"{self.path}/{name}: not a readable image ({e})") from e
+        if image.mode not in ("L", "RGB"):
+            raise self.error(f"{self.path}/{name}: mode {image.mode}; expected RGB or L (grayscale)")
+        pixels = np.asarray(image)
+        return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+    @property
+    def shape(self):
+        """(H, W, C) of the first image, which every image must share."""
+        if self._shape is None:
+            self._shape = self.read(0).shape
+        return self._shape
+
+    def read_same_shape(self, index):
+        """Return image `index` as `read` does, raising an error naming both files if its size or mode differs."""
+        pixels = self.read(index)
+        if pixels.shape != self.shape:
+            raise self.error(
+                f"{self.path}/{self.names[index]}: a {_describe(pixels.shape)} image, but the first image "
+                f"{self.names[0]} is {_describe(self.shape)}; all images must share one size and mode"
+            )
+        return pixels
+
+    def read_labels(self):
+        """Return the class index of every image (N,) int64 from dataset.json, or None if it gives no labels."""
+        if not self.has_labels_file:
+            return None
+        where = f"{self.path}/{LABELS_FILE}"
+        try:
+            with self._open(LABELS_FILE) as f:
+                meta = json.load(f)
+        except (OSError, zipfile.BadZipFile, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+            raise self.error(f"{where}: not readable JSON ({e})") from e
+        if not isinstance(meta, dict) or "labels" not in meta:
+            raise self.error(f"{where}: no 'labels' entry (expected {{\"labels\": [[path, class], ...] or null}})")
+        pairs = meta["labels"]
+        if pairs is None:
+            return None
+        if not isinstance(pairs, list):
+            raise self.error(f"{where}: 'labels' is a {type(pairs).__name__}, not a list of [path, class] pairs")
+        for pair in pairs:
+            ok = isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+            if not (ok and type(pair[1]) is int and pair[1] >= 0):  # EDM's float label vectors are not classes
+                raise self.error(f"{where}: entry {json.dumps(pair)[:80]} is not a [path, class index >= 0] pair")
+        labels = dict(pairs)
+        missing = [name for name in self.names if name not in labels]
+        if missing:
+            raise self.error(f"{where}: no label for {len(missing)} of {len(self.names)} images (e.g. {missing[0]})")
+        return np.array([labels[name] for name in self.names], dtype=np.int64)
+
+
+# Real images as a torch Dataset: items (image (C, H, W) float32 in [-1, 1] = uint8 / 127.5 - 1, as EDM's training
+# loop scales them; label int64, -1 without labels). With xflip the dataset doubles, as EDM's does: index i < N is
+# image i and index N + i is image i mirrored left-right. The flips are thus part of the index a sampler draws, and a
+# seeded sampler makes them as reproducible and resumable as the order of the images.
+class ImageDataset(Dataset):
+    def __init__(
+        self,
+        path,  # Folder or ZIP in EDM's format.
+        xflip=False,  # Add the mirrored images (indices N .. 2N - 1)?
+    ):
+        self.files = ImageFolder(path)
+        self.path = self.files.path
+        self.xflip = bool(xflip)
+        self.num_images = len(self.files)
+        height, width, self.channels = self.files.shape
+        if height != width:
+            raise ImageDatasetError(f"{self.path}: images are {height}x{width}; EDM's networks take square images")
+        self.resolution = height
+        labels = self.files.read_labels()
+        self.label_dim = 0 if labels is None else int(labels.max()) + 1  # A lower bound: the top classes may be unused.
+        labels = np.full(self.num_images, -1, dtype=np.int64) if labels is None else labels
+        self.labels = torch.from_numpy(labels)  # (N,)
+
+    def __len__(self):
+        return self.num_images * (2 if self.xflip else 1)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"image index {index} out of range for {len(self)} items of {self.path}")
+        raw = index % self.num_images
+        pixels = self.files.read_same_shape(raw)  # (H, W, C) uint8
+        if index >= self.num_images:
+            pixels = pixels[:, ::-1]
+        image = torch.from_numpy(pixels.transpose(2, 0, 1).copy()).to(torch.float32) / 127.5 - 1
+        return image, self.labels[raw]
+
+    def close(self):
+        self.files.close()
+
+    def check_compatible(self, net):
+        """Raise ImageDatasetError naming the data if its resolution, channels or labels do not fit the teacher `net`.
+
+        An unconditional teacher ignores labels (EDM's cifar10-32x32.zip is labelled and serves its unconditional
+        runs too); a conditional one needs labels below its label_dim.
+        """
+        found = {"resolution": self.resolution, "channels": self.channels}
+        wanted = {"resolution": net.img_resolution, "channels": net.img_channels}
+        for key in found:
+            if found[key] != wanted[key]:
+                raise ImageDatasetError(
+                    f"real images {self.path} have {key} {found[key]} but the teacher has {wanted[key]}"
+                )
+        if net.label_dim > 0 and self.label_dim == 0:
+            raise ImageDatasetError(
+                f"real images {self.path} have no labels ({LABELS_FILE}) but the teacher has label_dim {net.label_dim}"
+            )
+        if net.label_dim > 0 and self.label_dim > net.label_dim:
+            raise ImageDatasetError(
+                f"real images {self.path} have class indices up to {self.label_dim - 1} but the teacher has label_dim "
+                f"{net.label_dim}"
+            )
+
+
+def write_image_dataset(dest, images, labels=None):
+    """Write uint8 images (N, H, W, C), C = 1 or 3, and optional class indices (N,) in EDM's format.
+
+    `dest` ending in .zip gets an uncompressed ZIP (written atomically), anything else a folder; names and PNG
+    settings are those of EDM's dataset_tool.py.
+    """
+    import PIL.Image
+
+    from dmd.utils.io import atomic_path
+
+    images = np.asarray(images, dtype=np.uint8)
+    if images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise ImageDatasetError(f"{dest}: images must be (N, H, W, 1 or 3) uint8, got shape {images.shape}")
+    if labels is not None and len(labels) != len(images):
+        raise ImageDatasetError(f"{dest}: {len(labels)} labels for {len(images)} images")
+    names = [f"{i:08d}"[:5] + f"/img{i:08d}.png" for i in range(len(images))]
+    meta = {"labels": None if labels is None else [[n, int(c)] for n, c in zip(names, labels)]}
+
+    def encode(pixels):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(
+            buffer, format="png", compress_level=0, optimize=False
+        )
+        return buffer.getvalue()
+
+    dest = Path(dest)
+    if dest.suffix.lower() == ".zip":
+        with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+            for name, pixels in zip(names, images):
+                z.writestr(name, encode(pixels))
+            z.writestr(LABELS_FILE, json.dumps(meta))
+        return
+    for name, pixels in zip(names, images):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes(encode(pixels))
+    (dest / LABELS_FILE).write_text(json.dumps(meta), encoding="utf-8")

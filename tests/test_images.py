@@ -1,0 +1,214 @@
+"""Real images in EDM's dataset format: reading folders and ZIPs as dataset_tool.py writes them, labels, x-flips,
+the teacher check, DataLoader workers, and one clear error per bad input (in training and in FID)."""
+
+import json
+import os
+import pickle
+import re
+import zipfile
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from dmd.fid import FIDError, ImageFiles, image_stats
+from dmd.images import ImageDataset, ImageDatasetError, ImageFolder, write_image_dataset
+
+N, R = 12, 8
+
+
+def _images(n=N, r=R, c=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, r, r, c), dtype=np.uint8)
+
+
+def _labels(n=N):
+    return np.arange(n) % 5
+
+
+@pytest.fixture(params=["zip", "folder"])
+def dest(request, tmp_path):
+    return tmp_path / ("data.zip" if request.param == "zip" else "data")
+
+
+def _png(path, pixels):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(pixels).save(path)
+
+
+def test_round_trip(dest):
+    images, labels = _images(), _labels()
+    write_image_dataset(dest, images, labels)
+    ds = ImageDataset(dest)
+    assert (len(ds), ds.resolution, ds.channels, ds.label_dim) == (N, R, 3, 5)
+    for i in range(N):
+        image, label = ds[i]
+        assert image.dtype == torch.float32 and image.shape == (3, R, R) and label.dtype == torch.int64
+        expected = torch.from_numpy(images[i]).permute(2, 0, 1).to(torch.float32) / 127.5 - 1  # EDM's scaling
+        torch.testing.assert_close(image, expected, rtol=0, atol=0)
+        assert int(label) == labels[i]
+    assert ds[0][0].min() >= -1 and ds[0][0].max() <= 1
+
+
+def test_writer_uses_dataset_tool_layout(tmp_path):
+    write_image_dataset(tmp_path / "data.zip", _images(n=1001), labels=np.zeros(1001, dtype=int))
+    with zipfile.ZipFile(tmp_path / "data.zip") as z:
+        names = z.namelist()
+        assert {info.compress_type for info in z.infolist()} == {zipfile.ZIP_STORED}
+        meta = json.loads(z.read("dataset.json"))
+    assert names[:2] == ["00000/img00000000.png", "00000/img00000001.png"]
+    assert names[999:] == ["00000/img00000999.png", "00001/img00001000.png", "dataset.json"]
+    assert meta["labels"][1000] == ["00001/img00001000.png", 0]
+
+
+def test_reads_a_zip_made_by_hand_in_name_order(tmp_path):
+    # Not our writer: other folder names, deflated members, labels listed out of order; names sort, labels follow.
+    images = _images(n=3)
+    with zipfile.ZipFile(tmp_path / "data.zip", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, i in [("b/2.png", 2), ("a/0.png", 0), ("a/1.png", 1)]:
+            with z.open(name, "w") as f:
+                PIL.Image.fromarray(images[i]).save(f, format="png")
+        z.writestr("dataset.json", json.dumps({"labels": [["b/2.png", 7], ["a/0.png", 3], ["a/1.png", 0]]}))
+        z.writestr("README.txt", "not an image")
+    ds = ImageDataset(tmp_path / "data.zip")
+    assert ds.files.names == ["a/0.png", "a/1.png", "b/2.png"] and ds.label_dim == 8
+    assert [int(ds[i][1]) for i in range(3)] == [3, 0, 7]
+    torch.testing.assert_close(ds[2][0], torch.from_numpy(images[2]).permute(2, 0, 1) / 127.5 - 1, rtol=0, atol=0)
+
+
+def test_xflip_doubles_the_dataset_with_mirrored_copies(dest):
+    write_image_dataset(dest, _images(), _labels())
+    plain, flipped = ImageDataset(dest), ImageDataset(dest, xflip=True)
+    assert len(flipped) == 2 * N
+    for i in range(N):
+        torch.testing.assert_close(flipped[i][0], plain[i][0], rtol=0, atol=0)
+        torch.testing.assert_close(flipped[N + i][0], plain[i][0].flip(2), rtol=0, atol=0)  # left-right
+        assert int(flipped[N + i][1]) == int(plain[i][1])
+    with pytest.raises(IndexError, match="out of range"):
+        flipped[2 * N]
+
+
+def test_grayscale_and_unlabelled(tmp_path):
+    write_image_dataset(tmp_path / "gray", _images(c=1))
+    ds = ImageDataset(tmp_path / "gray")
+    assert (ds.channels, ds.label_dim, ds[0][0].shape, int(ds[0][1])) == (1, 0, (1, R, R), -1)
+    _png(tmp_path / "plain" / "x.png", _images(n=1)[0])  # no dataset.json at all
+    assert ImageDataset(tmp_path / "plain").label_dim == 0
+
+
+def test_check_compatible_against_the_fixture_teacher(tmp_path, fixtures_dir):
+    from dmd.edm import load_network
+
+    teacher = load_network(fixtures_dir / "edm_ddpmpp_cond.pkl")  # 8x8, 3 channels, label_dim 10
+    write_image_dataset(tmp_path / "ok.zip", _images(), _labels())
+    ImageDataset(tmp_path / "ok.zip").check_compatible(teacher)  # classes 0-4 of 10: fine
+    cases = [
+        ("big.zip", _images(r=16), _labels(), "have resolution 16 but the teacher has 8"),
+        ("gray.zip", _images(c=1), _labels(), "have channels 1 but the teacher has 3"),
+        ("nolabels.zip", _images(), None, "have no labels (dataset.json) but the teacher has label_dim 10"),
+        ("many.zip", _images(), np.arange(N), "have class indices up to 11 but the teacher has label_dim 10"),
+    ]
+    for name, images, labels, message in cases:
+        write_image_dataset(tmp_path / name, images, labels)
+        with pytest.raises(ImageDatasetError, match=f"real images .*{name} {re.escape(message)}"):
+            ImageDataset(tmp_path / name).check_compatible(teacher)
+    uncond = SimpleNamespace(img_resolution=R, img_channels=3, label_dim=0)
+    ImageDataset(tmp_path / "ok.zip").check_compatible(uncond)  # an unconditional teacher ignores the labels
+
+
+def test_zip_is_opened_lazily_per_process_and_workers_read_the_same(tmp_path):
+    write_image_dataset(tmp_path / "data.zip", _images(n=32), _labels(32))
+    ds = ImageDataset(tmp_path / "data.zip", xflip=True)
+    ds[0]
+    assert ds.files._zip is not None and ds.files._pid == os.getpid()
+    assert pickle.loads(pickle.dumps(ds)).files._zip is None  # workers get no handle of ours
+    loaders = [torch.utils.data.DataLoader(ds, batch_size=16, num_workers=w) for w in (0, 2)]
+    batches = [[torch.cat([b[0].flatten(1), b[1][:, None]], 1) for b in loader] for loader in loaders]
+    torch.testing.assert_close(torch.cat(batches[0]), torch.cat(batches[1]), rtol=0, atol=0)
+    ds.close()
+    assert ds.files._zip is None and int(ds[1][1]) == 1  # reopens
+
+
+def test_mixed_sizes_and_modes_name_both_files(tmp_path):
+    _png(tmp_path / "sizes" / "a.png", _images(n=1)[0])
+    _png(tmp_path / "sizes" / "b.png", _images(n=1, r=16)[0])
+    ds = ImageDataset(tmp_path / "sizes")
+    ds[0]
+    with pytest.raises(
+        ImageDatasetError, match=r"sizes/b.png: a 16x16 RGB image, but the first image a.png is 8x8 RGB"
+    ):
+        ds[1]
+    _png(tmp_path / "modes" / "a.png", _images(n=1)[0])
+    _png(tmp_path / "modes" / "b.png", _images(n=1, c=1)[0, :, :, 0])
+    with pytest.raises(ImageDatasetError, match=r"modes/b.png: a 8x8 grayscale image, but .* a.png is 8x8 RGB"):
+        ImageDataset(tmp_path / "modes")[1]
+
+
+def test_fid_reads_through_the_same_reader_and_names_mixed_files(tmp_path):
+    assert issubclass(ImageFiles, ImageFolder) and ImageFiles.error is FIDError
+    _png(tmp_path / "mixed" / "a.png", _images(n=1)[0])
+    _png(tmp_path / "mixed" / "b.png", _images(n=1, r=16)[0])
+
+    def detector(x, return_features=True):
+        return x.float().mean((2, 3))
+
+    # Batch size 1: each batch stacks fine; before, the 16x16 image would have been scored at its own size.
+    with pytest.raises(FIDError, match=r"mixed/b.png: a 16x16 RGB image, but the first image a.png is 8x8 RGB"):
+        image_stats(tmp_path / "mixed", detector, batch_size=1, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FIDError, match="no images found"):
+        ImageFiles(tmp_path / "empty")
+
+
+def _bad_json(tmp_path, name, text):
+    folder = tmp_path / name
+    _png(folder / "00000" / "img00000000.png", _images(n=1)[0])
+    _png(folder / "00000" / "img00000001.png", _images(n=1)[0])
+    (folder / "dataset.json").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "dataset.json: not readable JSON"),
+        ('{"classes": []}', "dataset.json: no 'labels' entry"),
+        ('{"labels": {"a": 1}}', "dataset.json: 'labels' is a dict, not a list of"),
+        (
+            '{"labels": [["00000/img00000000.png", [0.5, 0.5]]]}',
+            r'entry \["00000/img00000000.png", \[0.5, 0.5\]\] is not',
+        ),
+        ('{"labels": [["00000/img00000000.png", -1]]}', "is not a .path, class index >= 0. pair"),
+        ('{"labels": [["00000/img00000000.png", 3]]}', r"no label for 1 of 2 images \(e.g. 00000/img00000001.png\)"),
+    ],
+)
+def test_bad_labels_name_the_file(tmp_path, text, message):
+    folder = _bad_json(tmp_path, "data", text)
+    with pytest.raises(ImageDatasetError, match=message) as info:
+        ImageDataset(folder)
+    assert str(folder / "dataset.json") in str(info.value)
+
+
+def test_bad_paths_and_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    _png(tmp_path / "wide" / "a.png", np.zeros((8, 16, 3), dtype=np.uint8))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
+    _png(tmp_path / "rgba" / "a.png", np.zeros((8, 8, 4), dtype=np.uint8))
+    cases = [
+        ("notes.txt", "notes.txt: not a folder or ZIP of images"),
+        ("missing.zip", "missing.zip: not a folder or ZIP of images"),
+        ("empty", "empty: no images found"),
+        ("wide", "wide: images are 8x16; EDM's networks take square images"),
+        ("broken", "broken/a.png: not a readable image"),
+        ("rgba", "rgba/a.png: mode RGBA; expected RGB or L"),
+    ]
+    for name, message in cases:
+        with pytest.raises(ImageDatasetError, match=message):
+            ImageDataset(tmp_path / name)
+    with pytest.raises(ImageDatasetError, match=r"images must be \(N, H, W, 1 or 3\) uint8"):
+        write_image_dataset(tmp_path / "x.zip", np.zeros((2, 8, 8), dtype=np.uint8))
+    with pytest.raises(ImageDatasetError, match="3 labels for 2 images"):
+        write_image_dataset(tmp_path / "x.zip", np.zeros((2, 8, 8, 3), dtype=np.uint8), labels=[0, 1, 2])
