@@ -206,3 +206,31 @@ def test_errors(pngs, detector_path, tmp_path):
     assert result.exit_code == 1 and "not a TorchScript module" in result.output, result.output
     with pytest.raises(FIDError, match="at least 2 images"):
         FeatureStats().mu_sigma()
+
+
+def test_reference_of_another_feature_size_is_refused_at_the_first_batch(pngs, detector_path, tmp_path):
+    ref = tmp_path / "ref64.npz"
+    save_ref(np.zeros(64), np.eye(64), ref)  # 64-d statistics; the detector gives 16-d features
+    message = f"--ref {ref} holds statistics of 64-dimensional features, but the detector gives 16"
+    det = ["--ref", str(ref), "--detector", str(detector_path), "--device", "cpu", "--num", "40", "--batch", "8"]
+    for source in (["--images", str(pngs)], ["--network", str(PKL)]):
+        result = CliRunner().invoke(main, ["fid", "calc", *source, *det])
+        assert result.exit_code == 1 and message in result.output, result.output
+
+    # The library call refuses after one batch of 10, before generating the other 30 images.
+    generator = DMDGenerator(PKL, device="cpu")
+    calls = []
+
+    def generator_fn(seeds, class_ids):
+        calls.append(len(seeds))
+        return generator.generate_batch(seeds, class_ids)
+
+    mu, sigma = load_ref(ref)
+    with pytest.raises(FIDError, match="the reference holds statistics of 64-dimensional features, but the .* 16"):
+        generator_fid(generator_fn, (mu, sigma), seeds=range(40), label_dim=10, detector=TinyDetector(), batch_size=10)
+    assert calls == [10]
+    with pytest.raises(FIDError, match=r"mu \(16,\), sigma \(16, 16\) cannot be compared with .* mu \(64,\)"):
+        frechet_distance(np.zeros(16), np.eye(16), mu, sigma)
+    np.savez(tmp_path / "empty.npz", mu=np.zeros(0), sigma=np.zeros((0, 0)))
+    with pytest.raises(FIDError, match=r"empty.npz: mu \(0,\) and sigma \(0, 0\) are not \(D,\) and \(D, D\)"):
+        load_ref(tmp_path / "empty.npz")
