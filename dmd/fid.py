@@ -56,7 +56,7 @@ def load_ref(ref, *, cache_dir=None):
     if missing:
         raise FIDError(f"--ref {ref}: missing key(s) {missing}; found {sorted(stats)}")
     mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+    if mu.ndim != 1 or mu.shape[0] == 0 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise FIDError(f"--ref {ref}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
     return mu, sigma
 
@@ -73,6 +73,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64, real part of scipy's sqrtm."""
     import scipy.linalg
 
+    if np.shape(mu1) != np.shape(mu2) or np.shape(sigma1) != np.shape(sigma2):
+        raise FIDError(
+            f"statistics of shapes mu {np.shape(mu1)}, sigma {np.shape(sigma1)} cannot be compared with a reference's "
+            f"mu {np.shape(mu2)}, sigma {np.shape(sigma2)}: the reference was made with another detector"
+        )
     m = np.square(mu1 - mu2).sum()
     s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))  # EDM's disp=False result; the flag is deprecated
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
@@ -119,6 +124,23 @@ class FeatureStats:
         mu = self.sum / self.num
         sigma = (self.sum_outer - self.num * torch.outer(mu, mu)) / (self.num - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+# The detector, refusing features of another size than the reference's at its first batch, not after the whole pass.
+class _SizeCheckedDetector:
+    def __init__(self, detector, dim, ref_name):
+        self.detector = detector
+        self.dim = dim  # D of the reference's mu (D,)
+        self.ref_name = ref_name  # for the message: "--ref PATH"
+
+    def __call__(self, x, return_features=True):
+        features = self.detector(x, return_features=return_features)  # (N, D')
+        if features.shape[1] != self.dim:
+            raise FIDError(
+                f"{self.ref_name} holds statistics of {self.dim}-dimensional features, but the detector gives "
+                f"{features.shape[1]}; make the reference with the same detector (`dmd fid ref --detector ...`)"
+            )
+        return features
 
 
 def detect(detector, pixels, device):
@@ -189,9 +211,14 @@ def generator_fid(
     progress=False,  # tqdm bar on rank 0.
 ):
     """FID of a generator's samples against reference statistics (every rank returns the same number)."""
-    mu_ref, sigma_ref = load_ref(ref, cache_dir=cache_dir) if isinstance(ref, (str, Path)) else ref
-    if not isinstance(detector, torch.nn.Module):
+    if isinstance(ref, (str, Path)):
+        (mu_ref, sigma_ref), ref_name = load_ref(ref, cache_dir=cache_dir), f"--ref {ref}"
+    else:
+        (mu_ref, sigma_ref), ref_name = ref, "the reference"
+    if detector is None or isinstance(detector, (str, Path)):
         detector = load_detector(detector, cache_dir=cache_dir, device=device)
+    if not isinstance(detector, _SizeCheckedDetector):  # calc_fid's own check names the file
+        detector = _SizeCheckedDetector(detector, mu_ref.shape[0], ref_name)
     mu, sigma = generator_stats(
         generator_fn, seeds, label_dim, detector, batch_size=batch_size, device=device, progress=progress
     )
@@ -229,6 +256,7 @@ def calc_fid(
     device = distributed.setup_device(device)
     mu_ref, sigma_ref = distributed.main_first(partial(load_ref, ref, cache_dir=cache_dir))
     detector = distributed.main_first(partial(load_detector, detector, cache_dir=cache_dir, device=device))
+    detector = _SizeCheckedDetector(detector, mu_ref.shape[0], f"--ref {ref}")
 
     if images is not None:
         mu, sigma = image_stats(images, detector, num=num, batch_size=batch_size, device=device, progress=progress)
