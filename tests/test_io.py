@@ -78,6 +78,7 @@ def _disk_fills_after(budget):
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "training-state-000100.pt"
     atomic_torch_save({"w": torch.arange(10)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(10))  # saved through the file object
     before = path.read_bytes()
     monkeypatch.setattr(io, "open", _disk_fills_after(2000), raising=False)
     # torch.save turns the failed write into a RuntimeError without errno; atomic_torch_save recovers the ENOSPC.
