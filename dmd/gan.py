@@ -1,0 +1,142 @@
+"""DMD2's GAN (Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis"): a
+discriminator head on the fake score's bottleneck, trained on real images against the generator's.
+
+The discriminator f(x) = head(mu_fake.bottleneck(x + sigma eps, sigma, c)) sees every image, real or generated,
+noised "diffusion-GAN" style at a sigma of the DM loss's Karras grid, index uniform in [0, max_index). Its losses are
+the non-saturating ones: softplus(f(fake)) + softplus(-f(real)) trains head + mu_fake in the fake-score step (images
+detached), softplus(-f(G(z))) trains G in the generator step (mu_fake and head frozen). Each loss returns per-sample
+values (N,); the loop reduces, weights (DMD2: 1e-2 and 3e-3), clips and steps, with the head's parameters in mu_fake's
+optimizer.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+def _num_groups(channels, max_groups=32, min_channels_per_group=4):
+    """Groups of the head's GroupNorm: 32 where the width allows (DMD2's), else fewer, each of >= 4 channels as in
+    EDM's GroupNorm, and always a divisor of the channels. (At 1 x 1, a group of one channel would normalise to 0.)"""
+    limit = max(1, min(max_groups, channels // min_channels_per_group))
+    return next(g for g in range(limit, 0, -1) if channels % g == 0)
+
+
+# DMD2's classifier head on a (N, C, R, R) bottleneck, C kept throughout. At R = 8 (CIFAR-10 DDPM++, ImageNet-64 ADM):
+# conv 4x4 / 2 (8 -> 4), GroupNorm, SiLU, conv 4x4 / 4 (4 -> 1), GroupNorm, SiLU, conv 1x1 -> one logit. Larger R
+# gets one more 4x4 / 2 conv per halving down to 4; smaller R replaces the 4x4 / 4 conv by an R x R / R one.
+class DiscriminatorHead(torch.nn.Module):
+    def __init__(
+        self,
+        channels,  # Bottleneck width C (256 for CIFAR-10 DDPM++, 768 for ImageNet-64 ADM).
+        resolution,  # Bottleneck resolution R (8 for both).
+    ):
+        if channels < 1 or resolution < 1:
+            raise ValueError(f"DiscriminatorHead needs channels and resolution >= 1, got {channels} and {resolution}")
+        super().__init__()
+        self.channels = channels
+        self.resolution = resolution
+        layers = []
+        r = resolution
+        while r > 4:
+            layers += self._stage(torch.nn.Conv2d(channels, channels, kernel_size=4, stride=2, padding=1))
+            r = (r - 2) // 2 + 1
+        layers += self._stage(torch.nn.Conv2d(channels, channels, kernel_size=r, stride=r))  # r x r -> 1 x 1
+        layers.append(torch.nn.Conv2d(channels, 1, kernel_size=1))
+        self.layers = torch.nn.Sequential(*layers)
+
+    @classmethod
+    def for_network(cls, net):
+        """The head for a preconditioned EDM network's bottleneck, sized from its architecture (no forward pass)."""
+        name, first = next(iter(net.model.dec.items()))  # e.g. '8x8_in0', the block that takes the bottleneck
+        return cls(first.in_channels, int(name.split("x")[0]))
+
+    def _stage(self, conv):
+        return [conv, torch.nn.GroupNorm(_num_groups(self.channels), self.channels), torch.nn.SiLU()]
+
+    def forward(self, h):
+        """Bottleneck features (N, C, R, R) -> logits (N,)."""
+        return self.layers(h.to(torch.float32)).flatten()
+
+
+def discriminator_loss(logits_fake, logits_real):
+    """softplus(f(fake)) + softplus(-f(real)) per sample (N,), for logits of N fake and N real images."""
+    if logits_fake.shape != logits_real.shape:
+        raise ValueError(f"fake logits {tuple(logits_fake.shape)} and real logits {tuple(logits_real.shape)} differ")
+    return F.softplus(logits_fake) + F.softplus(-logits_real)
+
+
+def generator_gan_loss(logits_fake):
+    """softplus(-f(fake)) per sample (N,): the non-saturating generator loss."""
+    return F.softplus(-logits_fake)
+
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """Switch off requires_grad of every parameter of `modules` inside the block, then restore each flag.
+
+    Autograd decides at forward time which tensors need a gradient, so an output computed inside the block passes
+    gradients on to its inputs but never into these parameters, even when backward runs after the block.
+    """
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _cat_labels(c_fake, c_real):
+    """One-hot labels of the fake and the real batch stacked (2N, label_dim), or None for an unconditional pair."""
+    if (c_fake is None) != (c_real is None):
+        raise ValueError("give class labels for both the generated and the real images, or for neither")
+    return None if c_fake is None else torch.cat([c_fake, c_real.to(c_fake.dtype)])
+
+
+# The two GAN losses of DMD2 on one discriminator: `discriminator` for the fake-score step, `generator` for G's step.
+class GANLoss:
+    def __init__(
+        self,
+        mu_fake,  # Fake-score preconditioner (bare, not DDP-wrapped): mu_fake.bottleneck(x, sigma, c) -> features.
+        head,  # DiscriminatorHead of mu_fake's bottleneck width and resolution.
+        grid,  # KarrasGrid of the DM loss; the diffusion-GAN sigmas are its levels.
+        max_index=1000,  # Sigma indices are drawn uniformly from [0, max_index) (DMD2: 1000, the whole grid).
+    ):
+        if not 1 <= max_index <= grid.T:
+            raise ValueError(
+                f"diffusion-GAN max_index must be in [1, {grid.T}] for a {grid.T}-level grid, got {max_index}"
+            )
+        self.mu_fake = mu_fake
+        self.head = head
+        self.grid = grid
+        self.max_index = int(max_index)
+
+    def logits(self, x, class_labels=None, generator=None):
+        """Noise images x (N, C, H, W) at grid sigmas and return the discriminator's logits (N,) and the sigmas (N,)."""
+        t = self.grid.sample_index(x.shape[0], 0.0, self.max_index / self.grid.T, device=x.device, generator=generator)
+        sigma = self.grid.sigma(t)  # (N,)
+        eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        x_t = x + sigma.reshape(-1, 1, 1, 1).to(x.dtype) * eps
+        return self.head(self.mu_fake.bottleneck(x_t, sigma, class_labels)), sigma
+
+    def discriminator(self, x_fake, c_fake, x_real, c_real, generator=None):
+        """Return the discriminator loss per (fake, real) pair (N,) and logging tensors, for N generated and N real
+        images with their one-hot labels (or None). Both batches are detached: gradients reach only mu_fake and head.
+        """
+        if x_fake.shape != x_real.shape:
+            raise ValueError(f"generated images {tuple(x_fake.shape)} and real images {tuple(x_real.shape)} differ")
+        n = x_fake.shape[0]
+        x = torch.cat([x_fake.detach(), x_real.detach().to(x_fake.dtype)])  # one encoder pass for both (2N, C, H, W)
+        logits, sigma = self.logits(x, _cat_labels(c_fake, c_real), generator)
+        aux = dict(logits_fake=logits[:n].detach(), logits_real=logits[n:].detach(), sigma=sigma)
+        return discriminator_loss(logits[:n], logits[n:]), aux
+
+    def generator(self, x_fake, c_fake=None, generator=None):
+        """Return the generator's GAN loss per sample (N,) and logging tensors. mu_fake and the head are frozen while
+        the loss is built, so its backward reaches x_fake (and G) and leaves no gradient in them."""
+        with frozen(self.mu_fake, self.head):
+            logits, sigma = self.logits(x_fake, c_fake, generator)
+        return generator_gan_loss(logits), dict(logits_fake=logits.detach(), sigma=sigma)
