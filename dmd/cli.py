@@ -132,6 +132,12 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
 @_option(TrainConfig, "--keep-last", click.IntRange(min=0), "Checkpoints; 0 = all.")
 @_option(TrainConfig, "--max-bad-steps", click.IntRange(min=1), "NaN in a row.")
 @click.option("--resume", help="'auto' (newest state in --output-dir, if any) or a training-state file.")
+@click.option(
+    "--allow-change",
+    default="",
+    help="Comma-separated settings a resumed run may change from the run's, e.g. lr-gen,lr-fake to lower the "
+    "learning rates of a diverging run.",
+)
 @click.option("--log-neptune", is_flag=True, help="Log to Neptune (neptune.cfg or NEPTUNE_PROJECT/NEPTUNE_API_TOKEN).")
 @click.option("--lpips-vgg", help="VGG-16 weights for LPIPS: path or URL.  [default: torchvision's URL]")
 @click.option("--lpips-lin", help="LPIPS v0.1 heads: path or URL.  [default: the LPIPS repository's URL]")
@@ -142,24 +148,30 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option("--fid-ref", help="FID reference npz: path or URL.  [default: EDM's CIFAR-10 statistics]")
 @click.option("--fid-detector", help="TorchScript feature detector: path or URL.  [default: EDM's Inception-v3]")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Download cache (teacher, LPIPS weights).")
-@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check the teacher, pairs and run folder against each other, print the config, exit.",
+)
 @click.pass_context
-def train_command(ctx, lpips_random, dry_run, **options):
+def train_command(ctx, lpips_random, dry_run, allow_change, **options):
     """Distill a teacher into a one-step generator with DMD (torchrun for several GPUs)."""
+    from dmd.checkpoint import CheckpointError
     from dmd.train import TrainError, train
     from dmd.utils.logger import LoggerError
 
     try:
-        cfg = TrainConfig(**options, lpips_pretrained=not lpips_random)
+        changeable = tuple(name for name in allow_change.split(",") if name.strip())
+        cfg = TrainConfig(**options, lpips_pretrained=not lpips_random, allow_change=changeable)
     except ConfigError as e:
+        raise click.ClickException(str(e)) from e
+    try:
+        result = train(cfg, dry_run=dry_run)
+    except (TrainError, CheckpointError, LoggerError) as e:
         raise click.ClickException(str(e)) from e
     if dry_run:
         click.echo(cfg.to_json(), nl=False)
         return
-    try:
-        result = train(cfg)
-    except (TrainError, LoggerError) as e:
-        raise click.ClickException(str(e)) from e
     if result["stopped"]:
         click.echo(f"Stopped by a signal at step {result['step']}; continue with --resume auto", err=True)
         ctx.exit(130)

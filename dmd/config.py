@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -54,9 +55,11 @@ class TrainConfig:
     fid_ref: Optional[str] = None  # reference statistics npz (path/URL); None = EDM's CIFAR-10 reference
     fid_detector: Optional[str] = None  # TorchScript detector (path/URL); None = the Inception-v3 of EDM's protocol
     cache_dir: Optional[str] = None  # download cache; None = $DMD_CACHE_DIR or ~/.cache/dmd
+    allow_change: Tuple[str, ...] = ()  # settings a resumed run may change from the run's, e.g. ('lr_gen',)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "allow_change", tuple(field_name(f) for f in self.allow_change))
         self.validate()
 
     def validate(self):
@@ -84,16 +87,27 @@ class TrainConfig:
             (self.fid_every >= 0 and self.fid_num >= 2, "--fid-every must be >= 0 and --fid-num at least 2"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
             (min(self.lr_gen, self.lr_fake, self.grad_clip) > 0, "--lr-gen, --lr-fake, --grad-clip must be > 0"),
+            (max(self.lr_gen, self.lr_fake) <= 1, "--lr-gen and --lr-fake must be at most 1 (AdamW learning rates)"),
+            (all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "--betas must be two values in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value) and f.name != "grad_clip":
+                raise ConfigError(f"{flag_name(f.name)} must be a finite number, not {value}")
+        names = {f.name for f in dataclasses.fields(self)}
+        for name in self.allow_change:
+            if name not in names:
+                raise ConfigError(f"--allow-change {flag_name(name)[2:]}: no such setting")
+            if name in FREE_ON_RESUME or name in FIXED_ON_RESUME:
+                why = "may change on any resume" if name in FREE_ON_RESUME else "cannot change within a run"
+                raise ConfigError(f"--allow-change {flag_name(name)[2:]}: that setting {why}")
 
     def to_dict(self):
         """Return the config as a JSON-serialisable dict."""
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d):
@@ -107,3 +121,54 @@ class TrainConfig:
     def to_json(self):
         """Return the config as indented JSON text."""
         return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+# Resuming a run: settings of duration, I/O, logging, evaluation and hardware may change freely (the paths of the
+# teacher and pair file too: the training state checks their contents); these never may, because the state would
+# not mean the same (batch: the global batch is checked instead, so a resume may split it over other processes);
+# every other setting defines the optimisation and may change only when named in --allow-change.
+FREE_ON_RESUME = {
+    "model_path", "output_dir", "data_path", "max_steps", "epochs", "device", "log_every", "image_every",
+    "checkpoint_every", "keep_last", "max_bad_steps", "resume", "log_neptune", "lpips_vgg", "lpips_lin", "workers",
+    "fid_every", "fid_num", "fid_ref", "fid_detector", "cache_dir", "allow_change", "batch_size",
+}  # fmt: skip
+FIXED_ON_RESUME = {"seed", "generator_sigma", "dropout", "num_timesteps"}
+
+
+def flag_name(field):
+    """The command-line flag of a config field: lr_gen -> --lr-gen."""
+    return "--" + field.replace("_", "-")
+
+
+def field_name(flag):
+    """The config field of a flag name as a user writes it: --lr-gen, lr-gen or lr_gen -> lr_gen."""
+    return flag.strip().lstrip("-").replace("-", "_")
+
+
+def resume_changes(old, new):
+    """Compare a run's config (a dict from a training state) with the config resuming it.
+
+    Return {field: (old, new)} of the changed settings to apply; ConfigError naming the flags of changes the resume
+    rules do not allow.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig.__dataclass_fields__
+    current = new.to_dict()
+    changes = {}
+    for name in sorted(fields):
+        before = old.get(name, defaults[name].default)  # A setting added since keeps its default's meaning.
+        before = list(before) if isinstance(before, tuple) else before
+        if before != current[name]:
+            changes[name] = (before, current[name])
+    fixed = [flag_name(n) for n in changes if n in FIXED_ON_RESUME]
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)} cannot change within a run (start a new run instead)")
+    refused = [n for n in changes if n not in FREE_ON_RESUME and n not in new.allow_change]
+    if refused:
+        listed = ", ".join(f"{flag_name(n)} {changes[n][0]} -> {changes[n][1]}" for n in refused)
+        names = ",".join(flag_name(n)[2:] for n in refused)
+        raise ConfigError(
+            f"these settings differ from the run's: {listed}; rerun with the run's values, or pass "
+            f"--allow-change {names} to change them from this step on"
+        )
+    return changes

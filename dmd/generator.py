@@ -7,7 +7,7 @@ SIGMA_G = 80.0
 # The files `train` writes and `DMDGenerator` reads: inference snapshots and full training states (torch.save dicts).
 SNAPSHOT_FORMAT = "dmd-snapshot"
 STATE_FORMAT = "dmd-training-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: training states record the global batch and the teacher and pair fingerprints
 
 
 def one_step(net, z, class_labels=None, sigma=SIGMA_G):

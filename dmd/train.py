@@ -8,10 +8,8 @@ resumed run repeats an uninterrupted one bit for bit and K processes reproduce o
 (dropout, off by default, draws per rank). SIGINT/SIGTERM end the run after the current step with a checkpoint.
 """
 
-import copy
+import errno
 import hashlib
-import random
-import re
 import resource
 import signal
 import threading
@@ -25,126 +23,27 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from dmd.generator import FORMAT_VERSION, SNAPSHOT_FORMAT, STATE_FORMAT
+from dmd.checkpoint import (
+    check_same_run,
+    file_fingerprint,
+    find_latest_state,
+    load_training_state,
+    prune_checkpoints,
+    resolve_resume,
+    restore,
+    save_snapshot,
+    save_training_state,
+    snapshot_path,
+    state_path,
+)
 from dmd.utils import distributed as dist
 from dmd.utils.common import make_grid, one_hot
-from dmd.utils.io import atomic_save_image, atomic_torch_save, atomic_write_text
+from dmd.utils.io import atomic_save_image, atomic_write_text
 from dmd.utils.logger import NeptuneLogger, StatsLogger, format_stats
 
 
 class TrainError(RuntimeError):
     """A training run that cannot start or go on; the message names the flag or file at fault."""
-
-
-# ----------------------------------------------------------------------------
-# Checkpoints: plain tensors and JSON-like values, written atomically, read with weights_only=True.
-
-
-def state_path(run_dir, step):
-    return Path(run_dir) / f"training-state-{step:06d}.pt"
-
-
-def snapshot_path(run_dir, step):
-    return Path(run_dir) / f"network-snapshot-{step:06d}.pt"
-
-
-def _step_of(path):
-    return int(re.fullmatch(r".*-(\d+)\.pt", Path(path).name).group(1))
-
-
-def list_checkpoints(run_dir, prefix):
-    """Return the `<prefix>-NNNNNN.pt` files of a run folder, oldest step first."""
-    files = [p for p in Path(run_dir).glob(f"{prefix}-*.pt") if re.fullmatch(rf"{prefix}-\d+\.pt", p.name)]
-    return sorted(files, key=_step_of)
-
-
-def find_latest_state(run_dir):
-    """Return the newest training state of a run folder, or None."""
-    states = list_checkpoints(run_dir, "training-state") if Path(run_dir).is_dir() else []
-    return states[-1] if states else None
-
-
-def prune_checkpoints(run_dir, keep_last):
-    """Delete all but the newest `keep_last` training states and snapshots (0 keeps all)."""
-    if keep_last == 0:
-        return
-    for prefix in ("training-state", "network-snapshot"):
-        for path in list_checkpoints(run_dir, prefix)[:-keep_last]:
-            path.unlink()
-
-
-def capture_rng():
-    """Return the global RNG states of torch (CPU and CUDA) and Python."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
-
-
-def restore_rng(rng):
-    """Restore what `capture_rng` returned (CUDA states only where the device count matches)."""
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate(rng["python"])
-
-
-def _cpu_state_dict(net):
-    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-
-
-def save_snapshot(path, net, *, sigma_G, step, config):
-    """Write the inference weights of `net` with its network config, the layout `DMDGenerator` reads."""
-    snapshot = {
-        "format": SNAPSHOT_FORMAT,
-        "version": FORMAT_VERSION,
-        "class_name": type(net).__name__,
-        "init_kwargs": copy.deepcopy(net.init_kwargs),
-        "state_dict": _cpu_state_dict(net),
-        "sigma_G": float(sigma_G),
-        "step": int(step),
-        "config": config,
-    }
-    atomic_torch_save(snapshot, path)
-
-
-def save_training_state(
-    path, *, G, mu_fake, G_ema, opt_G, opt_fake, step, data_position, config, sigma_G, bad_steps, best_fid
-):
-    """Write everything a resumed run needs to continue bit for bit."""
-    state = {
-        "format": STATE_FORMAT,
-        "version": FORMAT_VERSION,
-        "class_name": type(G).__name__,
-        "init_kwargs": copy.deepcopy(G.init_kwargs),
-        "G": _cpu_state_dict(G),
-        "mu_fake": _cpu_state_dict(mu_fake),
-        "G_ema": None if G_ema is None else _cpu_state_dict(G_ema),
-        "opt_G": opt_G.state_dict(),
-        "opt_fake": opt_fake.state_dict(),
-        "step": int(step),
-        "rng": capture_rng(),
-        "data_position": data_position,
-        "config": config,
-        "sigma_G": float(sigma_G),
-        "bad_steps": int(bad_steps),  # non-finite steps skipped so far
-        "best_fid": float(best_fid),  # lowest FID so far (inf without one), kept across resumes
-    }
-    atomic_torch_save(state, path)
-
-
-def load_training_state(path):
-    """Read a training state with weights_only=True; TrainError naming --resume if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"--resume: {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TrainError(f"--resume: {path} is not a readable training state ({e})") from e
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise TrainError(f"--resume: {path} is not a dmd training state")
-    if state["version"] > FORMAT_VERSION:
-        raise TrainError(f"--resume: {path} has version {state['version']}; this dmd reads up to {FORMAT_VERSION}")
-    return state
 
 
 # ----------------------------------------------------------------------------
@@ -256,16 +155,17 @@ def open_pairs(cfg):
 
 
 def load_teacher(cfg, device):
-    """Load mu_real from --model-path: frozen, in eval mode, on `device`."""
+    """Load mu_real from --model-path (frozen, in eval mode, on `device`); return it and the file's sha256."""
     from dmd.edm.persistence import NetworkLoadError, load_network
-    from dmd.utils.download import DownloadError
+    from dmd.utils.download import DownloadError, open_url, sha256_file
 
     try:
         # Rank 0 downloads a URL teacher, the others then read the cache.
-        net = dist.main_first(partial(load_network, cfg.model_path, key="ema", cache_dir=cfg.cache_dir, device=device))
+        local = dist.main_first(partial(open_url, cfg.model_path, cache_dir=cfg.cache_dir, progress=dist.is_main()))
+        net = load_network(local, key="ema", device=device)
     except (OSError, NetworkLoadError, DownloadError) as e:
         raise TrainError(f"--model-path: cannot load a teacher from {cfg.model_path} ({e})") from e
-    return net.eval().requires_grad_(False)
+    return net.eval().requires_grad_(False), sha256_file(local)
 
 
 def student_copy(teacher, dropout, device):
@@ -312,7 +212,10 @@ def build_losses(cfg, mu_real, mu_fake, rows, device):
     try:
         lpips = LPIPS(**weights, pretrained=cfg.lpips_pretrained).to(device)
     except (OSError, ValueError, RuntimeError) as e:
-        raise TrainError(f"--lpips-vgg / --lpips-lin: cannot load the LPIPS weights ({e})") from e
+        raise TrainError(
+            f"--lpips-vgg / --lpips-lin: cannot load the LPIPS weights ({e}); without internet access give local "
+            "files with --lpips-vgg PATH --lpips-lin PATH, or train with --regression-distance mse"
+        ) from e
     return dm_loss, fake_loss, RegressionLoss(lpips)
 
 
@@ -392,47 +295,28 @@ def check_pairs(pairs, teacher):
         raise TrainError(f"--data-path: {e}") from e
 
 
-def resolve_resume(cfg, run_dir):
-    """The training state to resume from: --resume PATH, the newest one in the run folder for 'auto', or None."""
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        return find_latest_state(run_dir)
-    return Path(cfg.resume)
-
-
-def restore(state, path, *, G, mu_fake, G_ema, opt_G, opt_fake, stream):
-    """Load a training state into the run's objects; return its step."""
-    if state["class_name"] != type(G).__name__ or state["init_kwargs"] != G.init_kwargs:
-        raise TrainError(f"--resume: {path} holds a different network than --model-path and --dropout build")
-    if (state["G_ema"] is None) != (G_ema is None):
-        raise TrainError(f"--resume: {path} and --ema-halflife-kimg disagree on whether G has an EMA")
-    G.load_state_dict(state["G"])
-    mu_fake.load_state_dict(state["mu_fake"])
-    if G_ema is not None:
-        G_ema.load_state_dict(state["G_ema"])
-    opt_G.load_state_dict(state["opt_G"])
-    opt_fake.load_state_dict(state["opt_fake"])
-    if stream is not None and state["data_position"] is not None:
-        stream.load_state_dict(state["data_position"])
-    restore_rng(state["rng"])
-    return int(state["step"])
-
-
 def snapshot_info(cfg, step):
     """The fields besides the weights that every snapshot of this run carries."""
     return dict(sigma_G=cfg.generator_sigma, step=step, config=cfg.to_dict())
 
 
-def write_checkpoint(run_dir, cfg, step, *, G, mu_fake, G_ema, opt_G, opt_fake, stream, bad_steps, best_fid):
-    """Write training-state-{step} and network-snapshot-{step} (the EMA of G if any), then prune old ones."""
-    config = cfg.to_dict()
+def write_checkpoint(run_dir, cfg, step, *, nets, stream, run):
+    """Write training-state-{step} and network-snapshot-{step} (the EMA of G if any), then prune old ones.
+
+    `nets` holds G, mu_fake, G_ema and the optimisers, `run` the identity and counters a state records. A write
+    that fails (a full disk) leaves the previous checkpoints as they were and stops the run with one line.
+    """
     position = None if stream is None else stream.state_dict()
-    nets = dict(G=G, mu_fake=mu_fake, G_ema=G_ema, opt_G=opt_G, opt_fake=opt_fake)
-    extra = dict(data_position=position, config=config, sigma_G=cfg.generator_sigma, bad_steps=bad_steps)
-    extra["best_fid"] = best_fid
-    save_training_state(state_path(run_dir, step), **nets, step=step, **extra)
-    save_snapshot(snapshot_path(run_dir, step), G_ema or G, **snapshot_info(cfg, step))
+    try:
+        save_training_state(state_path(run_dir, step), **nets, step=step, data_position=position, run=run)
+        save_snapshot(snapshot_path(run_dir, step), nets["G_ema"] or nets["G"], **snapshot_info(cfg, step))
+    except OSError as e:
+        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else str(e)
+        last = find_latest_state(run_dir)
+        raise TrainError(
+            f"cannot write the checkpoint of step {step} in {run_dir}: {reason}; the last complete checkpoint, "
+            f"{last or 'none'}, is intact (free space, then continue with --resume auto)"
+        ) from e
     prune_checkpoints(run_dir, cfg.keep_last)
 
 
@@ -497,39 +381,68 @@ def open_logger(cfg, run_dir, start_step):
 # The loop.
 
 
-def train(cfg):
-    """Run DMD training as `cfg` says; return the last step and whether a signal stopped the run early."""
+def set_hyperparameters(opt, lr, cfg):
+    """Give every parameter group of an AdamW the run's settings (a restored optimiser state brings its own)."""
+    for group in opt.param_groups:
+        group.update(lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def train(cfg, dry_run=False):
+    """Run DMD training as `cfg` says; return the last step and whether a signal stopped the run early.
+
+    With `dry_run`, check the inputs (run folder, resume source, teacher, pairs and that they fit) and return
+    before any training work or any file is written.
+    """
     from dmd.edm.precond import copy_network
     from dmd.generator import one_step
 
-    # Setup: the teacher, the pairs and the resume source are checked before any work.
+    # Setup: the run folder, the resume source, the teacher and the pairs are checked before any work.
     device = setup_device(cfg)
     run_dir = Path(cfg.output_dir)
-    pairs = open_pairs(cfg)
     resume_path = resolve_resume(cfg, run_dir)
-    state = None if resume_path is None else load_training_state(resume_path)
-    mu_real = load_teacher(cfg, device)
+    state = None if resume_path is None else load_training_state(resume_path, auto=cfg.resume == "auto")
+    pairs = open_pairs(cfg)
+    mu_real, teacher_sha256 = load_teacher(cfg, device)
     check_pairs(pairs, mu_real)
     stream = None if pairs is None else PairStream(pairs, cfg.batch_size, cfg.seed, cfg.workers)
     if stream is not None and stream.steps_per_epoch == 0:
         raise TrainError(f"--batch-size: {len(pairs)} pairs hold no batch of {cfg.batch_size} per process")
     num_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * stream.steps_per_epoch
+    B, n, rows = cfg.batch_size, cfg.batch_size * dist.get_world_size(), rank_rows(cfg.batch_size)
+    fingerprints = {"teacher": teacher_sha256}
+    if pairs is not None:
+        fingerprints["pairs"] = file_fingerprint(cfg.data_path)
+    changes = {}
+    if state is not None:
+        changes = check_same_run(state, resume_path, cfg, global_batch=n, fingerprints=fingerprints)
+    if dry_run:
+        return {"step": 0 if state is None else state["step"], "stopped": False}
 
     G, mu_fake = student_copy(mu_real, cfg.dropout, device), student_copy(mu_real, cfg.dropout, device)
     G_ema = copy_network(G).to(device).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None
     adamw = dict(betas=cfg.betas, weight_decay=cfg.weight_decay)
     opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.lr_gen, **adamw)
     opt_fake = torch.optim.AdamW(mu_fake.parameters(), lr=cfg.lr_fake, **adamw)
-    B, n, rows = cfg.batch_size, cfg.batch_size * dist.get_world_size(), rank_rows(cfg.batch_size)
     dm_loss, fake_loss, reg_loss = build_losses(cfg, mu_real, mu_fake, rows, device)
     fid = setup_fid(cfg, device)
-    run = dict(G=G, mu_fake=mu_fake, G_ema=G_ema, opt_G=opt_G, opt_fake=opt_fake, stream=stream)
-    start = 0 if state is None else restore(state, resume_path, **run)
-    bad_total = 0 if state is None else int(state["bad_steps"])
-    best_fid = float("inf") if state is None else float(state["best_fid"])
+    nets = dict(G=G, mu_fake=mu_fake, G_ema=G_ema, opt_G=opt_G, opt_fake=opt_fake)
+    start = 0 if state is None else restore(state, resume_path, **nets, stream=stream)
+    set_hyperparameters(opt_G, cfg.lr_gen, cfg)  # a change allowed on resume reaches the optimiser
+    set_hyperparameters(opt_fake, cfg.lr_fake, cfg)
+    bad_total = 0 if state is None else state["bad_steps"]
+    best_fid = float("inf") if state is None else state["best_fid"]
     logger = open_logger(cfg, run_dir, start)
     if state is not None:
-        dist.print0(f"Resuming from {resume_path} at step {start}")
+        changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items() if k not in ("resume", "allow_change"))
+        dist.print0(f"Resuming from {resume_path} at step {start}" + (f"; changed: {changed}" if changed else ""))
+    elif cfg.resume == "auto":
+        dist.print0(f"No training state in {run_dir}: starting at step 0")
+
+    def checkpoint(step):
+        run = dict(config=cfg.to_dict(), sigma_G=float(cfg.generator_sigma), bad_steps=bad_total)
+        run.update(best_fid=float(best_fid), global_batch=n, fingerprints=fingerprints)
+        write_checkpoint(run_dir, cfg, step, nets=nets, stream=stream, run=run)
+
     G_ddp, fake_ddp = wrap_ddp(G, device), wrap_ddp(mu_fake, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
     beta_ema = 0.5 ** (n / (cfg.ema_halflife_kimg * 1000)) if G_ema is not None else None
@@ -623,14 +536,14 @@ def train(cfg):
                     best_fid = min(best_fid, value)
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and bad_streak == 0:
                     if dist.is_main():
-                        write_checkpoint(run_dir, cfg, done, **run, bad_steps=bad_total, best_fid=best_fid)
+                        checkpoint(done)
                     saved = done
                 bar.update(1)
                 if stop.requested():
                     break
             stopped = done < num_steps
         if done != saved and bad_streak == 0 and dist.is_main():
-            write_checkpoint(run_dir, cfg, done, **run, bad_steps=bad_total, best_fid=best_fid)
+            checkpoint(done)
         dist.barrier()
     finally:
         bar.close()

@@ -18,8 +18,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dmd.lpips
 from dmd.cli import main
 from dmd.data import PairWriter, create_pair_file
+
+REAL_LPIPS = dmd.lpips.LPIPS  # Kept before the stand-in below replaces it in every test.
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = Path(__file__).parent / "fixtures" / "edm_ddpmpp_cond.pkl"  # EDMPrecond + SongUNet, 8x8, label_dim 10
@@ -111,7 +114,7 @@ def test_three_step_run_writes_every_output(tmp_path, pairs):
     state = load(out / "training-state-000003.pt")
     assert (snapshot["format"], snapshot["version"], snapshot["step"], snapshot["sigma_G"]) == (
         "dmd-snapshot",
-        1,
+        2,
         3,
         80,
     )
@@ -196,12 +199,18 @@ def test_ctrl_c_finishes_the_step_and_writes_a_checkpoint(tmp_path):
     assert f"Stopped by a signal at step {last}; continue with --resume auto" in err.decode()
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, pairs):
+# The LPIPS stand-in gone bad: every regression loss is NaN.
+class NaNDistance(MeanAbsDistance):
+    def forward(self, x0, x1):
+        return super().forward(x0, x1) * float("nan")
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, pairs, monkeypatch):
     out = tmp_path / "run"
     run_cli(train_args(out, pairs, "--max-steps", 2, "--batch-size", 2))
     good = load(out / "training-state-000002.pt")
-    nan_pairs = write_pairs(tmp_path / "nan.h5", 6, nan_images=True)  # The regression loss becomes NaN.
-    args = train_args(out, nan_pairs, "--max-steps", 10, "--batch-size", 2, "--resume", "auto", "--max-bad-steps", 3)
+    monkeypatch.setattr("dmd.lpips.LPIPS", NaNDistance)
+    args = train_args(out, pairs, "--max-steps", 10, "--batch-size", 2, "--resume", "auto", "--max-bad-steps", 3)
     result = run_cli(args + ["--checkpoint-every", "1"], expect_ok=False)
     assert result.exit_code == 1
     assert "stopping at step 5: 3 steps in a row" in result.output and "training-state-000002.pt" in result.output
@@ -261,8 +270,16 @@ def test_readme_command_runs_epochs(tmp_path):
 
 
 def test_dry_run_prints_the_config_and_writes_nothing(tmp_path, pairs):
-    result = run_cli(train_args(tmp_path / "run", pairs, "--max-steps", 5, "--dry-run"))
+    result = run_cli(train_args(tmp_path / "run", pairs, "--max-steps", 5, "--batch-size", 2, "--dry-run"))
     assert json.loads(result.output)["max_steps"] == 5
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_checks_the_teacher_against_the_pairs(tmp_path):
+    # As EDM's --dry-run does, the inputs are opened and checked before the config is printed.
+    wrong = write_pairs(tmp_path / "res16.h5", 6, resolution=16)
+    result = run_cli(train_args(tmp_path / "run", wrong, "--max-steps", 5, "--batch-size", 2, "--dry-run"), False)
+    assert result.exit_code == 1 and "--data-path: pair file" in result.output and "resolution 16" in result.output
     assert not (tmp_path / "run").exists()
 
 
@@ -276,6 +293,8 @@ def test_dry_run_prints_the_config_and_writes_nothing(tmp_path, pairs):
         (["--precision", "bf16"], "--precision bf16 needs a CUDA device"),
         (["--batch-size", "7"], "--batch-size: 6 pairs hold no batch of 7"),
         (["--epochs", "1"], "give exactly one of --max-steps and --epochs"),
+        (["--lr-gen", "1e39"], "--lr-gen and --lr-fake must be at most 1"),
+        (["--lr-fake", "nan"], "--lr-fake must be a finite number"),
     ],
 )
 def test_bad_inputs_give_one_clear_error(tmp_path, pairs, change, message):
@@ -286,6 +305,191 @@ def test_bad_inputs_give_one_clear_error(tmp_path, pairs, change, message):
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run folders and resume: a run is never overwritten, and a resume continues the same run or says why it cannot.
+
+
+def folder_bytes(run_dir):
+    return {p.name: p.read_bytes() for p in sorted(Path(run_dir).iterdir())}
+
+
+def one_error_line(result, *fragments, after_output=False):
+    """The one `Error:` line a failed command prints: its whole output, or (after_output) one line among its output
+    (the click runner does not keep the order of stdout and stderr)."""
+    lines = result.output.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert len(lines) == 1 or after_output, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], result.output
+    return errors[0]
+
+
+def test_output_dir_holding_a_run_is_refused_and_left_alone(tmp_path, pairs):
+    out = tmp_path / "run"
+    run_cli(train_args(out, pairs, "--max-steps", 2, "--batch-size", 2, "--checkpoint-every", 1))
+    before = folder_bytes(out)
+    result = run_cli(train_args(out, pairs, "--max-steps", 1, "--batch-size", 2), expect_ok=False)
+    one_error_line(result, f"--output-dir {out} already holds a run", "--resume auto", "another --output-dir")
+    assert folder_bytes(out) == before
+
+
+def test_resume_path_into_a_folder_with_later_states_is_refused(tmp_path, pairs):
+    out = tmp_path / "run"
+    run_cli(train_args(out, pairs, "--max-steps", 3, "--batch-size", 2, "--checkpoint-every", 1, "--keep-last", 0))
+    before = folder_bytes(out)
+    old = out / "training-state-000001.pt"
+    result = run_cli(train_args(out, pairs, "--max-steps", 3, "--batch-size", 2, "--resume", old), expect_ok=False)
+    one_error_line(result, "holds later states (training-state-000003.pt)", "new --output-dir")
+    assert folder_bytes(out) == before
+    # Into a new folder the same state resumes, and repeats the original run's steps 2 and 3.
+    fork = tmp_path / "fork"
+    run_cli(train_args(fork, pairs, "--max-steps", 3, "--batch-size", 2, "--resume", old))
+    assert [[r[k] for k in LOSSES] for r in read_stats(fork)] == [[r[k] for k in LOSSES] for r in read_stats(out)[1:]]
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        (["--lr-gen", "1e-4"], ["--lr-gen 5e-05 -> 0.0001", "--allow-change lr-gen"]),
+        (["--lambda-reg", "0.5", "--fake-steps-per-gen", "2"], ["--fake-steps-per-gen 1 -> 2", "--lambda-reg 0.25"]),
+        (["--t-min", "0.1"], ["--t-min 0.02 -> 0.1"]),
+        (["--seed", "1"], ["--seed cannot change within a run"]),
+        (["--batch-size", "3"], ["global batch of 2", "this run has 3"]),
+        (["--allow-change", "seed", "--seed", "1"], ["--allow-change seed: that setting cannot change within a run"]),
+        (["--allow-change", "nonsense"], ["--allow-change nonsense: no such setting"]),
+    ],
+)
+def test_resume_refuses_other_settings_naming_the_flags(tmp_path, pairs, change, fragments):
+    out = tmp_path / "run"
+    run_cli(train_args(out, pairs, "--max-steps", 1, "--batch-size", 2))
+    before = folder_bytes(out)
+    batch = [] if "--batch-size" in change else ["--batch-size", 2]
+    args = train_args(out, pairs, "--max-steps", 2, *batch, "--resume", "auto", *change)
+    one_error_line(run_cli(args, expect_ok=False), *fragments)
+    assert folder_bytes(out) == before
+
+
+def test_resume_refuses_another_teacher_or_pair_file(tmp_path, pairs):
+    from dmd.edm.persistence import load_network, save_network_pickle
+
+    out = tmp_path / "run"
+    run_cli(train_args(out, pairs, "--max-steps", 1, "--batch-size", 2))
+    teacher = load_network(TEACHER)
+    with torch.no_grad():
+        teacher.model.map_layer0.bias.add_(0.01)  # Same architecture, other weights.
+    other_teacher = tmp_path / "other.pkl"
+    save_network_pickle(teacher, other_teacher)
+    other_pairs = write_pairs(tmp_path / "other.h5", 7)
+    resume = ["--max-steps", 2, "--batch-size", 2, "--resume", "auto"]
+    args = train_args(out, pairs, *resume)
+    args[args.index("--model-path") + 1] = str(other_teacher)
+    one_error_line(run_cli(args, expect_ok=False), "another teacher file than --model-path gives")
+    one_error_line(run_cli(train_args(out, other_pairs, *resume), False), "another pairs file than --data-path")
+    # A copy of the same teacher elsewhere is the same teacher.
+    copy = tmp_path / "copy.pkl"
+    copy.write_bytes(TEACHER.read_bytes())
+    args[args.index("--model-path") + 1] = str(copy)
+    run_cli(args)
+
+
+def test_allowed_change_reaches_the_optimiser_and_is_recorded(tmp_path, pairs):
+    straight, changed = tmp_path / "straight", tmp_path / "changed"
+    run_cli(train_args(straight, pairs, "--max-steps", 3, "--batch-size", 2, "--checkpoint-every", 1))
+    run_cli(train_args(changed, pairs, "--max-steps", 2, "--batch-size", 2))
+    args = train_args(changed, pairs, "--max-steps", 3, "--batch-size", 2, "--resume", "auto", "--lr-gen", 1e-3)
+    result = run_cli(args + ["--allow-change", "lr-gen"])
+    assert "changed: lr_gen 5e-05 -> 0.001" in result.output
+    assert json.loads((changed / "config.json").read_text())["lr_gen"] == 1e-3
+    state = load(changed / "training-state-000003.pt")
+    assert [g["lr"] for g in state["opt_G"]["param_groups"]] == [1e-3]
+    assert [g["lr"] for g in state["opt_fake"]["param_groups"]] == [5e-5]
+    # Both runs are equal at step 2; an Adam step moves a weight by up to about lr, so the resumed step 3 moves G
+    # about 20x as far as the original run's step 3 does.
+    G2 = load(straight / "training-state-000002.pt")["G"]
+    assert all(torch.equal(G2[k], load(changed / "training-state-000002.pt")["G"][k]) for k in G2)
+    G3 = load(straight / "training-state-000003.pt")["G"]
+    moved = max((state["G"][k] - G2[k]).abs().max().item() for k in G2)
+    moved_before = max((G3[k] - G2[k]).abs().max().item() for k in G2)
+    assert moved > 5 * moved_before
+
+
+def test_resume_under_two_processes_at_the_same_global_batch_equals_one_process(tmp_path, pairs):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_cli(train_args(straight, pairs, "--max-steps", 4, "--batch-size", 2))
+    run_cli(train_args(split, pairs, "--max-steps", 2, "--batch-size", 2))
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(Path(__file__))]
+    cmd = ddp + train_args(split, pairs, "--max-steps", 4, "--batch-size", 1, "--resume", "auto")
+    proc = subprocess.run(cmd, cwd=ROOT, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_stats(straight), read_stats(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    np.testing.assert_allclose([[r[k] for k in LOSSES] for r in b], [[r[k] for k in LOSSES] for r in a], rtol=1e-5)
+    sa, sb = load(straight / "training-state-000004.pt"), load(split / "training-state-000004.pt")
+    assert sb["global_batch"] == 2 and sb["data_position"] == sa["data_position"]
+    for k in sa["G"]:
+        torch.testing.assert_close(sb["G"][k], sa["G"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_newest_state_names_the_newest_good_one(tmp_path, pairs):
+    out = tmp_path / "run"
+    run_cli(train_args(out, pairs, "--max-steps", 3, "--batch-size", 2, "--checkpoint-every", 1))
+    newest = out / "training-state-000003.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])
+    (out / "training-state-000002.pt").write_bytes(b"junk")
+    result = run_cli(train_args(out, pairs, "--max-steps", 4, "--batch-size", 2, "--resume", "auto"), False)
+    line = one_error_line(result, f"{newest} is not a readable training state")
+    assert f"newest good state is {out / 'training-state-000001.pt'}" in line
+    assert f"--resume {out / 'training-state-000001.pt'}" in line
+
+
+@pytest.mark.parametrize("damage", ["missing", "shapes", "type"])
+def test_damaged_state_gives_one_line_naming_the_file(tmp_path, pairs, damage):
+    out = tmp_path / "run"
+    run_cli(train_args(out, pairs, "--max-steps", 1, "--batch-size", 2))
+    path = out / "training-state-000001.pt"
+    state = load(path)
+    if damage == "missing":
+        del state["opt_G"], state["fingerprints"]
+        fragments = [f"{path} is an incomplete training state (missing opt_G, fingerprints)"]
+    elif damage == "shapes":
+        state["G"] = {k: v[..., :1] if v.ndim else v for k, v in state["G"].items()}
+        fragments = [f"--resume: {path}: the G weights do not fit the network"]
+    else:
+        state["step"] = "3"
+        fragments = [f"{path} is an incomplete training state (bad step)"]
+    torch.save(state, path)
+    result = run_cli(train_args(out, pairs, "--max-steps", 2, "--batch-size", 2, "--resume", "auto"), False)
+    assert len(one_error_line(result, *fragments)) < 600
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tmp_path, pairs, monkeypatch):
+    import errno
+
+    import dmd.checkpoint
+
+    out = tmp_path / "run"
+    run_cli(train_args(out, pairs, "--max-steps", 1, "--batch-size", 2))
+    good = (out / "training-state-000001.pt").read_bytes()
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(dmd.checkpoint, "atomic_torch_save", full)
+    result = run_cli(train_args(out, pairs, "--max-steps", 2, "--batch-size", 2, "--resume", "auto"), False)
+    fragments = ["cannot write the checkpoint of step 2", "the disk is full", "training-state-000001.pt"]
+    one_error_line(result, *fragments, after_output=True)
+    assert (out / "training-state-000001.pt").read_bytes() == good
+
+
+def test_lpips_without_weights_suggests_local_files_or_mse(tmp_path, pairs, monkeypatch):
+    monkeypatch.setattr("dmd.lpips.LPIPS", REAL_LPIPS)
+    args = train_args(tmp_path / "run", pairs, "--max-steps", 1, "--batch-size", 2, "--lpips-vgg", tmp_path / "no.pth")
+    args.remove("--lpips-random")
+    line = one_error_line(run_cli(args, expect_ok=False), "--lpips-vgg / --lpips-lin", "no.pth")
+    assert "--regression-distance mse" in line and "--lpips-vgg PATH --lpips-lin PATH" in line
 
 
 if __name__ == "__main__":  # Entry point of the DDP test's torchrun workers, with the same LPIPS stand-in.

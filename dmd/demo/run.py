@@ -65,8 +65,9 @@ def feature_stats(classifier, images):
 
 def distil(cfg, out, key, reg_scale, lambda_dm, pairs_path):
     """Train one student with dmd.train and return its final network snapshot (resumes an interrupted run)."""
+    from dmd.checkpoint import list_checkpoints
     from dmd.config import TrainConfig
-    from dmd.train import list_checkpoints, train
+    from dmd.train import train
 
     lambda_reg = cfg.lambda_reg * reg_scale
     train_cfg = TrainConfig(

@@ -1,0 +1,290 @@
+"""Run folders and checkpoints of `dmd train`: plain tensors and JSON-like values, written atomically, read with
+weights_only=True, and the checks that make a resumed run continue the same run.
+
+A run folder holds config.json, stats.jsonl, grids, `training-state-NNNNNN.pt` (everything a resumed run needs) and
+`network-snapshot-NNNNNN.pt` (inference weights for `DMDGenerator`). A training state records, besides the weights,
+optimisers, RNG states and data position, what defines the run: its config, the global batch, and fingerprints of
+the teacher and the pair file. Resuming compares them with the new run's and refuses any difference that
+`TrainConfig`'s resume rules (dmd/config.py) do not allow, naming the flags.
+"""
+
+import copy
+import hashlib
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from dmd.config import ConfigError, resume_changes
+from dmd.generator import FORMAT_VERSION, SNAPSHOT_FORMAT, STATE_FORMAT
+from dmd.utils.io import atomic_torch_save
+
+RUN_FILES = ("config.json", "stats.jsonl")  # Besides checkpoints and grids, what marks a folder as a run's.
+STATE_KEYS = {  # Entry of a training state -> the type it must have.
+    "format": str,
+    "version": int,
+    "class_name": str,
+    "init_kwargs": dict,
+    "G": dict,
+    "mu_fake": dict,
+    "opt_G": dict,
+    "opt_fake": dict,
+    "step": int,
+    "rng": dict,
+    "config": dict,
+    "sigma_G": float,
+    "bad_steps": int,
+    "best_fid": float,
+    "global_batch": int,
+    "fingerprints": dict,
+}
+_FINGERPRINT_BYTES = 1 << 20  # Bytes hashed at each end of a pair file (the whole of a smaller one).
+
+
+class CheckpointError(RuntimeError):
+    """A run folder or training state that cannot be used as asked; the message names the flag or file."""
+
+
+def state_path(run_dir, step):
+    return Path(run_dir) / f"training-state-{step:06d}.pt"
+
+
+def snapshot_path(run_dir, step):
+    return Path(run_dir) / f"network-snapshot-{step:06d}.pt"
+
+
+def _step_of(path):
+    return int(re.fullmatch(r".*-(\d+)\.pt", Path(path).name).group(1))
+
+
+def list_checkpoints(run_dir, prefix):
+    """Return the `<prefix>-NNNNNN.pt` files of a run folder, oldest step first."""
+    if not Path(run_dir).is_dir():
+        return []
+    files = [p for p in Path(run_dir).glob(f"{prefix}-*.pt") if re.fullmatch(rf"{prefix}-\d+\.pt", p.name)]
+    return sorted(files, key=_step_of)
+
+
+def find_latest_state(run_dir):
+    """Return the newest training state of a run folder, or None."""
+    states = list_checkpoints(run_dir, "training-state")
+    return states[-1] if states else None
+
+
+def run_contents(run_dir):
+    """Names of what marks `run_dir` as holding a run (config, stats, checkpoints, grids); empty if none."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    for pattern in ("training-state-*.pt", "network-snapshot-*.pt", "grid-*.png"):
+        count = len(list(run_dir.glob(pattern)))
+        if count:
+            found.append(f"{count} {pattern}")
+    return found
+
+
+def prune_checkpoints(run_dir, keep_last):
+    """Delete all but the newest `keep_last` training states and snapshots (0 keeps all)."""
+    if keep_last == 0:
+        return
+    for prefix in ("training-state", "network-snapshot"):
+        for path in list_checkpoints(run_dir, prefix)[:-keep_last]:
+            path.unlink()
+
+
+def capture_rng():
+    """Return the global RNG states of torch (CPU and CUDA) and Python."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+
+
+def restore_rng(rng):
+    """Restore what `capture_rng` returned (CUDA states only where the device count matches)."""
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(rng["python"])
+
+
+def file_fingerprint(path):
+    """sha256 of a file's size and of its first and last MiB: cheap for a 2 GB pair file, and any other file (or
+    the same file with more rows complete) gets another value."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(_FINGERPRINT_BYTES))
+        if size > 2 * _FINGERPRINT_BYTES:
+            f.seek(size - _FINGERPRINT_BYTES)
+        digest.update(f.read())
+    return digest.hexdigest()
+
+
+def cpu_state_dict(net):
+    """The state dict of `net` on the CPU; tensors already there are not copied (torch.save writes them as they are)."""
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
+def save_snapshot(path, net, *, sigma_G, step, config):
+    """Write the inference weights of `net` with its network config, the layout `DMDGenerator` reads."""
+    snapshot = {
+        "format": SNAPSHOT_FORMAT,
+        "version": FORMAT_VERSION,
+        "class_name": type(net).__name__,
+        "init_kwargs": copy.deepcopy(net.init_kwargs),
+        "state_dict": cpu_state_dict(net),
+        "sigma_G": float(sigma_G),
+        "step": int(step),
+        "config": config,
+    }
+    atomic_torch_save(snapshot, path)
+
+
+def save_training_state(path, *, G, mu_fake, G_ema, opt_G, opt_fake, step, data_position, run):
+    """Write everything a resumed run needs to continue bit for bit; `run` holds the run's identity and counters
+    (config, sigma_G, bad_steps, best_fid, global_batch, fingerprints)."""
+    state = {
+        "format": STATE_FORMAT,
+        "version": FORMAT_VERSION,
+        "class_name": type(G).__name__,
+        "init_kwargs": copy.deepcopy(G.init_kwargs),
+        "G": cpu_state_dict(G),
+        "mu_fake": cpu_state_dict(mu_fake),
+        "G_ema": None if G_ema is None else cpu_state_dict(G_ema),
+        "opt_G": opt_G.state_dict(),
+        "opt_fake": opt_fake.state_dict(),
+        "step": int(step),
+        "rng": capture_rng(),
+        "data_position": data_position,
+        **run,
+    }
+    atomic_torch_save(state, path)
+
+
+def _read_state(path):
+    """Read and check one training state; CheckpointError saying what is wrong with it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} is not a readable training state, truncated or corrupt ({type(e).__name__})"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a dmd training state")
+    version = state.get("version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has version {version}; this dmd reads up to {FORMAT_VERSION}")
+    if version == 1:
+        raise CheckpointError(
+            f"{path} has format version 1, which did not record the run's teacher and pair fingerprints, so it "
+            "cannot be checked to continue the same run; `generate` still reads its weights"
+        )
+    missing = [k for k in STATE_KEYS if k not in state]
+    wrong = [k for k, kind in STATE_KEYS.items() if k in state and not isinstance(state[k], kind)]
+    if missing or wrong:
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"bad {', '.join(wrong)}"] if wrong else []
+        )
+        raise CheckpointError(f"{path} is an incomplete training state ({'; '.join(problems)})")
+    return state
+
+
+def load_training_state(path, *, auto=False):
+    """Read a training state for --resume; with `auto` (the newest of a folder) a bad one names the newest good one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--resume: {path} does not exist")
+    try:
+        return _read_state(path)
+    except CheckpointError as e:
+        hint = ""
+        if auto:
+            older = [p for p in list_checkpoints(path.parent, "training-state") if _step_of(p) < _step_of(path)]
+            good = next((p for p in reversed(older) if _is_readable(p)), None)
+            hint = f"; the newest good state is {good}: resume from it with --resume {good}" if good else ""
+        raise CheckpointError(f"--resume: {e}{hint}") from e
+
+
+def _is_readable(path):
+    try:
+        _read_state(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def resolve_resume(cfg, run_dir):
+    """The training state to resume from (None: start at step 0), after checking the run folder can take the run."""
+    contents = run_contents(run_dir)
+    if cfg.resume is None:
+        if contents:
+            raise CheckpointError(
+                f"--output-dir {run_dir} already holds a run ({', '.join(contents)}); continue it with --resume auto, "
+                "or give another --output-dir to start a new run"
+            )
+        return None
+    if cfg.resume == "auto":
+        return find_latest_state(run_dir)
+    path = Path(cfg.resume)
+    if contents and path.resolve().parent != Path(run_dir).resolve():
+        raise CheckpointError(
+            f"--output-dir {run_dir} already holds another run ({', '.join(contents)}); resume {path} into a new "
+            "--output-dir"
+        )
+    later = [p for p in list_checkpoints(run_dir, "training-state") if path.is_file() and _step_of(p) > _step_of(path)]
+    if later:
+        raise CheckpointError(
+            f"--resume {path}: {run_dir} holds later states ({later[-1].name}), which this run would overwrite or "
+            "prune; resume into a new --output-dir"
+        )
+    return path
+
+
+def check_same_run(state, path, cfg, *, global_batch, fingerprints):
+    """Refuse a training state that belongs to another run; return the config changes to apply, {field: (old, new)}."""
+    if state["global_batch"] != global_batch:
+        raise CheckpointError(
+            f"--resume: {path} was trained at a global batch of {state['global_batch']} (--batch-size x processes), "
+            f"this run has {global_batch}; give --batch-size {state['global_batch']} / number of processes"
+        )
+    for name, value in fingerprints.items():
+        if state["fingerprints"].get(name) != value:
+            flag = {"teacher": "--model-path", "pairs": "--data-path"}[name]
+            raise CheckpointError(
+                f"--resume: {path} was trained with another {name} file than {flag} gives (the file's fingerprint "
+                "differs); resume with the run's own file"
+            )
+    try:
+        return resume_changes(state["config"], cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"--resume: {path}: {e}") from e
+
+
+def restore(state, path, *, G, mu_fake, G_ema, opt_G, opt_fake, stream):
+    """Load a training state into the run's objects; return its step. CheckpointError naming `path` if it does not
+    fit (another network, weights of other shapes, an optimiser state of another layout)."""
+    if state["class_name"] != type(G).__name__ or state["init_kwargs"] != G.init_kwargs:
+        raise CheckpointError(f"--resume: {path} holds a different network than --model-path and --dropout build")
+    if (state.get("G_ema") is None) != (G_ema is None):
+        raise CheckpointError(f"--resume: {path} and --ema-halflife-kimg disagree on whether G has an EMA")
+    targets = [("G", G), ("mu_fake", mu_fake)] + ([("G_ema", G_ema)] if G_ema is not None else [])
+    for key, net in targets:
+        try:
+            net.load_state_dict(state[key], strict=True)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            first = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"--resume: {path}: the {key} weights do not fit the network ({first} ...)") from e
+    for key, opt in (("opt_G", opt_G), ("opt_fake", opt_fake)):
+        try:
+            opt.load_state_dict(state[key])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"--resume: {path}: the {key} optimiser state does not fit ({e})") from e
+    if stream is not None and state.get("data_position") is not None:
+        stream.load_state_dict(state["data_position"])
+    try:
+        restore_rng(state["rng"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"--resume: {path}: the RNG states are malformed ({type(e).__name__})") from e
+    return state["step"]
