@@ -11,7 +11,7 @@ from dmd.config import (
     ConfigError,
     TrainConfig,
 )  # Plain dataclasses (no torch): the flags take their defaults from them.
-from dmd.demo.config import DemoConfig, DemoError, TeacherConfig
+from dmd.demo.config import DemoConfig, DemoError, DemoInterrupted, TeacherConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -338,6 +338,7 @@ def demo_group(ctx, teacher, threads, no_progress, **options):
     """Distil the shipped digits teacher into one-step generators on CPU and measure them (minutes)."""
     if ctx.invoked_subcommand is not None:
         return
+    from dmd.checkpoint import CheckpointError
     from dmd.data import PairFileError
     from dmd.demo.digits import DigitsUnavailableError
     from dmd.demo.run import run_demo
@@ -347,8 +348,12 @@ def demo_group(ctx, teacher, threads, no_progress, **options):
     try:
         cfg = DemoConfig(**options, progress=not no_progress, **({} if teacher is None else {"teacher": teacher}))
         run_demo(cfg)
-    except (DemoError, DigitsUnavailableError, TrainError, ConfigError, PairFileError) as e:
+    except (DemoError, DigitsUnavailableError, TrainError, CheckpointError, ConfigError, PairFileError, OSError) as e:
         raise click.ClickException(str(e)) from e
+    except (DemoInterrupted, KeyboardInterrupt) as e:
+        reason = f" ({e})" if str(e) else ""
+        click.echo(f"Demo stopped by a signal{reason}; rerun the same command to continue where it stopped", err=True)
+        ctx.exit(130)
 
 
 @demo_group.command("train-teacher")

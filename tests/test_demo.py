@@ -85,16 +85,59 @@ def test_short_demo_end_to_end(tmp_path):
     for r in on_disk["rows"]:
         assert set(r) == {"key", "method", "nfe", "fid", "accuracy", "samples_per_s"}
         assert r["fid"] >= 0 and 0 <= r["accuracy"] <= 1 and r["samples_per_s"] > 0
-    assert set(on_disk["checks"]) == {
-        "dmd_fid_below_teacher_1step",
-        "dmd_fid_below_regression",
-        "dmd_fid_within_2x_teacher_35nfe",
-        "dmd_accuracy_above_90pct",
-    }
+    assert "checks" not in on_disk
     assert on_disk["classifier"]["holdout_accuracy"] > 0.95
     by = {r["key"]: r for r in results["rows"]}
     assert by["dmd"]["fid"] < by["teacher_1step"]["fid"]
-    assert on_disk["checks"]["dmd_fid_below_teacher_1step"]
     for name in ["results.md", "grid.png", *[f"samples-{k}.png" for k in keys]]:
         assert (tmp_path / name).is_file(), name
-    assert "| DMD (DM + regression) | 1 |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| DMD (DM + regression) | 1 |" in report and "30 steps at batch 16" in report
+    assert "check" not in report.lower() and "issue" not in report.lower()
+
+
+def test_bad_teacher_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"\x80\x04not a pickle at all")
+    result = CliRunner().invoke(main, ["demo", "--teacher", str(bad), "--output-dir", str(tmp_path / "out")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: --teacher:"), result.output
+    assert str(bad) in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_sigterm_stops_the_demo_and_the_same_command_continues(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from dmd.demo.run import distil
+
+    out = tmp_path / "demo"
+    settings = dict(num_pairs=64, steps=20, batch_size=8, fake_steps_per_gen=2, num_eval=40)
+    cmd = [sys.executable, "-m", "dmd", "demo", "--output-dir", str(out), "--threads", "1", "--no-progress"]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stats, deadline = out / "train" / "dm" / "stats.jsonl", time.monotonic() + 240
+    while not stats.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # During the DM-only student, the last one to train.
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "rerun the same command to continue" in err and "dm student" in err
+    assert not (out / "results.json").exists() and not (out / "results.md").exists()
+    interrupted_at = torch.load(next((out / "train" / "dm").glob("training-state-*.pt")), weights_only=True)["step"]
+    assert 0 < interrupted_at < settings["steps"]
+
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["key"] for r in results["rows"]] == ["teacher_35nfe", "teacher_1step", "dmd", "regression", "dm"]
+    # The continued student is the one an uninterrupted run trains, bit for bit.
+    cfg = DemoConfig(output_dir=str(tmp_path / "straight"), **settings)
+    straight = torch.load(distil(cfg, tmp_path / "straight", "dm", 0.0, 1.0, out / "pairs.h5"), weights_only=True)
+    resumed = torch.load(sorted((out / "train" / "dm").glob("network-snapshot-*.pt"))[-1], weights_only=True)
+    assert resumed["step"] == straight["step"] == settings["steps"]
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in straight["state_dict"].items())

@@ -12,6 +12,10 @@ class DemoError(RuntimeError):
     """The demo cannot run as asked; the message names the option or file at fault."""
 
 
+class DemoInterrupted(RuntimeError):
+    """A signal stopped the demo; what it finished is kept, and the same command continues from there."""
+
+
 # Every setting of one demo run. The defaults fit an idle 2-core CPU in under 10 minutes.
 @dataclass(frozen=True)
 class DemoConfig:

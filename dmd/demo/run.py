@@ -6,15 +6,18 @@ Stages: (1) train the judge, a small classifier of the real digits; (2) sample t
 by digits FID, class accuracy and samples/s on the same seeds, and write results.md, results.json and grids.
 """
 
+import contextlib
 import json
 import os
 import platform
+import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from dmd.demo.config import GRID_COLUMNS, DemoError
+from dmd.demo.config import GRID_COLUMNS, DemoError, DemoInterrupted
 
 EVAL_SEED0 = 1_000_000  # Evaluation seeds start here, far from the pair seeds 0..num_pairs-1.
 RESULTS_FORMAT = "dmd-demo-results"
@@ -64,7 +67,11 @@ def feature_stats(classifier, images):
 
 
 def distil(cfg, out, key, reg_scale, lambda_dm, pairs_path):
-    """Train one student with dmd.train and return its final network snapshot (resumes an interrupted run)."""
+    """Train one student with dmd.train and return its final network snapshot (resumes an interrupted run).
+
+    A signal during training ends it with a checkpoint (dmd.train's own handling) and stops the demo here, so a
+    half-trained student is never evaluated; rerunning the demo continues that student from its checkpoint.
+    """
     from dmd.checkpoint import list_checkpoints
     from dmd.config import TrainConfig
     from dmd.train import train
@@ -91,8 +98,14 @@ def distil(cfg, out, key, reg_scale, lambda_dm, pairs_path):
         workers=0,
         resume="auto",
     )
-    train(train_cfg)
-    return list_checkpoints(train_cfg.output_dir, "network-snapshot")[-1]
+    result = train(train_cfg)
+    if result["stopped"]:
+        raise DemoInterrupted(f"stopped by a signal at step {result['step']} of the {key} student")
+    snapshot = list_checkpoints(train_cfg.output_dir, "network-snapshot")[-1]
+    step = torch.load(snapshot, map_location="cpu", weights_only=True)["step"]
+    if step != cfg.steps:  # Only a finished student is ever evaluated.
+        raise DemoError(f"{snapshot} is at step {step}, not the {cfg.steps} --steps asks for")
+    return snapshot
 
 
 def quantise(images):
@@ -140,18 +153,6 @@ def evaluate(cfg, methods, classifier, ref_stats, out):
     return rows
 
 
-def check_claims(rows):
-    """The issue's acceptance checks on the result rows: DMD beats the one-step baselines and nears the teacher."""
-    by = {r["key"]: r for r in rows}
-    dmd = by["dmd"]
-    return {
-        "dmd_fid_below_teacher_1step": dmd["fid"] < by["teacher_1step"]["fid"],
-        "dmd_fid_below_regression": dmd["fid"] < by["regression"]["fid"],
-        "dmd_fid_within_2x_teacher_35nfe": dmd["fid"] <= 2 * by["teacher_35nfe"]["fid"],
-        "dmd_accuracy_above_90pct": dmd["accuracy"] > 0.9,
-    }
-
-
 def machine():
     """What the timings were measured on."""
     return dict(
@@ -165,7 +166,7 @@ def machine():
 
 
 def results_markdown(results):
-    """Render results.json as the Markdown report (table, checks, timings)."""
+    """Render results.json as the Markdown report (settings, table, timings)."""
     cfg, rows = results["config"], results["rows"]
     lines = [
         "# DMD demo: digits 16x16, class-conditional",
@@ -190,8 +191,6 @@ def results_markdown(results):
         f"1,797 real digits. The judge is a small CNN trained on the real digits (held-out accuracy "
         f"{judge['holdout_accuracy']:.1%}).",
         "",
-        "Checks (issue 6): " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in results["checks"].items()),
-        "",
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items()),
         f"on {results['machine']['cpu_count']} CPUs, {results['machine']['torch_threads']} torch threads, "
         f"load average {results['machine']['load_average_1min']}.",
@@ -202,15 +201,54 @@ def results_markdown(results):
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Let SIGTERM stop the demo as Ctrl-C does (KeyboardInterrupt) outside training, which handles both itself."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_teacher(path):
+    """Load the teacher once up front, so a bad --teacher file is one clear line before any work."""
+    from dmd.edm.persistence import NetworkLoadError, load_network
+
+    if not Path(path).is_file():
+        raise DemoError(f"--teacher: {path} does not exist (retrain one with `python -m dmd demo train-teacher`)")
+    try:
+        net = load_network(path)
+    except NetworkLoadError as e:
+        raise DemoError(f"--teacher: {e}") from e
+    wanted = dict(img_resolution=16, img_channels=1, label_dim=10)
+    found = {k: getattr(net, k) for k in wanted}
+    if found != wanted:
+        raise DemoError(f"--teacher: {path} is a network for {found}, the digits need {wanted}")
+
+
 def run_demo(cfg):
-    """Run the whole demo as `cfg` says; return the results dict also written to results.json."""
+    """Run the whole demo as `cfg` says; return the results dict also written to results.json.
+
+    Every stage keeps its output (pairs, students' checkpoints), so after an interruption (DemoInterrupted or
+    KeyboardInterrupt, also raised for SIGTERM) the same call continues where it stopped.
+    """
+    with sigterm_interrupts():
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg):
     from dmd.pairs import make_pairs
     from dmd.utils.io import atomic_write_text
 
-    if not Path(cfg.teacher).is_file():
-        raise DemoError(
-            f"--teacher: {cfg.teacher} does not exist (retrain one with `python -m dmd demo train-teacher`)"
-        )
+    check_teacher(cfg.teacher)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_output_dir(cfg, out)
@@ -256,7 +294,6 @@ def run_demo(cfg):
         "config": cfg.to_dict(),
         "classifier": {"holdout_accuracy": holdout_accuracy, "feature_dim": FEATURE_DIM},
         "rows": rows,
-        "checks": check_claims(rows),
         "timings_s": timings,
         "machine": machine(),
     }
