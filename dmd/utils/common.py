@@ -1,33 +1,91 @@
 """Small helpers shared by the commands: seed ranges, one-hot labels, devices, EDM's image quantisation, grids."""
 
+import itertools
 import math
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+# At most this many values are expanded into a list at once: 200x the 50k images of the FID protocol, ~0.4 GB of
+# Python ints. '0-4000000000' would need ~160 GB; such a range is refused, or kept as ranges by `int_ranges`.
+MAX_INT_LIST = 10**7
+_INT64 = range(-(2**63), 2**63)  # Seeds are stored (pair files) and batched (torch) as int64.
 
-def parse_int_list(s):
-    """Parse '0-3,7,10-11' into [0, 1, 2, 3, 7, 10, 11] (a list passes through)."""
+
+# A list of integers kept as ranges, so '0-4000000000' costs nothing until expanded: len, slices (new IntRanges),
+# iteration, and numpy conversion (int64).
+class IntRanges(Sequence):
+    def __init__(self, ranges):
+        self.ranges = [r for r in ranges if len(r)]
+        self.length = sum(map(len, self.ranges))
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        return itertools.chain.from_iterable(self.ranges)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.length)
+            if step != 1:
+                raise ValueError("IntRanges slices take no step")
+            parts, offset = [], 0
+            for r in self.ranges:  # Keep the part of each range that falls inside [start, stop).
+                parts.append(r[max(start - offset, 0) : max(stop - offset, 0)])
+                offset += len(r)
+            return IntRanges(parts)
+        index = index + self.length if index < 0 else index
+        for r in self.ranges:
+            if 0 <= index < len(r):
+                return r[index]
+            index -= len(r)
+        raise IndexError("IntRanges index out of range")
+
+    def __array__(self, dtype=None, copy=None):
+        parts = [np.arange(r.start, r.stop, dtype=np.int64) for r in self.ranges]
+        out = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        return out if dtype is None else out.astype(dtype)
+
+
+def int_ranges(s):
+    """Parse '0-3,7,10-11' into IntRanges [range(0, 4), range(7, 8), range(10, 12)] without expanding it.
+
+    A list or tuple of integers passes through; every value must fit in int64.
+    """
     if isinstance(s, (list, tuple)):
-        return [int(v) for v in s]
-    out = []
-    for part in str(s).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)-(\d+)", part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
+        ranges = [range(int(v), int(v) + 1) for v in s]
+    else:
+        ranges = []
+        for part in str(s).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if m is None:
+                raise ValueError(f"cannot parse '{part}' as an integer or a range like 0-63")
+            lo, hi = int(m[1]), int(m[2] or m[1])
             if hi < lo:
                 raise ValueError(f"range '{part}' ends before it starts")
-            out.extend(range(lo, hi + 1))
-        elif re.fullmatch(r"\d+", part):
-            out.append(int(part))
-        else:
-            raise ValueError(f"cannot parse '{part}' as an integer or a range like 0-63")
-    return out
+            ranges.append(range(lo, hi + 1))
+    for value in (v for r in ranges for v in (r[0], r[-1])):
+        if value not in _INT64:
+            raise ValueError(f"{value} does not fit in 64 bits")
+    return IntRanges(ranges)
+
+
+def parse_int_list(s, limit=None):
+    """Parse '0-3,7,10-11' into [0, 1, 2, 3, 7, 10, 11] (a list passes through); keep the first `limit` if given.
+
+    A result longer than MAX_INT_LIST is refused (ValueError) instead of exhausting memory.
+    """
+    values = int_ranges(s)[:limit]
+    if len(values) > MAX_INT_LIST:
+        raise ValueError(f"{len(values)} values, more than the {MAX_INT_LIST} one command takes; split the work")
+    return list(values)
 
 
 def one_hot(idx, label_dim, device=None):
