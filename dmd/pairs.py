@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmd.data import PairFileError, PairWriter, create_pair_file, read_pair_attrs, read_seeds
+from dmd.data import DISK_FULL, PairFileError, PairWriter, create_pair_file, read_pair_attrs, read_seeds
 from dmd.utils import distributed
-from dmd.utils.common import one_hot, parse_int_list
+from dmd.utils.common import IntRanges, int_ranges, one_hot
 
 
 def sample_pairs(net, seeds, first_row=0, class_balanced=False, device="cpu", **sampler_kwargs):
@@ -91,7 +91,7 @@ def make_pairs(
     network,  # Teacher: EDM network pickle, path or URL.
     out,  # Pair file to write, or to resume.
     num,  # Number of pairs.
-    seeds=None,  # Seed list or range string ('0-99999'); its first `num` are used. None: 0..num-1.
+    seeds=None,  # Seed list or range string ('0-99999', never expanded beyond `num`); its first `num` are used.
     class_balanced=False,  # Labels cycle over classes (row i -> class i % label_dim) instead of drawn ones.
     batch_size=256,  # Pairs per sampler call, per process.
     num_steps=18,  # edm_sampler settings, stored in the file.
@@ -114,12 +114,12 @@ def make_pairs(
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}")
     try:
-        seeds = list(range(num)) if seeds is None else parse_int_list(seeds)
+        seeds = IntRanges([range(num)]) if seeds is None else int_ranges(seeds)
     except ValueError as e:
         raise ValueError(f"--seeds: {e}") from e
     if len(seeds) < num:
         raise ValueError(f"--seeds gives {len(seeds)} seeds but --num asks for {num}")
-    seeds = seeds[:num]
+    seeds = seeds[:num]  # Still ranges: the file's check of the disk space comes before any list of num seeds.
     device = distributed.setup_device(device)
     net, local = _load_teacher(network, cache_dir, device)
     sampler_kwargs = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
@@ -149,18 +149,27 @@ def make_pairs(
     bar = tqdm(
         total=num, initial=start, unit="pair", desc=Path(out).name, disable=not (progress and writer is not None)
     )
-    for first in range(start, num, batch_size * world):
-        lo = min(first + rank * batch_size, num)
-        hi = min(lo + batch_size, num)
-        part = sample_pairs(net, seeds[lo:hi], lo, class_balanced, device, **sampler_kwargs)
-        parts = _gather_to_main(part)
+    try:
+        for first in range(start, num, batch_size * world):
+            lo = min(first + rank * batch_size, num)
+            hi = min(lo + batch_size, num)
+            part = sample_pairs(net, seeds[lo:hi], lo, class_balanced, device, **sampler_kwargs)
+            parts = _gather_to_main(part)
+            if writer is not None:
+                latents, images, labels = (torch.cat(column) for column in zip(*parts))
+                writer.append(latents.numpy(), images.numpy(), labels.numpy())
+                bar.update(len(latents))
+    except OSError as e:  # The writer's rows go straight to the file, so a full disk is an OSError here.
+        if writer is None or e.errno not in DISK_FULL:
+            raise
+        raise PairFileError(
+            f"pair file {out}: {DISK_FULL[e.errno]} after {writer.num_complete} complete pairs; "
+            "free space and rerun the same command to resume"
+        ) from e
+    finally:
+        bar.close()
         if writer is not None:
-            latents, images, labels = (torch.cat(column) for column in zip(*parts))
-            writer.append(latents.numpy(), images.numpy(), labels.numpy())
-            bar.update(len(latents))
-    bar.close()
-    if writer is not None:
-        writer.close()
+            writer.close()
     distributed.barrier()
     distributed.print0(f"{out}: {num} pairs complete ({num - start} made by this run)")
     return Path(out)

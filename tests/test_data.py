@@ -1,5 +1,6 @@
 """The pair file layer: our HDF5 layout, its crash-safe writer, the port's layout, conversion and clear errors."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -221,3 +222,166 @@ def test_check_compatible(tmp_path):
             ours.check_compatible(SimpleNamespace(**{**vars(teacher), key: value}))
     with pytest.raises(PairFileError, match="port.h5 has label_dim"):
         port.check_compatible(SimpleNamespace(**{**vars(teacher), "label_dim": 0}))
+
+
+def _edit(path, **attrs):
+    """Overwrite attributes of a pair file (a tool or a hand that disagrees with the data)."""
+    with h5py.File(path, "r+") as f:
+        for key, value in attrs.items():
+            if value is None:
+                del f.attrs[key]
+            else:
+                f.attrs[key] = value
+
+
+@pytest.mark.parametrize(
+    "attrs, message",
+    [
+        (
+            dict(resolution=16),
+            r"/latents is float32 \(10, 3, 8, 8\) but the attributes .* say float32 \(10, 3, 16, 16\)",
+        ),
+        (dict(channels=1), r"/latents is float32 \(10, 3, 8, 8\) but the attributes .* say float32 \(10, 1, 8, 8\)"),
+        (dict(num_requested=12), r"/latents is float32 \(10, 3, 8, 8\) but the attributes .* \(12, 3, 8, 8\)"),
+        (dict(num_complete=11), "attribute num_complete=11 exceeds num_requested=10"),
+        (dict(num_complete=-1), "attribute num_complete=-1 is below 0"),
+        (dict(label_dim="ten"), "attribute label_dim is 'ten', not an integer"),
+        (dict(resolution=8.0), "attribute resolution is 8.0, not an integer"),
+        (dict(resolution=None), "attribute resolution is missing"),
+        (dict(label_dim=5), r"row \d+ has label [5-9], not a class in \[0, 5\)"),  # labels 0..9 were drawn
+        (dict(label_dim=0), r"row 0 has label \d, not -1 \(the file is unconditional\)"),
+    ],
+)
+def test_attributes_that_disagree_with_the_data_are_refused(tmp_path, attrs, message):
+    path = tmp_path / "edited.h5"
+    _write_ours(path, *_pairs())
+    _edit(path, **attrs)
+    with pytest.raises(PairFileError, match=f"pair file .*edited.h5: {message}"):
+        PairDataset(path)
+
+
+def test_datasets_that_disagree_with_the_attributes_are_refused(tmp_path):
+    path = tmp_path / "edited.h5"
+    _write_ours(path, *_pairs())
+    with h5py.File(path, "r+") as f:
+        del f["seeds"]
+    with pytest.raises(PairFileError, match="edited.h5: dataset /seeds is missing"):
+        PairDataset(path)
+    with h5py.File(path, "r+") as f:
+        f["seeds"] = np.zeros(N, dtype=np.float64)
+    with pytest.raises(PairFileError, match=r"edited.h5: /seeds is float64 \(10,\) but the attributes .* int64"):
+        PairWriter(path)
+
+
+@pytest.mark.parametrize("label, label_dim", [(-4, LABEL_DIM), (LABEL_DIM, LABEL_DIM), (3, 0)])
+def test_out_of_range_label_is_refused_naming_the_row(tmp_path, label, label_dim):
+    """Today label -4 of a 10-class file trains as class 6 (one_hot indexes from the end): refuse it at open."""
+    latents, images, labels, seeds = _pairs()
+    labels = labels if label_dim else np.full(N, -1)
+    path = tmp_path / "labels.h5"
+    _write_ours(path, latents, images, labels, seeds, label_dim=label_dim)
+    with h5py.File(path, "r+") as f:
+        f["labels"][7] = label
+    want = "-1 \\(the file is unconditional\\)" if label_dim == 0 else f"a class in \\[0, {label_dim}\\)"
+    with pytest.raises(PairFileError, match=f"pair file .*labels.h5: row 7 has label {label}, not {want}"):
+        PairDataset(path)
+    # Rows past num_complete are not data yet: a resumable file with garbage there opens.
+    _edit(path, num_complete=7)
+    assert len(PairDataset(path)) == 7
+
+
+def test_writer_refuses_bad_rows_and_keeps_the_file(tmp_path):
+    latents, images, labels, seeds = _pairs()
+    path = tmp_path / "pairs.h5"
+    create_pair_file(path, channels=C, resolution=R, label_dim=LABEL_DIM, seeds=seeds, attrs={})
+    bad_images = images[:4].copy()
+    bad_images[2, 1, 3, 3] = np.nan
+    bad_labels = labels[:4].copy()
+    bad_labels[1] = -4
+    with PairWriter(path) as writer:
+        writer.append(latents[:2], images[:2], labels[:2])
+        with pytest.raises(PairFileError, match="pairs.h5: row 4 has a NaN or inf in its image"):
+            writer.append(latents[:4], bad_images, labels[:4])
+        with pytest.raises(PairFileError, match=r"pairs.h5: row 3 has label -4, not a class in \[0, 10\)"):
+            writer.append(latents[:4], images[:4], bad_labels)
+        with pytest.raises(PairFileError, match=r"pairs.h5: latents to append have shape \(4, 3, 4, 4\)"):
+            writer.append(latents[:4, :, :4, :4], images[:4], labels[:4])
+        writer.append(latents[2:], images[2:], labels[2:])
+    _assert_rows(PairDataset(path), latents, images, labels)
+
+
+@pytest.mark.parametrize("column", ["latents", "images"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_row_is_refused_when_read(tmp_path, column, value):
+    latents, images, labels, seeds = _pairs()
+    path = tmp_path / "nan.h5"
+    _write_ours(path, latents, images, labels, seeds)
+    with h5py.File(path, "r+") as f:
+        f[column][5, 2, 1, 0] = value
+    ds = PairDataset(path)  # Finiteness is checked per row read: a scan at open would read every image.
+    _assert_rows(ds, latents[:5], images[:5], labels[:5])
+    message = f"pair file .*nan.h5: row 5 has a NaN or inf in its {column[:-1]}"
+    with pytest.raises(PairFileError, match=message):
+        ds[5]
+    with pytest.raises(PairFileError, match=message):
+        ds.read_rows(2, N)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1)
+    with pytest.raises(PairFileError, match=message):  # A worker's error reaches the main process as PairFileError.
+        list(loader)
+
+
+def _port_file(path):
+    latents, images, labels, seeds = _pairs()
+    write_port_layout(path, latents, images, labels, seeds)
+    return path
+
+
+def _break_port(path, index, how):
+    with h5py.File(path, "r+") as f:
+        ds = f[f"data/{index}"]
+        if how == "delete":
+            del f[f"data/{index}"]
+        elif how == "shape":
+            attrs = dict(ds.attrs)
+            del f[f"data/{index}"]
+            f[f"data/{index}"] = np.zeros((2, C, 4, 4))
+            f[f"data/{index}"].attrs.update(attrs)
+        elif how == "nan":
+            ds[0, 0, 0, 0] = np.nan
+        else:  # An attribute: (name, value), value None deletes it.
+            name, value = how
+            if value is None:
+                del ds.attrs[name]
+            else:
+                ds.attrs[name] = value
+
+
+@pytest.mark.parametrize(
+    "index, how, label_dim, message",
+    [
+        (3, "delete", LABEL_DIM, r"/data/3 is missing \(the port's 9 pairs are /data/0 ... /data/8\)"),
+        (4, "shape", LABEL_DIM, r"/data/4 is float64 \(2, 3, 4, 4\), not floats \(2, 3, 8, 8\) like /data/0"),
+        (6, "nan", LABEL_DIM, "row 6 has a NaN or inf in its image"),
+        (2, ("class_idx", 2.5), None, "/data/2: attribute class_idx is 2.5, not an integer"),
+        (2, ("class_idx", 2.5), LABEL_DIM, "/data/2: attribute class_idx is 2.5, not an integer"),
+        (1, ("class_idx", None), LABEL_DIM, "/data/1: attribute class_idx is missing"),
+        (5, ("class_idx", -4), None, r"/data/5: class_idx -4 is not a class >= 0"),
+        (5, ("class_idx", 12), LABEL_DIM, r"/data/5: class_idx 12 is not a class in \[0, 10\)"),
+        (8, ("seed", None), LABEL_DIM, "/data/8: attribute seed is missing"),
+        (8, ("seed", "x"), LABEL_DIM, "/data/8: attribute seed is 'x', not an integer"),
+    ],
+)
+def test_malformed_port_file_names_the_pair(tmp_path, index, how, label_dim, message):
+    """Each flaw of a port-layout file is one PairFileError naming the file and the pair, from PairDataset (when the
+    pair is opened or read) and from `convert-pairs` (one 'Error:' line, no output file)."""
+    path = _port_file(tmp_path / "port.h5")
+    _break_port(path, index, how)
+    with pytest.raises(PairFileError, match=f"pair file .*port.h5: {message}"):
+        ds = PairDataset(path, label_dim=label_dim)
+        ds.read_rows(0, len(ds))
+    args = ["convert-pairs", str(path), str(tmp_path / "new.h5")]
+    result = CliRunner().invoke(main, [*args] + ([] if label_dim is None else ["--label-dim", str(label_dim)]))
+    last = result.output.strip().splitlines()[-1]  # After the progress bar, when the flaw is met while converting.
+    assert result.exit_code == 1 and "Traceback" not in result.output and result.output.count("Error") == 1
+    assert re.fullmatch(f"Error: pair file .*port.h5: {message}", last)
+    assert not (tmp_path / "new.h5").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["port.h5"]

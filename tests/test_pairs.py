@@ -1,12 +1,18 @@
 """make_pairs: pairs equal EDM's sampler for the same seeds, survive SIGKILL, refuse foreign files, and torchrun."""
 
+import errno
 import os
+import re
+import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -14,6 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from dmd import data
 from dmd.cli import main
 from dmd.data import PairDataset, PairFileError, create_pair_file, write_port_layout
 from dmd.edm.persistence import load_network, network_fingerprint
@@ -143,6 +150,143 @@ def test_make_pairs_command_errors(tmp_path):
     assert result.exit_code == 1 and "--seeds gives 1 seeds but --num asks for 2" in result.output
     result = runner.invoke(main, [*base, "--out", str(tmp_path / "x.h5"), "--seeds", "a-b"])
     assert result.exit_code == 1 and "--seeds: cannot parse" in result.output
+    result = runner.invoke(main, [*base, "--out", str(tmp_path / "x.h5"), "--seeds", "0,99999999999999999999"])
+    assert result.exit_code == 1 and "Error: --seeds: 99999999999999999999 does not fit in 64 bits" in result.output
+
+
+def _memory_limit(num_bytes):
+    """preexec_fn: cap the address space of a child, so that building a huge list fails fast instead of swapping."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (num_bytes, num_bytes))
+
+    return limit
+
+
+def test_huge_seed_range_is_never_expanded(tmp_path):
+    """`--seeds 0-4000000000 --num 3` uses 3 seeds; today it builds all 4e9 (MemoryError under an 8 GB cap)."""
+    out = tmp_path / "pairs.h5"
+    args = ["make-pairs", "--network", str(TEACHER), "--out", str(out), "--num", "3", "--steps", "2", "--device", "cpu"]
+    args += ["--seeds", "5-4000000000"]
+    result = subprocess.run(
+        [sys.executable, "-m", "dmd", *args],
+        env=_subprocess_env(),
+        capture_output=True,
+        preexec_fn=_memory_limit(8 << 30),
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert PairDataset(out).read_rows(0, 3)[3].tolist() == [5, 6, 7]
+
+
+def _fail_write(monkeypatch, call, rows_written):
+    """Make the `call`-th row write (1: the seeds at creation) put `rows_written` rows on disk and then hit a full
+    disk, as os.pwrite does on a real one."""
+    real, calls = data._RowLayout.write, []
+
+    def write(self, fd, first, rows):
+        calls.append(first)
+        if len(calls) == call:
+            real(self, fd, first, rows[:rows_written])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(self, fd, first, rows)
+
+    monkeypatch.setattr(data._RowLayout, "write", write)
+
+
+def test_disk_full_mid_run_stops_cleanly_and_resumes(tmp_path, monkeypatch):
+    out, whole = tmp_path / "full.h5", tmp_path / "whole.h5"
+    args = ["make-pairs", "--network", str(TEACHER), "--out", str(out), "--num", "16", "--batch", "4"]
+    args += ["--steps", "2", "--seeds", "100-199", "--device", "cpu"]
+    _fail_write(monkeypatch, 9, 2)  # Writes: seeds, then latents/images/labels per batch; 9 = images of batch 3.
+    result = CliRunner().invoke(main, args)
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and "Traceback" not in result.output and result.output.count("Error") == 1
+    assert re.fullmatch(
+        "Error: pair file .*full.h5: no space left on device after 8 complete pairs; "
+        "free space and rerun the same command to resume",
+        last,
+    )
+    assert PairDataset(out).num_pairs == 8
+    monkeypatch.undo()
+    assert CliRunner().invoke(main, args).exit_code == 0
+    _make(whole, 16, seeds="100-199", batch_size=4, num_steps=2)
+    _assert_same_file(out, whole)
+
+
+def test_disk_full_at_creation_leaves_no_file(tmp_path, monkeypatch):
+    out = tmp_path / "pairs" / "new.h5"
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: SimpleNamespace(free=100_000))
+    with pytest.raises(PairFileError, match=r"new.h5: 100 pairs need 221 kB but its disk has 100 kB free; free space"):
+        _make(out, 100, num_steps=2)
+    monkeypatch.undo()
+    _fail_write(monkeypatch, 1, 0)  # The disk fills between the check and the seeds' write.
+    with pytest.raises(PairFileError, match="new.h5: no space left on device while writing it, so it was not created"):
+        _make(out, 100, num_steps=2)
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs (root only: skipped where mounting is not permitted, as in CI without root)."""
+    path = tmp_path / "tiny"
+    path.mkdir()
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+# Runs make-pairs as a user would, except that another process fills the disk as soon as sampling starts.
+_FILL_THEN_MAKE = """
+import shutil, sys
+from pathlib import Path
+import dmd.pairs
+from dmd.cli import main
+
+real, filler = dmd.pairs.sample_pairs, Path(sys.argv[1])
+
+def sample_pairs(*args, **kwargs):
+    if not filler.exists():
+        free = shutil.disk_usage(filler.parent).free
+        filler.write_bytes(bytes(max(free - 100_000, 0)))
+    return real(*args, **kwargs)
+
+dmd.pairs.sample_pairs = sample_pairs
+main(sys.argv[2:])
+"""
+
+
+def test_disk_full_on_a_real_tiny_disk(tmp_path, tiny_disk):
+    """On a real full disk make-pairs ends with one line, today it segfaults (exit 139): at creation, and mid-run with
+    the complete rows kept so that the same command resumes to the uninterrupted file."""
+    out, filler, whole = tiny_disk / "pairs.h5", tiny_disk / "filler", tmp_path / "whole.h5"
+    base = [sys.executable, "-m", "dmd", "make-pairs", "--network", str(TEACHER), "--out", str(out), "--steps", "2"]
+    base += ["--batch", "64", "--device", "cpu"]
+    run = partial(subprocess.run, env=_subprocess_env(), capture_output=True, text=True)
+    result = run([*base, "--num", "3000"])  # 4.7 MB on a 2 MiB disk
+    assert result.returncode == 1 and list(tiny_disk.iterdir()) == []
+    assert re.search(
+        r"Error: pair file .*pairs.h5: 3000 pairs need 4.\d+ MB but its disk has 2.\d+ MB free", result.stderr
+    )
+
+    args = [*base, "--num", "1200"]  # 1.9 MB: fits an empty disk, not one the filler leaves 100 kB of
+    result = run([sys.executable, "-c", _FILL_THEN_MAKE, str(filler), *args[3:]])
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    done = re.fullmatch(
+        r"Error: pair file .*pairs.h5: no space left on device after (\d+) complete pairs; "
+        "free space and rerun the same command to resume",
+        last,
+    )
+    assert done and int(done[1]) < 1200 and PairDataset(out).num_pairs == int(done[1])
+    filler.unlink()
+    result = run(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _make(whole, 1200, batch_size=64, num_steps=2)
+    _assert_same_file(out, whole)
 
 
 def test_check_compatible_with_teacher(tmp_path):
