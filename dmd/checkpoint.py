@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dmd.config import ConfigError, resume_changes
+from dmd.config import ConfigError, flag_name, resume_changes
 from dmd.generator import FORMAT_VERSION, SNAPSHOT_FORMAT, STATE_FORMAT
 from dmd.utils.io import atomic_torch_save
 
@@ -36,7 +36,7 @@ STATE_KEYS = {  # Entry of a training state -> the type it must have.
     "sigma_G": float,
     "bad_steps": int,
     "best_fid": float,
-    "global_batch": int,
+    "global_batch": dict,
     "fingerprints": dict,
 }
 _FINGERPRINT_BYTES = 1 << 20  # Bytes hashed at each end of a pair file (the whole of a smaller one).
@@ -243,12 +243,18 @@ def resolve_resume(cfg, run_dir):
 
 
 def check_same_run(state, path, cfg, *, global_batch, fingerprints):
-    """Refuse a training state that belongs to another run; return the config changes to apply, {field: (old, new)}."""
-    if state["global_batch"] != global_batch:
-        raise CheckpointError(
-            f"--resume: {path} was trained at a global batch of {state['global_batch']} (--batch-size x processes), "
-            f"this run has {global_batch}; give --batch-size {state['global_batch']} / number of processes"
-        )
+    """Refuse a training state that belongs to another run; return the config changes to apply, {field: (old, new)}.
+
+    `global_batch` maps the batch fields to their global sizes (per process x processes), which a run keeps even
+    when it resumes on another number of processes.
+    """
+    for name, size in global_batch.items():
+        if state["global_batch"].get(name) != size:
+            flag, trained = flag_name(name), state["global_batch"].get(name)
+            raise CheckpointError(
+                f"--resume: {path} was trained at a global batch of {trained} ({flag} x processes), this run has "
+                f"{size}; give {flag} {trained} / number of processes"
+            )
     for name, value in fingerprints.items():
         if state["fingerprints"].get(name) != value:
             flag = {"teacher": "--model-path", "pairs": "--data-path"}[name]

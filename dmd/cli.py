@@ -102,6 +102,11 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option("--data-path", type=click.Path(dir_okay=False), help="Teacher pair file (make-pairs) for regression.")
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False), help="Run folder (created).")
 @_option(TrainConfig, "--batch-size", click.IntRange(min=1), "Per process.")
+@click.option(
+    "--reg-batch-size",
+    type=click.IntRange(min=1),
+    help="Pairs per process and step for the regression loss.  [default: --batch-size]",
+)
 @click.option("--max-steps", type=click.IntRange(min=1), help="Duration in steps; or give --epochs.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Duration in passes over --data-path.")
 @_option(TrainConfig, "--lr-gen", _POSITIVE, "AdamW learning rate of G.")
@@ -123,7 +128,14 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
 @_option(TrainConfig, "--t-max", click.FloatRange(0, 1), "Its upper end (exclusive).")
 @_option(TrainConfig, "--fake-sigma-sampling", click.Choice(["karras", "lognormal"]), "Fake-loss sigmas.")
 @_option(TrainConfig, "--ema-halflife-kimg", click.FloatRange(min=0), "EMA of G; 0 = off.")
-@_option(TrainConfig, "--precision", click.Choice(["fp32", "bf16"]), "bf16: CUDA autocast.")
+@_option(
+    TrainConfig,
+    "--precision",
+    click.Choice(["fp32", "bf16"]),
+    "bf16: the U-Nets compute in bf16 with fp32 weights, losses and optimisers (as DMD2); works on CPU too, slowly.",
+)
+@click.option("--channels-last", is_flag=True, help="Networks in channels-last memory layout (GPU speed).")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile the U-Nets (slow start, faster steps).")
 @_option(TrainConfig, "--seed", int, "Seeds every random draw of the run.")
 @click.option("--device", default="auto", help="auto, cpu or cuda (torchrun ranks use their local GPU).")
 @_option(TrainConfig, "--log-every", click.IntRange(min=1), "Steps per stats line.")
@@ -167,7 +179,7 @@ def train_command(ctx, lpips_random, dry_run, allow_change, **options):
         raise click.ClickException(str(e)) from e
     try:
         result = train(cfg, dry_run=dry_run)
-    except (TrainError, CheckpointError, LoggerError) as e:
+    except (TrainError, CheckpointError, LoggerError, OSError) as e:
         raise click.ClickException(str(e)) from e
     if dry_run:
         click.echo(cfg.to_json(), nl=False)

@@ -18,6 +18,7 @@ class TrainConfig:
     output_dir: str  # run folder: config.json, stats.jsonl, grids, checkpoints
     data_path: Optional[str] = None  # pair file (z, y, label) for the regression loss
     batch_size: int = 56  # per process; the global batch is batch_size * world size
+    reg_batch_size: Optional[int] = None  # pairs per process and step for the regression loss; None = batch_size
     max_steps: Optional[int] = None  # duration in steps (one G step + its fake steps) ...
     epochs: Optional[int] = None  # ... or in passes over the pair file
     lr_gen: float = 5e-5  # AdamW learning rate of G
@@ -36,7 +37,9 @@ class TrainConfig:
     t_max: float = 0.98
     fake_sigma_sampling: str = "karras"  # fake-score sigma: 'karras' (uniform grid index) or 'lognormal'
     ema_halflife_kimg: float = 0.0  # half-life of the EMA of G in thousands of images; 0 = no EMA
-    precision: str = "fp32"  # 'fp32' or 'bf16' (autocast on CUDA, fp32 master weights)
+    precision: str = "fp32"  # 'fp32', or 'bf16': the U-Nets run in bf16, weights, losses, optimisers stay fp32
+    channels_last: bool = False  # networks in channels-last memory layout (faster convolutions on recent GPUs)
+    compile: bool = False  # torch.compile the U-Nets' forward
     seed: int = 0  # seeds every random draw of the run
     device: str = "auto"  # 'auto', 'cpu', 'cuda'; under torchrun each rank takes cuda:LOCAL_RANK
     log_every: int = 50  # steps between console lines / stats.jsonl records
@@ -66,6 +69,7 @@ class TrainConfig:
         """Raise ConfigError naming the flag of the first value that cannot work."""
         checks = [
             (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.reg_batch_size is None or self.reg_batch_size >= 1, "--reg-batch-size must be at least 1"),
             ((self.max_steps is None) != (self.epochs is None), "give exactly one of --max-steps and --epochs"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.epochs is None or self.epochs >= 1, "--epochs must be at least 1"),
@@ -130,7 +134,8 @@ class TrainConfig:
 FREE_ON_RESUME = {
     "model_path", "output_dir", "data_path", "max_steps", "epochs", "device", "log_every", "image_every",
     "checkpoint_every", "keep_last", "max_bad_steps", "resume", "log_neptune", "lpips_vgg", "lpips_lin", "workers",
-    "fid_every", "fid_num", "fid_ref", "fid_detector", "cache_dir", "allow_change", "batch_size",
+    "fid_every", "fid_num", "fid_ref", "fid_detector", "cache_dir", "allow_change", "batch_size", "reg_batch_size",
+    "channels_last", "compile",
 }  # fmt: skip
 FIXED_ON_RESUME = {"seed", "generator_sigma", "dropout", "num_timesteps"}
 

@@ -95,6 +95,7 @@ class LPIPS(nn.Module):
             self.load_heads(_resolve(lin_weights, LPIPS_VGG_URL, cache_dir))
         else:
             self._init_random()
+        self.compute_dtype = torch.float32  # torch.bfloat16 runs the VGG stack in bf16 (dmd train --precision bf16)
         self.requires_grad_(False)
         self.eval()
 
@@ -119,14 +120,28 @@ class LPIPS(nn.Module):
         state = _load_checked(path, {key: head.weight.shape for key, head in zip(keys, self.heads)})
         self.heads.load_state_dict({f"{i}.weight": state[key] for i, key in enumerate(keys)})
 
-    def forward(self, x0, x1):
-        """Return the LPIPS distance (N,) between images x0 and x1 (N, 3, H, W) in [-1, 1]."""
-        n = x0.shape[0]
-        h = (torch.cat([x0, x1]) - self.shift) / self.scale  # Both images in one pass: (2N, 3, H, W).
+    def tap_features(self, x):
+        """Unit-normalised VGG features (N, C_l, H_l, W_l) at the five taps of images x (N, 3, H, W) in [-1, 1].
+
+        The VGG stack runs in `compute_dtype` (bf16 under autocast if set), the normalisation in float32.
+        """
+        h = (x - self.shift) / self.scale
         phi = []
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in TAPS:
-                phi.append(_normalize(h))
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16):
+            for i, layer in enumerate(self.features):
+                h = layer(h)
+                if i in TAPS:
+                    phi.append(_normalize(h.float()))
+        return phi
+
+    def forward(self, x0, x1):
+        """Return the LPIPS distance (N,) between images x0 and x1 (N, 3, H, W) in [-1, 1].
+
+        Where x1 needs no gradient (the regression target y_ref), its features are computed without autograd, so
+        only x0's pass keeps activations and gets a backward.
+        """
+        phi0 = self.tap_features(x0)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and x1.requires_grad):
+            phi1 = self.tap_features(x1)
         # Each head maps squared feature differences (N, C_l, H_l, W_l) to (N, 1, H_l, W_l); average over space.
-        return sum(head((f[:n] - f[n:]) ** 2).mean(dim=(1, 2, 3)) for f, head in zip(phi, self.heads))
+        return sum(head((f0 - f1) ** 2).mean(dim=(1, 2, 3)) for f0, f1, head in zip(phi0, phi1, self.heads))

@@ -229,6 +229,59 @@ def test_fp16_is_cuda_only_and_bf16_runs_anywhere():
     assert 0 < err < 0.05
 
 
+def test_compute_dtype_overrides_the_pickle_and_keeps_fp32_around_the_unet():
+    from dmd.edm.precond import copy_network, set_compute_dtype
+
+    net = tiny("edm-ddpmpp")
+    x, sigma, labels = inputs(net)
+    half = build_network("EDMPrecond", dict(net.init_kwargs, use_fp16=True, use_bf16=True)).eval()
+    half.load_state_dict(net.state_dict())
+    assert capture_model_dtype(set_compute_dtype(half, torch.float32), x, sigma, labels) == torch.float32
+    assert capture_model_dtype(set_compute_dtype(net, torch.bfloat16), x, sigma, labels) == torch.bfloat16
+    assert copy_network(net).compute_dtype == torch.bfloat16 and "compute_dtype" not in net.init_kwargs
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # master weights stay fp32
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        set_compute_dtype(net, torch.float16)
+
+
+def test_one_step_image_in_bf16_is_close_to_fp32(reference):
+    # The DMD generator's forward at sigma 80 on EDM's fixture: bf16 rounds to 8 significant bits (0.4% at worst
+    # per operation), so the image differs by about a percent of its range; 5% bounds it with margin (measured
+    # 0.9% and 1.7% on the two fixtures, whose random weights amplify rounding more than trained ones), while an
+    # error in how the bf16 path is wired (dtype casts, scalings) would be of order 100%.
+    from dmd.edm.precond import copy_network, set_compute_dtype
+
+    net, ref = reference
+    net = copy_network(net).eval()  # the module-scoped fixture network stays untouched
+    z, sigma, labels = (torch.from_numpy(ref[k]) for k in ("onestep_z", "onestep_sigma", "labels"))
+    with torch.no_grad():
+        fp32 = net(sigma * z, sigma, labels)
+        bf16 = set_compute_dtype(net, torch.bfloat16)(sigma * z, sigma, labels)
+    assert bf16.dtype == torch.float32
+    err = ((bf16 - fp32).abs().max() / fp32.abs().max()).item()
+    print(f"one-step bf16 vs fp32: max error {err:.2e} of max |image|")
+    assert 0 < err < 0.05
+
+
+def test_attention_logits_and_softmax_are_fp32_under_bf16(monkeypatch):
+    from dmd.edm.precond import set_compute_dtype
+
+    net = set_compute_dtype(tiny("edm-ddpmpp"), torch.bfloat16)
+    x, sigma, labels = inputs(net)
+    seen, einsum, softmax = [], torch.einsum, torch.Tensor.softmax
+    monkeypatch.setattr(torch, "einsum", lambda eq, *ops: seen.append((eq, [o.dtype for o in ops])) or einsum(eq, *ops))
+    monkeypatch.setattr(
+        torch.Tensor, "softmax", lambda t, *a, **k: seen.append(("softmax", [t.dtype])) or softmax(t, *a, **k)
+    )
+    with torch.no_grad():
+        net(x, sigma, labels)
+    logits = [dtypes for eq, dtypes in seen if eq == "ncq,nck->nqk"]
+    values = [dtypes for eq, dtypes in seen if eq == "nqk,nck->ncq"]
+    assert logits and all(d == [torch.float32, torch.float32] for d in logits)
+    assert all(d == [torch.float32] for eq, d in seen if eq == "softmax") and len(values) == len(logits)
+    assert all(d == [torch.bfloat16, torch.bfloat16] for d in values)  # the rest of the U-Net stays in bf16
+
+
 def test_dropout_follows_training_mode():
     net = tiny("edm-ddpmpp")
     x, sigma, labels = inputs(net)

@@ -53,6 +53,7 @@ class Preconditioner(torch.nn.Module):
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16
+        self.compute_dtype = None  # A run's override of the U-Net dtype (dmd train --precision); None: as above.
         head = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, use_fp16=use_fp16)
         kwargs = dict(**head, **precond_kwargs, model_type=model_type, use_bf16=use_bf16, **model_kwargs)
         self._init_kwargs = {name: _plain(value, name) for name, value in kwargs.items()}
@@ -78,6 +79,8 @@ class Preconditioner(torch.nn.Module):
         """Return the dtype the U-Net runs in for input x."""
         if force_fp32:
             return torch.float32
+        if self.compute_dtype is not None:
+            return self.compute_dtype
         if self.use_bf16:
             return torch.bfloat16
         if self.use_fp16 and x.device.type == "cuda":
@@ -85,16 +88,8 @@ class Preconditioner(torch.nn.Module):
         return torch.float32
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)  # a 0-d sigma broadcasts
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)  # one zero row, broadcast by the U-Net
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = self.model_dtype(x, force_fp32)
-
+        # The U-Net alone runs in `dtype`; input, scalings and output stay float32 (bf16 the way DMD2 runs it).
+        x, sigma, class_labels, dtype = self._unet_inputs(x, sigma, class_labels, force_fp32)
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         if F_x.dtype != dtype:
@@ -306,9 +301,19 @@ def build_network(class_name, init_kwargs):
     return PRECONDITIONERS[class_name](**init_kwargs)
 
 
+def set_compute_dtype(net, dtype):
+    """Run the U-Net of `net` in `dtype` (torch.float32 or torch.bfloat16) whatever its pickle's use_fp16/use_bf16;
+    the weights stay float32 (master weights), the preconditioning and output float32."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"compute dtype must be float32 or bfloat16, not {dtype}")
+    net.compute_dtype = dtype
+    return net
+
+
 def copy_network(net):
     """Return an independent copy of net (same architecture and weights, on net's device, in net's mode)."""
     clone = build_network(type(net).__name__, net.init_kwargs)
     clone.load_state_dict(net.state_dict())
+    clone.compute_dtype = net.compute_dtype
     device = next(net.parameters()).device
     return clone.to(device).train(net.training)

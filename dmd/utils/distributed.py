@@ -72,6 +72,13 @@ def all_reduce_mean(t):
     return t
 
 
+def all_reduce_max(t):
+    """The elementwise maximum of a tensor over ranks, in place (identity for one process)."""
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def broadcast_object(obj, src=0):
     """Send a picklable object from rank `src` to every rank (identity for one process)."""
     if not is_initialized():
