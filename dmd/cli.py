@@ -291,7 +291,7 @@ def fid_calc_command(images, network, ref, num, seeds, repeats, num_steps, detec
     from dmd.utils.common import parse_int_list
 
     try:
-        seed_list = None if seeds is None else parse_int_list(seeds)
+        seed_list = None if seeds is None else parse_int_list(seeds, limit=num * repeats)
     except ValueError as e:
         raise click.ClickException(f"--seeds: {e}") from e
     try:
