@@ -1,28 +1,41 @@
-"""Benchmark DMD training steps: img/s, peak memory and FLOPs per step of `python -m dmd train`.
+"""Benchmark DMD training steps: img/s, step time, peak memory, FLOPs per step and MFU of `python -m dmd train`.
 
-    python benchmarks/train_step.py [--steps 5] [--warmup 2]
+    python benchmarks/train_step.py [--steps 5] [--warmup 2] [--compile] [--compare OLD_CHECKOUT]
+    python benchmarks/train_step.py --gpu-check [--deadline 330]       # what benchmarks/gpu_check.sh runs
 
 Each row runs the real command in a fresh process on a random-weight teacher pickle and random pairs, and reads
-`stats.jsonl`: img/s is G's batch per second of step time after the warm-up steps; memory is the peak CUDA
-allocation on GPU and the process's peak RSS on CPU. Rows: the tiny 8x8 fixture teacher on the CPU (without and with
-the LPIPS regression), and, where CUDA exists, the CIFAR-10 DDPM++ teacher (55.7M parameters) at batch 56 in fp32 and
-bf16 (without CUDA those rows give the FLOPs only). LPIPS runs with random weights (same FLOPs; no download).
+`stats.jsonl` (one record per step): the step time is the mean over the steps after the warm-up; img/s counts G's
+batch; memory is the peak CUDA allocation on GPU and the process's peak RSS on CPU; MFU is the counted FLOPs per
+step over the step time, against the device's dense bf16 peak (looked up by name in PEAK_BF16_TFLOPS, printed with
+the row; fp32 rows are compared with the same bf16 peak). LPIPS runs with random weights (same FLOPs, no download).
+
+Rows: the tiny 8x8 fixture teacher on the CPU (fp32 and bf16, without and with the LPIPS regression; compiled too
+with --compile: torch.compile takes about 1.5 minutes per network on a 2-core CPU) and, where CUDA exists, the
+CIFAR-10 DDPM++ teacher (55.7M parameters) at batch 56, fp32 and bf16, with and without regression, eager and
+compiled (without CUDA those rows give the FLOPs only). A second table compares the per-step losses of runs that
+should agree: bf16 against fp32 (same seed: the same draws), compiled against eager.
+
+--compare OLD_CHECKOUT times the tiny fp32 row of another checkout of dmd (e.g. `git worktree add /tmp/old <commit>`)
+interleaved with this one, old, new, old, new, ..., and prints the ratio: the machine's speed drifts, so only
+interleaved runs in one session compare.
 
 FLOPs per step (per process) count the forward FLOPs F of one U-Net call and L of VGG-16 on one 224x224 image with
 torch.utils.flop_counter.FlopCounterMode (a multiply-add is 2 FLOPs; a backward costs 2 forwards, 1 where only the
-input gradient is needed), times the passes of one step with batch B, R = B regression pairs (0 without) and k
-fake steps per G step:
+input gradient is needed), times the passes of one step with batch B, R regression pairs (0 without) and k fake
+steps per G step:
     U-Net: G forward + backward on B + R images 3(B + R), mu_real and mu_fake forwards in the DM loss 2B,
            fake-score forward + backward 3Bk, fresh G samples for the extra fake steps B(k - 1)
-    LPIPS: VGG forward on both images of R pairs 2R, input gradient through the x_ref half R
+    LPIPS: VGG forward on both images of R pairs 2R, input gradient through the G(z_ref) half only R
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +50,50 @@ from dmd.lpips import LPIPS
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "edm_ddpmpp_cond.pkl"
 
+# Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets, TFLOP/s; matched against the device name.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 756.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A40": 150.0,
+    "A10": 125.0,
+    "RTX 6000 Ada": 364.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
+
+
+# The CUDA rows, most important first (a --deadline cuts the list short): precision, lambda_reg, compile, steps.
+CIFAR_ROWS = (
+    ("bf16", 0.25, False, 20),
+    ("fp32", 0.25, False, 20),
+    ("bf16", 0.0, False, 10),
+    ("fp32", 0.0, False, 10),
+    ("bf16", 0.25, True, 20),
+    ("bf16", 0.0, True, 10),
+)
+CIFAR_AGREEMENT = (
+    ("CIFAR, lambda_reg 0.25: bf16 vs fp32", ("bf16", 0.25, False), ("fp32", 0.25, False)),
+    ("CIFAR, lambda_reg 0.25, bf16: compiled vs eager", ("bf16", 0.25, True), ("bf16", 0.25, False)),
+)
+
+
+def peak_bf16(device_name):
+    """(name matched, peak TFLOP/s) for a CUDA device name, or (None, None) if unknown."""
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # longest first: "H100 SXM" before "H100"
+        if key in device_name:
+            return key, PEAK_BF16_TFLOPS[key]
+    return None, None
+
 
 def forward_flops(fn):
     """FLOPs of one call of `fn()` counted by FlopCounterMode."""
@@ -45,8 +102,8 @@ def forward_flops(fn):
     return counter.get_total_flops()
 
 
-def step_flops(teacher, batch_size, lambda_reg, fake_steps=1):
-    """Analytic FLOPs of one training step per process (see the module docstring), counted on the meta device."""
+def step_flops(teacher, batch_size, reg_batch_size, fake_steps=1):
+    """FLOPs of one training step per process (see the module docstring), counted on the meta device."""
     meta = torch.device("meta")
     net, lpips = teacher.to(meta), LPIPS(pretrained=False).to(meta)
     r, c = net.img_resolution, net.img_channels
@@ -54,10 +111,9 @@ def step_flops(teacher, batch_size, lambda_reg, fake_steps=1):
     F = forward_flops(lambda: net(torch.zeros(1, c, r, r, device=meta), torch.ones(1, device=meta), labels))
     image = torch.zeros(1, 3, 224, 224, device=meta)
     L = forward_flops(lambda: lpips(image, image)) / 2  # One call runs VGG on both images.
-    B, R, k = batch_size, batch_size if lambda_reg > 0 else 0, fake_steps
+    B, R, k = batch_size, reg_batch_size, fake_steps
     unet_passes = 3 * (B + R) + 2 * B + 3 * B * k + B * (k - 1)
-    lpips_passes = 2 * R + R
-    return F * unet_passes + L * lpips_passes
+    return F * unet_passes + L * 3 * R
 
 
 def write_pairs(path, n, resolution, channels=3, label_dim=10):
@@ -70,55 +126,185 @@ def write_pairs(path, n, resolution, channels=3, label_dim=10):
         writer.append(latents.numpy(), images.numpy(), torch.randint(label_dim, (n,), generator=g).numpy())
 
 
-def run_steps(folder, teacher_path, resolution, batch_size, lambda_reg, precision, device, steps, warmup):
-    """Run `python -m dmd train` for warmup + steps steps; return (img/s after the warm-up, peak memory GiB)."""
-    pairs = folder / f"pairs-{resolution}-{batch_size}.h5"
-    if not pairs.exists():
-        write_pairs(pairs, batch_size * (steps + warmup), resolution)
-    out = folder / f"run-{resolution}-{batch_size}-{lambda_reg}-{precision}"
-    cmd = [sys.executable, "-m", "dmd", "train", "--model-path", str(teacher_path), "--output-dir", str(out)]
-    cmd += ["--data-path", str(pairs), "--lambda-reg", str(lambda_reg), "--batch-size", str(batch_size)]
-    cmd += ["--max-steps", str(steps + warmup), "--precision", precision, "--device", device, "--workers", "0"]
-    cmd += ["--lpips-random", "--log-every", "1", "--image-every", "0", "--checkpoint-every", "0"]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()][warmup:]
-    seconds = sum(batch_size / r["img_per_s"] for r in records)
-    return batch_size * len(records) / seconds, max(r["mem_gib"] for r in records)
+class Runner:
+    """Runs `python -m dmd train` rows in fresh processes inside one temporary folder."""
+
+    def __init__(self, folder, checkout=ROOT):
+        self.folder, self.checkout, self.count = folder, Path(checkout), 0
+
+    def run(self, teacher, resolution, batch, lambda_reg, precision, device, steps, warmup, extra=(), nproc=1):
+        """Run warmup + steps steps (on `nproc` processes under torchrun); return the stats records after the
+        warm-up."""
+        pairs = self.folder / f"pairs-{resolution}-{batch * nproc}.h5"
+        if not pairs.exists():
+            write_pairs(pairs, batch * nproc * (steps + warmup), resolution)
+        self.count += 1
+        out = self.folder / f"run-{self.count}"
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        cmd = [*launcher, "-m", "dmd", "train", "--model-path", str(teacher), "--output-dir", str(out)]
+        cmd += ["--data-path", str(pairs), "--lambda-reg", str(lambda_reg), "--batch-size", str(batch)]
+        cmd += ["--max-steps", str(steps + warmup), "--device", device, "--workers", "0", "--lpips-random"]
+        cmd += ["--log-every", "1", "--image-every", "0", "--checkpoint-every", "0", *extra]
+        if precision != "fp32":  # An older checkout may not know the flag; fp32 is every version's default.
+            cmd += ["--precision", precision]
+        env = {**os.environ, "PYTHONPATH": str(self.checkout)}
+        proc = subprocess.run(cmd, cwd=self.checkout, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()][warmup:]
+
+
+def summarise(records, batch, flops, peak):
+    """img/s, step ms, peak memory GiB, MFU % (or None) of a row's records."""
+    step_s = statistics.mean(batch / r["img_per_s"] for r in records)
+    mfu = None if peak is None else 100 * flops / step_s / (peak * 1e12)
+    return batch / step_s, 1000 * step_s, max(r["mem_gib"] for r in records), mfu
+
+
+def max_rel_diff(a, b, key="loss_G"):
+    """Largest relative difference of a per-step statistic between two runs of the same steps (early in a run the
+    DM loss is tiny, a difference of two nearly equal scores, so its relative differences are the largest)."""
+    return max(abs(x[key] - y[key]) / max(abs(y[key]), 1e-12) for x, y in zip(a, b))
+
+
+def fmt(v, spec=".2f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def print_header():
+    print("| network | device | precision | compile | batch | lambda_reg | img/s | step ms | peak mem GiB |", end="")
+    print(" GFLOP/step | MFU % |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+
+
+def print_row(name, device, precision, compiled, batch, reg, result, flops):
+    """One table line, printed as soon as its row is measured (a killed run keeps what it printed)."""
+    speed, ms, mem, mfu = result if result is not None else (None,) * 4
+    speed_text = fmt(speed) if result is not None else "n/a (no GPU)"
+    print(
+        f"| {name} | {device} | {precision} | {'yes' if compiled else 'no'} | {batch} | {reg} | {speed_text} | "
+        f"{fmt(ms, '.1f')} | {fmt(mem)} | {flops / 1e9:.2f} | {fmt(mfu, '.1f')} |",
+        flush=True,
+    )
+
+
+def print_agreement(pairs):
+    if not pairs:
+        return
+    keys = ("loss_G", "loss_reg", "loss_fake", "grad_norm_G")
+    print("\n| runs compared | steps | " + " | ".join(f"max rel. diff. {k}" for k in keys) + " |")
+    print("| --- | ---: |" + " ---: |" * len(keys))
+    for title, a, b in pairs:
+        diffs = [max_rel_diff(a, b, k) if b[0][k] else None for k in keys]
+        print(f"| {title} | {len(a)} | " + " | ".join(fmt(d, ".2e") for d in diffs) + " |", flush=True)
+
+
+def compare_checkouts(runner_new, runner_old, repeats, steps, warmup):
+    """Interleaved timings of the tiny fp32 row (batch 8, no regression) in two checkouts; print the ratio."""
+    times = {"old": [], "new": []}
+    for _ in range(repeats):
+        for key, runner in (("old", runner_old), ("new", runner_new)):
+            records = runner.run(FIXTURE, 8, 8, 0.0, "fp32", "cpu", steps, warmup)
+            times[key].append(statistics.mean(8 / r["img_per_s"] for r in records))
+    print("| checkout | step ms (median of runs) | runs |")
+    print("| --- | ---: | ---: |")
+    for key in ("old", "new"):
+        print(f"| {key} | {1000 * statistics.median(times[key]):.1f} | {len(times[key])} |")
+    ratio = statistics.median(times["old"]) / statistics.median(times["new"])
+    print(f"\nnew step is {ratio:.2f}x as fast as old (median step time old / new)")
+
+
+def tiny_rows(runner, args):
+    """The CPU rows of the fixture teacher; returns the pairs of runs to compare."""
+    tiny, agreement = load_network(FIXTURE), []
+    for compiled in (False, True) if args.compile else (False,):
+        extra = ["--compile"] if compiled else []
+        for reg_batch, lambda_reg in ((0, 0.0), (2, 0.25)):
+            batch = 8 if lambda_reg == 0 else 2
+            steps, warmup = (args.steps, args.warmup) if lambda_reg == 0 else (2, 1)  # LPIPS at 224 is slow on CPU
+            flops, results = step_flops(tiny, batch, reg_batch), {}
+            for precision in ("fp32", "bf16"):
+                results[precision] = runner.run(FIXTURE, 8, batch, lambda_reg, precision, "cpu", steps, warmup, extra)
+                summary = summarise(results[precision], batch, flops, None)
+                print_row("tiny 8x8 (fixture)", "cpu", precision, compiled, batch, lambda_reg, summary, flops)
+            agreement.append((f"tiny, lambda_reg {lambda_reg}: bf16 vs fp32", results["bf16"], results["fp32"]))
+            if compiled:
+                eager = runner.run(FIXTURE, 8, batch, lambda_reg, "fp32", "cpu", steps, warmup)
+                agreement.append((f"tiny, lambda_reg {lambda_reg}: compiled vs eager", results["fp32"], eager))
+    return agreement
+
+
+def cifar_rows(runner, target, measure, peak, args, start):
+    """The CIFAR-10 rows: measured where `measure` (CUDA) until --deadline, FLOPs only otherwise; returns the runs to
+    compare. `target` is (name, teacher pickle, resolution, batch, device): the CIFAR config on CUDA, or under
+    --smoke the fixture teacher on the CPU, which runs the same code paths in seconds."""
+    name, teacher, resolution, batch, device = target
+    net, results = load_network(teacher), {}
+    for precision, lambda_reg, compiled, steps in CIFAR_ROWS:
+        flops = step_flops(net, batch, batch if lambda_reg else 0)
+        if not measure:
+            if not compiled:
+                print_row(name, "cuda", precision, False, batch, lambda_reg, None, flops)
+            continue
+        if time.monotonic() - start > args.deadline * (0.5 if compiled else 0.8) or (compiled and args.smoke):
+            print(f"skipped (--deadline): {name} {precision} lambda_reg {lambda_reg} compile {compiled}", flush=True)
+            continue
+        extra = ["--compile"] if compiled else []
+        records = runner.run(teacher, resolution, batch, lambda_reg, precision, device, steps, 3, extra)
+        results[precision, lambda_reg, compiled] = records
+        print_row(name, device, precision, compiled, batch, lambda_reg, summarise(records, batch, flops, peak), flops)
+    return [(title, results[a], results[b]) for title, a, b in CIFAR_AGREEMENT if a in results and b in results]
+
+
+def ddp_check(runner, target):
+    """The step on 2 processes (NCCL on 2 GPUs; gloo under --smoke) at half the batch each against 1 process: the
+    same draws and the same global batch, so the same losses up to the order of float sums."""
+    name, teacher, resolution, batch, device = target
+    one = runner.run(teacher, resolution, batch, 0.25, "fp32", device, 5, 0)
+    two = runner.run(teacher, resolution, batch // 2, 0.25, "fp32", device, 5, 0, nproc=2)
+    print_agreement([(f"{name} fp32, 2 processes vs 1, global batch {batch}", two, one)])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--compile", action="store_true", help="also compiled rows on the CPU (minutes each)")
+    parser.add_argument("--compare", type=Path, help="another dmd checkout to time the tiny fp32 row against")
+    parser.add_argument("--repeats", type=int, default=5, help="--compare: runs per checkout")
+    parser.add_argument("--gpu-check", action="store_true", help="only the CIFAR rows on CUDA, within --deadline")
+    parser.add_argument("--ddp-check", action="store_true", help="only the 2-GPU NCCL run against one GPU")
+    parser.add_argument("--deadline", type=float, default=330.0, help="seconds after which no row starts")
+    parser.add_argument("--smoke", action="store_true", help="--gpu-check/--ddp-check paths on the CPU, tiny net")
     args = parser.parse_args()
+    start = time.monotonic()
+    cuda = torch.cuda.is_available()
+    name = torch.cuda.get_device_name() if cuda else None
+    matched, peak = peak_bf16(name) if cuda else (None, None)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs" + (f", {name}" if cuda else ", no GPU"))
+    if cuda:
+        print(f"MFU against {peak} TFLOP/s dense bf16 ({matched})" if peak else f"no bf16 peak known for {name}")
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        tiny = load_network(FIXTURE)
-        for batch_size, lambda_reg in ((8, 0.0), (2, 0.25)):
-            steps, warmup = (args.steps, args.warmup) if lambda_reg == 0 else (2, 1)  # LPIPS at 224 is slow on CPU.
-            flops = step_flops(tiny, batch_size, lambda_reg)
-            speed, mem = run_steps(folder, FIXTURE, 8, batch_size, lambda_reg, "fp32", "cpu", steps, warmup)
-            rows.append(("tiny 8x8 (fixture)", "cpu", "fp32", batch_size, lambda_reg, speed, mem, flops))
+        runner = Runner(folder)
+        if args.compare is not None:
+            compare_checkouts(runner, Runner(folder, args.compare), args.repeats, args.steps, args.warmup)
+            return
         torch.manual_seed(0)
-        cifar = build_network("EDMPrecond", CIFAR10_COND)
-        save_network_pickle(cifar, folder / "cifar10.pkl")
-        flops = step_flops(cifar, 56, 0.25)
-        for precision in ("fp32", "bf16"):
-            speed, mem = None, None  # FLOPs only, without a GPU.
-            if torch.cuda.is_available():
-                speed, mem = run_steps(
-                    folder, folder / "cifar10.pkl", 32, 56, 0.25, precision, "cuda", args.steps, args.warmup
-                )
-            rows.append(("CIFAR-10 DDPM++ 55.7M", "cuda", precision, 56, 0.25, speed, mem, flops))
-
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs" + (", CUDA" if torch.cuda.is_available() else ""))
-    print("| network | device | precision | batch | lambda_reg | img/s | peak memory GiB | GFLOP/step |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, device, precision, batch, reg, speed, mem, flops in rows:
-        speed, mem = ("n/a (no GPU)", "n/a") if speed is None else (f"{speed:.2f}", f"{mem:.2f}")
-        print(f"| {name} | {device} | {precision} | {batch} | {reg} | {speed} | {mem} | {flops / 1e9:.2f} |")
+        save_network_pickle(build_network("EDMPrecond", CIFAR10_COND), folder / "cifar10.pkl")
+        target = ("CIFAR-10 DDPM++ 55.7M", folder / "cifar10.pkl", 32, 56, "cuda")
+        if args.smoke:
+            target = ("tiny 8x8 (smoke)", FIXTURE, 8, 4, "cpu")
+        if args.ddp_check:
+            ddp_check(runner, target)
+            return
+        print_header()
+        agreement = [] if args.gpu_check else tiny_rows(runner, args)
+        agreement += cifar_rows(runner, target, cuda or args.smoke, peak, args, start)
+    print_agreement(agreement)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Written without torchvision. The VGG-16 `features` stack keeps torchvision's mod
 torchvision's ImageNet `vgg16` loads into it directly, and the heads read the LPIPS repository's `weights/v0.1/vgg.pth`.
 """
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -99,14 +100,18 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def _init_random(self):
-        """Random weights whose activations keep their scale through the stack; non-negative heads as in LPIPS."""
+    def _init_random(self, seed=0):
+        """Random weights whose activations keep their scale through the stack; non-negative heads as in LPIPS.
+
+        Drawn from their own seeded generator, so every process (DDP ranks, runs to compare) gets the same metric.
+        """
+        g = torch.Generator().manual_seed(seed)
         for layer in self.features:
             if isinstance(layer, nn.Conv2d):
-                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu", generator=g)
                 nn.init.zeros_(layer.bias)
         for head in self.heads:
-            nn.init.uniform_(head.weight, 0.0, 2.0 / head.in_channels)
+            nn.init.uniform_(head.weight, 0.0, 2.0 / head.in_channels, generator=g)
 
     def load_vgg(self, path):
         """Load the `features.*` tensors of a torchvision vgg16 state dict file (other keys are ignored)."""
@@ -127,7 +132,8 @@ class LPIPS(nn.Module):
         """
         h = (x - self.shift) / self.scale
         phi = []
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16):
+        bf16 = self.compute_dtype == torch.bfloat16
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             for i, layer in enumerate(self.features):
                 h = layer(h)
                 if i in TAPS:

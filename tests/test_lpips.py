@@ -72,6 +72,14 @@ def test_lpips_gradient_flows_to_input(lpips, images):
         assert (lpips(x - 1e-2 * x.grad / x.grad.abs().max(), y).sum() < lpips(x, y).sum()).item()
 
 
+def test_random_lpips_is_the_same_metric_in_every_process():
+    torch.manual_seed(1)
+    a = LPIPS(pretrained=False)
+    torch.manual_seed(2)
+    b = LPIPS(pretrained=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_lpips_target_features_are_computed_without_autograd(lpips, images):
     x, y = images
     x = x.clone().requires_grad_(True)
