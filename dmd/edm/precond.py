@@ -8,6 +8,8 @@ which `build_network` rebuilds the same architecture.
 
 import copy
 import math
+import numbers
+import reprlib
 
 import numpy as np
 import torch
@@ -292,6 +294,49 @@ PRECONDITIONERS = {
     "VEPrecond": VEPrecond,
     "iDDPMPrecond": iDDPMPrecond,
 }
+
+
+# Sane ranges of the constructor kwargs that size a network or run a Python loop, checked before a network is built
+# from a file: wide enough for every EDM configuration (ImageNet-64 ADM: 192 channels, 4 levels of 3 blocks, 1000
+# classes), narrow enough that no file makes a constructor loop or allocate without end.
+_COUNT_LIMITS = {
+    "img_resolution": (1, 4096),
+    "img_channels": (1, 64),
+    "label_dim": (0, 100_000),
+    "augment_dim": (0, 1024),
+    "model_channels": (1, 4096),
+    "channel_mult_emb": (1, 64),
+    "channel_mult_noise": (1, 64),
+    "num_blocks": (1, 8),
+    "M": (1, 10_000),  # iDDPMPrecond builds its table u[0..M] in a Python loop of M steps
+}
+_LIST_LIMITS = {"channel_mult": (1, 8, 1, 64), "attn_resolutions": (0, 64, 1, 4096)}  # (entries, entry range)
+
+
+def check_init_kwargs(init_kwargs):
+    """Raise ValueError naming the first constructor kwarg outside its sane range (_COUNT_LIMITS, _LIST_LIMITS);
+    resample_filter must be 1 to 16 numbers and img_resolution a power of two, as EDM's datasets are."""
+
+    def count(name, value, low, high):
+        if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= high):
+            raise ValueError(f"'{name}' must be an integer from {low} to {high}, not {reprlib.repr(value)}")
+
+    for name, (low, high) in _COUNT_LIMITS.items():
+        if name in init_kwargs:
+            count(name, init_kwargs[name], low, high)
+    for name, (shortest, longest, low, high) in _LIST_LIMITS.items():
+        value = init_kwargs.get(name, [low] * shortest)
+        if not (isinstance(value, (list, tuple)) and shortest <= len(value) <= longest):
+            raise ValueError(f"'{name}' must be a list of {shortest} to {longest} entries, not {reprlib.repr(value)}")
+        for entry in value:
+            count(name, entry, low, high)
+    taps = init_kwargs.get("resample_filter", [1, 1])
+    numbers_only = isinstance(taps, (list, tuple)) and all(isinstance(t, numbers.Real) for t in taps)
+    if not (numbers_only and 1 <= len(taps) <= 16):
+        raise ValueError(f"'resample_filter' must be a list of 1 to 16 numbers, not {reprlib.repr(taps)}")
+    resolution = init_kwargs.get("img_resolution", 1)
+    if resolution & (resolution - 1):
+        raise ValueError(f"'img_resolution' must be a power of two, not {resolution}")
 
 
 def build_network(class_name, init_kwargs):
