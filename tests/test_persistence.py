@@ -1,12 +1,19 @@
+import collections
+import copyreg
 import functools
 import hashlib
 import http.server
 import io
+import json
 import os
 import pickle
 import re
+import struct
+import subprocess
 import sys
 import threading
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +32,7 @@ from dmd.edm.persistence import (
     save_network_pickle,
     stub_state_dict,
 )
-from dmd.edm.precond import build_network
+from dmd.edm.precond import build_network, set_compute_dtype
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = {"edm_ddpmpp_cond": "EDMPrecond", "vp_ddpmpp_cond": "VPPrecond"}
@@ -38,13 +45,13 @@ TINY_NETS = {
 }
 
 
-# Pickles as a call of `func(*args)`, the way a malicious pickle smuggles code in.
+# Pickles as a call of `func(*args)`, the way a malicious pickle smuggles code in; a `state` is then set on the result.
 class Call:
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
+    def __init__(self, func, *args, state=None):
+        self.func, self.args, self.state = func, args, state
 
     def __reduce__(self):
-        return self.func, self.args
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
 
 
 def _tiny(class_name):
@@ -134,6 +141,14 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, class_name):
         assert torch.equal(loaded(x, sigma, labels), net.eval()(x, sigma, labels))
     assert [p.name for p in tmp_path.iterdir()] == ["network.pkl"]  # no temp file left behind
     assert "torch_utils" not in sys.modules and "torch_utils.persistence" not in sys.modules
+
+
+def test_compute_dtype_is_not_written(tmp_path):
+    # A run's bf16 override is no part of the network; written as a torch.dtype, our own loader refused the file.
+    net = set_compute_dtype(_tiny("EDMPrecond"), torch.bfloat16)
+    save_network_pickle(net, tmp_path / "network.pkl")
+    assert "compute_dtype" not in read_network_pickle(tmp_path / "network.pkl")["ema"].state
+    assert load_network(tmp_path / "network.pkl").compute_dtype is None and net.compute_dtype is torch.bfloat16
 
 
 def test_written_pickle_has_edms_layout(tmp_path):
@@ -271,3 +286,264 @@ def test_save_refuses_a_bare_unet(tmp_path):
     with pytest.raises(ValueError, match="writes one of EDMPrecond, .* not SongUNet"):
         save_network_pickle(_tiny("EDMPrecond").model, tmp_path / "unet.pkl")
     assert not (tmp_path / "unet.pkl").exists()
+
+
+# Hostile pickles: small files, using only the allowed globals, that must fail fast with one clear error.
+
+
+# A persistent object as EDM pickles it; _HostilePickler writes it as reconstruct(meta), whatever its fields hold.
+@dataclass
+class Persistent:
+    class_name: object
+    state: object
+
+
+def _module(params=None, buffers=None, modules=None, **attrs):
+    """The parts of a torch Module's __getstate__() the loader reads."""
+    return dict(_parameters=params or {}, _buffers=buffers or {}, _modules=modules or {}, **attrs)
+
+
+def _network(class_name, init_kwargs, **module):
+    """A preconditioner as EDM pickles it: a module with its constructor kwargs."""
+    return Persistent(class_name, _module(**module, _init_args=(), _init_kwargs=init_kwargs))
+
+
+def _stub_tree(module, tensor):
+    """`module` (built on any device) as Persistent objects whose every tensor is `tensor(shape)`."""
+    return Persistent(
+        type(module).__name__,
+        _module(
+            params={k: tensor(v.shape) for k, v in module._parameters.items() if v is not None},
+            buffers={k: tensor(v.shape) for k, v in module._buffers.items() if v is not None},
+            modules={k: _stub_tree(c, tensor) for k, c in module._modules.items() if c is not None},
+        ),
+    )
+
+
+# Writes Persistent objects the way EDM's persistence does and torch ModuleDicts with only their modules. Protocol 3
+# has bytes but no frames, so raw opcodes can be spliced into its output.
+class _HostilePickler(pickle.Pickler):
+    def __init__(self, file, reconstruct):
+        super().__init__(file, protocol=3)
+        self.reconstruct = reconstruct
+
+    def reducer_override(self, obj):
+        if isinstance(obj, Persistent):
+            meta = dict(type="class", version=6, module_src="", class_name=obj.class_name, state=obj.state)
+            return self.reconstruct, (meta,)
+        if isinstance(obj, torch.nn.ModuleDict):
+            return copyreg.__newobj__, (torch.nn.ModuleDict,), _module(modules=obj._modules)
+        return NotImplemented
+
+
+def _dumps(obj, splice=None):
+    """Pickle `obj`; `splice` = (marker string, raw opcodes) puts the opcodes where the marker was."""
+    f = io.BytesIO()
+    with persistence._reconstruct_global() as reconstruct:
+        _HostilePickler(f, reconstruct).dump(obj)
+    data = f.getvalue()
+    if splice:
+        marker, raw = splice
+        token = b"X" + struct.pack("<I", len(marker)) + marker.encode()  # BINUNICODE
+        assert data.count(token) == 1
+        data = data.replace(token, raw)
+    return data
+
+
+def _legacy_blob(numel, payload, header_numel=None):
+    """A nested storage blob laid out as torch.save(storage, _use_new_zipfile_serialization=False) writes it: five
+    pickles, the element count, the data. It declares `numel` float32 elements and holds `payload`."""
+    f = io.BytesIO()
+    for header in (torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION, {"little_endian": True}):
+        pickle.dump(header, f, protocol=2)
+    main = pickle.Pickler(f, protocol=2)
+    main.persistent_id = lambda obj: ("storage", torch.FloatStorage, "0", "cpu", numel, None) if obj is ... else None
+    main.dump(...)
+    pickle.dump(["0"], f, protocol=2)
+    f.write(struct.pack("<q", numel if header_numel is None else header_numel) + payload)
+    return f.getvalue()
+
+
+def _bombs():
+    """{name: (pickle bytes, a phrase the NetworkLoadError must contain)}. Each is small, uses only the allowed
+    globals, and once made the loader allocate gigabytes, spin for minutes, crash, or end in a raw traceback."""
+    tiny = dict(TINY_SONG, img_resolution=8, img_channels=3)
+    load_blob, rebuild = torch.storage._load_from_bytes, torch._utils._rebuild_tensor_v2
+    one = torch.zeros(1)
+
+    # One child under two names per level: 2**30 paths through 30 modules.
+    twice = Persistent("Linear", _module(params={"weight": torch.ones(1)}))
+    for _ in range(30):
+        twice = Persistent("UNetBlock", _module(modules={"a": twice, "b": twice}))
+    # The same with two distinct objects per level that share one state dict.
+    pair = [Persistent("Linear", _module(params={"weight": torch.ones(1)}))] * 2
+    for _ in range(30):
+        state = _module(modules={"a": pair[0], "b": pair[1]})
+        pair = [Persistent("UNetBlock", state), Persistent("UNetBlock", state)]
+    loop = torch.nn.ModuleDict()
+    loop["self"] = loop
+    around = torch.nn.ModuleDict()
+    around._modules["down"] = Persistent("UNetBlock", _module(modules={"up": around}))
+    chain = None
+    for _ in range(60):
+        chain = Persistent("UNetBlock", _module(modules={"inner": chain}))
+    with torch.device("meta"):
+        wide = build_network("EDMPrecond", dict(tiny, model_channels=4096))  # ~10**10 parameters
+    expanded = _stub_tree(wide, lambda shape: one.expand(shape))  # every tensor a stride-0 view of one float
+    expanded.state.update(_init_args=(), _init_kwargs=dict(tiny, model_channels=4096))
+    with warnings.catch_warnings():  # TypedStorage is deprecated, but it is what a network pickle holds
+        warnings.simplefilter("ignore", UserWarning)
+        small = torch.FloatStorage(1)
+    pairs = [(f"k{i}", None) for i in range(10_000)]
+    blob = _legacy_blob(2**16, bytes(2**18))
+
+    bombs = {
+        "repeated_child": ({"ema": _network("EDMPrecond", tiny, modules={"model": twice})}, "repeats a module"),
+        "shared_state": ({"ema": _network("EDMPrecond", tiny, modules={"a": pair[0], "b": pair[1]})}, "repeats a"),
+        "cycle": ({"ema": _network("EDMPrecond", tiny, modules={"model": loop})}, "cycle"),
+        "cycle_through_a_stub": ({"ema": _network("EDMPrecond", tiny, modules={"model": around})}, "cycle"),
+        "deep_modules": ({"ema": _network("EDMPrecond", tiny, modules={"model": chain})}, "more than 32 deep"),
+        "iddpm_steps": ({"ema": _network("iDDPMPrecond", dict(tiny, model_type="DhariwalUNet", M=10**8))}, "'M'"),
+        "iddpm_steps_text": ({"ema": _network("iDDPMPrecond", dict(tiny, M="1000"))}, "'M' must be an integer"),
+        "wide_declared": ({"ema": _network("EDMPrecond", dict(tiny, model_channels=1024))}, "missing"),
+        "wide_expanded": ({"ema": expanded}, "their storages hold"),
+        "wider_than_sane": ({"ema": _network("EDMPrecond", dict(tiny, model_channels=10**6))}, "'model_channels'"),
+        "zero_img_channels": ({"ema": _network("EDMPrecond", dict(tiny, img_channels=0))}, "'img_channels'"),
+        "zero_model_channels": ({"ema": _network("EDMPrecond", dict(tiny, model_channels=0))}, "'model_channels'"),
+        "zero_channel_mult": ({"ema": _network("EDMPrecond", dict(tiny, channel_mult=[1, 0]))}, "'channel_mult'"),
+        "odd_resolution": ({"ema": _network("EDMPrecond", dict(tiny, img_resolution=7))}, "power of two"),
+        "class_name_list": ({"ema": Persistent(["EDMPrecond"], _module())}, "class_name is a list, not a string"),
+        "class_name_int": ({"ema": Persistent(7, _module())}, "class_name is a int, not a string"),
+        "state_not_a_dict": ({"ema": Persistent("EDMPrecond", [1, 2])}, "is a list, not a dict"),
+        "kwargs_not_a_dict": ({"ema": Persistent("EDMPrecond", _module(_init_kwargs=[1]))}, "_init_kwargs"),
+        "child_not_a_module": ({"ema": _network("EDMPrecond", tiny, modules={"model": 5})}, "is a int, not a module"),
+        "modules_not_a_dict": ({"ema": _network("EDMPrecond", tiny, modules=[1])}, "not a module in EDM"),
+        "param_not_a_tensor": ({"ema": _network("EDMPrecond", tiny, params={"w": "x"})}, "not a tensor"),
+        "view_past_its_storage": (
+            {"ema": Call(rebuild, small, 0, (10**9,), (1,), False, collections.OrderedDict())},
+            "reaches past its storage",
+        ),
+        "tensor_state_regrown": (  # Tensor.__setstate__ calls set_, which grows the storage to the new size
+            {"ema": Call(rebuild, small, 0, (1,), (1,), False, None, state=(small, 0, (10**9,), (1,)))},
+            "sets the state of",
+        ),
+        "blob_declares_more": ({"ema": Call(load_blob, _legacy_blob(2**31, bytes(4)))}, "declares 2147483648"),
+        "blob_header_lies": ({"ema": Call(load_blob, _legacy_blob(2**31, bytes(4), header_numel=1))}, "declares"),
+        "blob_decoded_again": ({"ema": [Call(load_blob, blob) for _ in range(10_000)]}, "more tensor data than"),
+        "void_scalar": ({"ema": Call(persistence._numpy_scalar(), np.dtype("V2000000000"))}, "numpy scalar"),
+        "ordered_dict_copies": ({"ema": [Call(collections.OrderedDict, pairs) for _ in range(2_000)]}, "OrderedDict"),
+    }
+    data = {name: (_dumps(obj), phrase) for name, (obj, phrase) in bombs.items()}
+    # Raw streams: a tuple nested 10**6 deep as a dict key (hashing it overflowed the C stack), lists nested 10**5
+    # deep in the kwargs (raw RecursionError), a bytes opcode declaring 4 GiB, and 600,000 opcodes (OrderedDict()s).
+    deep_list = ("@@DEEP@@", b"(" * 10**5 + b"l" * 10**5)
+    data["deep_kwargs"] = (_dumps({"ema": _network("EDMPrecond", dict(tiny, x="@@DEEP@@"))}, deep_list), "deeper")
+    data["bytes_declared_huge"] = (b"\x80\x03}X\x03\x00\x00\x00emaB\x00\x00\x00\x01s.", "not a readable")
+    data["call_flood"] = (b"\x80\x03ccollections\nOrderedDict\nq\x00(" + b"h\x00)R" * 200_000 + b"l.", "opcodes")
+    data["deep_tuple_key"] = (b"\x80\x03}" + b")" + b"\x85" * 10**6 + b"K\x01s.", "deeper than")
+    return data
+
+
+# Loads each file named on the command line in a fork of its own (torch warmed up once), under an address-space limit
+# of what the imports take plus {limit_mib} MiB (lifted to report) and a 10 s alarm that kills the fork, printing one
+# JSON line per file: [path, the NetworkLoadError's text or 'loaded' or 'raw ' and what else ended it, seconds].
+_LOAD_UNDER_A_LIMIT = """
+import json, os, resource, signal, sys, time
+from dmd.edm.persistence import NetworkLoadError, load_network
+load_network(sys.argv[1])  # once here, so that every fork starts with torch warmed up
+with open("/proc/self/status") as f:
+    size = next(int(line.split()[1]) << 10 for line in f if line.startswith("VmSize:"))
+for path in sys.argv[1:]:
+    if os.fork():
+        code = os.waitstatus_to_exitcode(os.wait()[1])
+        if code:
+            ended = "still running after 10 s" if code == -signal.SIGALRM else f"exit code {{code}}"
+            print(json.dumps([path, "raw " + ended, 0.0]), flush=True)
+        continue
+    resource.setrlimit(resource.RLIMIT_AS, (size + ({limit_mib} << 20), resource.RLIM_INFINITY))
+    signal.alarm(10)
+    start = time.monotonic()
+    try:
+        load_network(path)
+        outcome = "loaded"
+    except NetworkLoadError as e:
+        outcome = str(e)
+    except BaseException as e:
+        outcome = "raw " + type(e).__name__ + ": " + str(e)[:200]
+    seconds = time.monotonic() - start
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    print(json.dumps([path, outcome, seconds]), flush=True)
+    os._exit(0)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc and sets RLIMIT_AS")
+def test_small_hostile_pickles_fail_fast_within_a_memory_limit(tmp_path):
+    # The blob bombs patch _legacy_blob's layout; torch's own loader reads the honest version of it.
+    storage = torch.load(io.BytesIO(_legacy_blob(3, struct.pack("<3f", 1, 2, 3))), weights_only=True)
+    assert torch.equal(torch.empty(0).set_(storage._untyped_storage), torch.tensor([1.0, 2.0, 3.0]))
+
+    paths, phrases = [str(FIXTURES / "edm_ddpmpp_cond.pkl")], {}
+    for name, (data, phrase) in _bombs().items():
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(data)
+        paths.append(str(path))
+        phrases[str(path)] = phrase
+    large = {
+        "wide_expanded",
+        "blob_decoded_again",
+        "ordered_dict_copies",
+        "deep_tuple_key",
+        "deep_kwargs",
+        "call_flood",
+    }
+    assert all(Path(path).stat().st_size < 5000 for path in phrases if Path(path).stem not in large)
+
+    # 512 MiB over what the imports take: the EDM fixture loads within it, several bombs once took gigabytes.
+    script = _LOAD_UNDER_A_LIMIT.format(limit_mib=512)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=300, cwd=FIXTURES.parents[1]
+        )
+        stdout, stderr = proc.stdout, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    except subprocess.TimeoutExpired as e:
+        stdout, stderr = e.stdout.decode() if e.stdout else "", "timed out after 300 s"
+    results = {path: (outcome, seconds) for path, outcome, seconds in map(json.loads, stdout.splitlines())}
+    assert paths[0] in results and results[paths[0]][0] == "loaded", stderr
+
+    failures = []
+    for path, phrase in phrases.items():
+        outcome, seconds = results.get(path, (f"no result ({stderr})", 0.0))
+        if not (outcome.startswith(f"{path}: ") and phrase in outcome and len(outcome) < 500 and seconds < 5):
+            failures.append(f"{Path(path).stem}: {outcome[:300]!r} after {seconds:.1f} s (wanted {phrase!r})")
+    assert not failures, "\n".join(failures)
+
+
+def test_shape_mismatch_is_summarised(tmp_path):
+    # The network's _init_kwargs patched to model_channels=32 (the key is a memo reference there; the U-Net's own
+    # persistent copy keeps 16): nearly every tensor has the wrong shape.
+    path = _patched(tmp_path, b"j\xf3\r\x00\x00K\x10", b"j\xf3\r\x00\x00K\x20")
+    with pytest.raises(NetworkLoadError) as error:
+        load_network(path)
+    message = str(error.value)
+    assert re.match(rf"{re.escape(str(path))}: .* size mismatch in \d+ of 149 tensors, e\.g\. '", message), message
+    assert len(message) < 500
+
+
+@pytest.mark.parametrize("kind", ["dmd-snapshot", "dmd-training-state"])
+def test_dmd_files_point_to_dmd_generator(tmp_path, kind):
+    from dmd.checkpoint import save_snapshot
+
+    path = tmp_path / "network.pt"
+    if kind == "dmd-snapshot":
+        save_snapshot(path, _tiny("EDMPrecond"), sigma_G=80.0, step=0, config={})
+    else:
+        torch.save({"format": kind, "version": 1, "G": _tiny("EDMPrecond").state_dict()}, path)
+    with pytest.raises(
+        NetworkLoadError, match=f"^{re.escape(str(path))}: a {kind} written by dmd train, .*DMDGenerator"
+    ):
+        load_network(path)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.ones(2)}, other)
+    with pytest.raises(NetworkLoadError, match=f"^{re.escape(str(other))}: a torch.save file, not an EDM network"):
+        load_network(other)

@@ -4,21 +4,32 @@ EDM pickles every network as `torch_utils.persistence._reconstruct_persistent_ob
 defining module's whole source, which EDM's loader `exec`s. We never do: a restricted unpickler resolves only the
 handful of globals such a pickle names (edm-format.md 1.4), turns each persistent object into an inert
 `PersistentStub`, walks the stubs into a state dict, and loads that into our own class built from `_init_kwargs`.
+
+A file is distrusted throughout, so that a small one cannot exhaust memory or time: its opcodes are scanned before it
+runs (count, nesting, what BUILD may touch), every allowed global checks its arguments, the walk refuses cycles and
+shared modules, and the network is built on the meta device and compared with the file's tensors before it is built
+for real, so that it never holds more than the file's own tensor data.
 """
 
 import collections
 import contextlib
 import copy
 import io
+import itertools
+import os
 import pickle
+import pickletools
+import struct
 import sys
 import types
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from dmd.edm.precond import PRECONDITIONERS, build_network
+from dmd.edm.precond import PRECONDITIONERS, build_network, check_init_kwargs
+from dmd.generator import SNAPSHOT_FORMAT, STATE_FORMAT
 from dmd.utils.download import open_url, sha256_file
 from dmd.utils.io import atomic_path
 
@@ -27,6 +38,14 @@ _RECONSTRUCT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 # What we write as `module_src`. EDM's loader execs it and looks `class_name` up in the result, so importing EDM's
 # own classes lets EDM read our pickles too; our loader never executes it.
 MODULE_SRC = "from training.networks import *  # written by dmd; EDM's own classes rebuild these objects\n"
+
+# Bounds on what one network pickle may ask of the loader. EDM's largest network (ImageNet-64 ADM: 318 modules nested
+# 4 deep, 553 tensors) pickles to ~56,000 opcodes nested ~30 deep; a file far beyond these is broken or hostile.
+MAX_OPCODES = 500_000  # opcodes of the stream, so also objects and calls
+MAX_NESTING = 1_000  # objects inside objects (hashing a tuple nested ~10**6 deep overflows the C stack)
+MAX_MODULE_DEPTH = 32  # modules inside modules
+MAX_TENSORS = 100_000  # tensor storages decoded, and entries of the state dict
+MAX_KEY_CHARS = 1 << 24  # characters of all state-dict keys together
 
 
 class NetworkLoadError(RuntimeError):
@@ -51,22 +70,155 @@ class _ModuleDictState:
         self.state = state
 
 
-# pickle.Unpickler that resolves only the globals of an EDM network pickle and refuses everything else by name.
+def _clip(text, limit=120):
+    """Return str(text) cut to `limit` characters, so that no name or value from a file can bloat an error line."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_count(value):
+    """Whether value is a non-negative int (bool excluded), as sizes, strides and offsets must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# A binary file that refuses reads past its end. pickle's readers allocate the length an opcode declares before they
+# read, so 20 bytes declaring a 4 GiB bytes object would otherwise allocate 4 GiB.
+class _Bounded:
+    def __init__(self, f):
+        self.f = f
+        start = f.tell()
+        self.end = f.seek(0, io.SEEK_END)
+        f.seek(start)
+
+    def read(self, n=-1):
+        left = self.end - self.f.tell()
+        n = left if n is None or n < 0 else n
+        if n > left:
+            raise ValueError(f"an opcode declares {n} bytes where {left} remain")
+        return self.f.read(n)
+
+    def readline(self):
+        return self.f.readline()
+
+    def tell(self):
+        return self.f.tell()
+
+
+# What BUILD (set an object's state) may act on, with the deepest state it may set there: EDM's pickles use it only on
+# ModuleDicts and on numpy dtypes (a flat tuple). A tensor's __setstate__ calls set_, which grows the storage to any
+# size it is given, so every other target is refused before the stream runs. Items are only ever added to plain
+# containers and OrderedDicts.
+_BUILDABLE = {("new", "torch.nn.modules.container.ModuleDict"): MAX_NESTING, ("call", "numpy.dtype"): 1}
+_FILLABLE = {None, ("call", "collections.OrderedDict")}
+_FILLERS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"}
+_STRINGS = {"UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+
+
+def _effect(op):
+    """(objects taken from the stack top, or from under the mark; whether a marked slice is taken; objects pushed)."""
+    marked = pickletools.markobject in op.stack_before
+    fixed = op.stack_before.index(pickletools.markobject) if marked else len(op.stack_before)
+    return fixed, marked, len(op.stack_after)
+
+
+_EFFECTS = {op.name: _effect(op) for op in pickletools.opcodes}  # each opcode's documented stack effect
+
+
+def _origin(name, arg, inputs):
+    """Where the object opcode `name` pushes comes from: ('global', name) for a global, ('call' / 'new', name) for
+    what calling or instantiating one made, ('str', text) for a short string, None for anything else."""
+    if name in _STRINGS:
+        return ("str", arg) if isinstance(arg, str) and len(arg) <= 200 else None
+    if name in ("GLOBAL", "INST"):
+        return ("global" if name == "GLOBAL" else "call", arg.replace(" ", "."))
+    if name == "STACK_GLOBAL":
+        (_, module), (_, qualname) = inputs
+        return (
+            ("global", f"{module[1]}.{qualname[1]}")
+            if module and qualname and module[0] == qualname[0] == "str"
+            else None
+        )
+    callee = inputs[0][1] if inputs else None
+    if name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ") and callee and callee[0] == "global":
+        return ("call" if name == "REDUCE" else "new", callee[1])
+    return None
+
+
+def _described(origin):
+    """An origin (see _origin) in words, for an error line."""
+    kind, name = origin or (None, None)
+    words = {"call": f"an object made by {name}", "new": f"a {name}", "global": f"the global {name}", "str": "a string"}
+    return words.get(kind, "a plain value")
+
+
+def _scan(f, path):
+    """Check the pickle stream in `f` without running it: at most MAX_OPCODES opcodes, objects nested at most
+    MAX_NESTING deep, and BUILD or added items only where _BUILDABLE / _FILLABLE allow them.
+
+    The stack is simulated with one (nesting depth, origin) per object, from each opcode's documented stack effect.
+    Depth is exact for tuples, which are built at once from their items, and those are what hashing recurses into.
+    """
+    stack, marks, memo = [], [], {}
+    for count, (op, arg, _) in enumerate(pickletools.genops(f), 1):
+        if count > MAX_OPCODES:
+            raise NetworkLoadError(f"{path}: the pickle has more than {MAX_OPCODES} opcodes")
+        if op.name == "MARK":
+            marks.append(len(stack))
+            continue
+        fixed, marked, pushed = _EFFECTS[op.name]
+        items = []
+        if marked:  # everything above the last mark, then `fixed` objects under it
+            start = marks.pop()
+            items = stack[start:]
+            del stack[start:]
+        if fixed > len(stack):
+            raise ValueError(f"{op.name} finds too few objects on the stack")
+        inputs = stack[len(stack) - fixed :] + items
+        del stack[len(stack) - fixed :]
+
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if op.name == "MEMOIZE" else arg] = inputs[0] if inputs else stack[-1]
+            stack += inputs
+            continue
+        if op.name in ("GET", "BINGET", "LONG_BINGET", "DUP"):
+            stack += inputs * 2 if op.name == "DUP" else [memo.get(arg, (0, None))]
+            continue
+        if op.name == "BUILD" or op.name in _FILLERS:
+            (depth, origin), added = inputs[0], inputs[1:]
+            added_depth = max((d for d, _ in added), default=0)
+            limit = _BUILDABLE.get(origin, -1) if op.name == "BUILD" else MAX_NESTING if origin in _FILLABLE else -1
+            if added_depth > limit:
+                action = "sets the state of" if op.name == "BUILD" else "adds items to"
+                raise NetworkLoadError(
+                    f"{path}: the pickle {action} {_described(origin)}, which an EDM network pickle never does"
+                )
+            result = (max(depth, added_depth + 1), origin)
+        else:
+            result = (1 + max((d for d, _ in inputs), default=-1), _origin(op.name, arg, inputs))
+        if result[0] > MAX_NESTING:
+            raise NetworkLoadError(f"{path}: the pickle nests objects deeper than {MAX_NESTING} levels")
+        stack += [result] * pushed
+
+
+# pickle.Unpickler that resolves only the globals of an EDM network pickle, refuses everything else by name, and
+# checks the arguments of every call it allows; _scan has checked the stream's shape before it runs.
 class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, file, path):
+    def __init__(self, file, path, size):
         super().__init__(file)
         self.path = path  # named in every error
-        scalar = _numpy_scalar()
+        self.size = size  # bytes in the file: its decoded tensor data cannot be more
+        self.storages = 0
+        self.storage_bytes = 0
         self.allowed = {
             _RECONSTRUCT: self._reconstruct,
-            ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-            ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+            ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor,
+            ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
             ("torch.storage", "_load_from_bytes"): self._load_storage,
             ("torch.nn.modules.container", "ModuleDict"): _ModuleDictState,
-            ("collections", "OrderedDict"): collections.OrderedDict,
-            ("numpy", "dtype"): np.dtype,
-            ("numpy._core.multiarray", "scalar"): scalar,  # written by numpy 2
-            ("numpy.core.multiarray", "scalar"): scalar,  # written by numpy 1 (the 2022 releases)
+            ("collections", "OrderedDict"): self._ordered_dict,
+            ("numpy", "dtype"): self._numpy_dtype,
+            ("numpy._core.multiarray", "scalar"): self._numpy_scalar,  # written by numpy 2
+            ("numpy.core.multiarray", "scalar"): self._numpy_scalar,  # written by numpy 1 (the 2022 releases)
         }
 
     def find_class(self, module, name):
@@ -78,26 +230,85 @@ class _SafeUnpickler(pickle.Unpickler):
     def _reconstruct(self, meta):
         if not isinstance(meta, dict) or meta.get("type") != "class":
             raise NetworkLoadError(f"{self.path}: unsupported persistent object (EDM's meta is a dict of type 'class')")
-        if meta.get("version") != PERSISTENCE_VERSION:
+        version = meta.get("version")
+        if version != PERSISTENCE_VERSION:
+            shown = _clip(version, 20) if isinstance(version, int) else f"a {type(version).__name__}"
             raise NetworkLoadError(
-                f"{self.path}: EDM persistence version {meta.get('version')!r}, this loader reads version "
-                f"{PERSISTENCE_VERSION}"
+                f"{self.path}: EDM persistence version {shown}, this loader reads version {PERSISTENCE_VERSION}"
             )
-        return PersistentStub(class_name=meta["class_name"], state=meta["state"])
+        class_name, state = meta.get("class_name"), meta.get("state")
+        if not isinstance(class_name, str):
+            raise NetworkLoadError(
+                f"{self.path}: a persistent object's class_name is a {type(class_name).__name__}, not a string"
+            )
+        if not isinstance(state, dict):
+            raise NetworkLoadError(
+                f"{self.path}: the state of a persistent {_clip(class_name)} is a {type(state).__name__}, not a dict"
+            )
+        return PersistentStub(class_name=class_name, state=state)
+
+    def _rebuild_tensor(self, storage, offset, size, stride, requires_grad, backward_hooks, metadata=None):
+        # torch's own rebuild calls Tensor.set_, which grows a storage too small for the view instead of refusing it.
+        if not isinstance(storage, torch.TypedStorage):
+            raise NetworkLoadError(f"{self.path}: a tensor's storage is a {type(storage).__name__}")
+        shaped = isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= 8
+        if not (shaped and _is_count(offset) and all(map(_is_count, size + stride))):
+            raise NetworkLoadError(f"{self.path}: a tensor has a malformed offset, size or stride")
+        if not isinstance(requires_grad, bool) or backward_hooks or metadata:
+            raise NetworkLoadError(f"{self.path}: a tensor carries hooks or metadata, which network weights never do")
+        reach = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else offset  # elements used
+        if reach > storage._size():  # ._size: .size() warns that TypedStorage is deprecated
+            raise NetworkLoadError(
+                f"{self.path}: a tensor of size {list(size)} reaches past its storage of {storage._size()} elements"
+            )
+        return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks)
+
+    def _rebuild_parameter(self, data, requires_grad, backward_hooks):
+        if not isinstance(data, torch.Tensor) or not isinstance(requires_grad, bool) or backward_hooks:
+            raise NetworkLoadError(f"{self.path}: a parameter is not a plain tensor")
+        return torch._utils._rebuild_parameter(data, requires_grad, backward_hooks)
 
     def _load_storage(self, blob):
-        # Each storage is a nested legacy torch.save blob; torch's own loader for it would unpickle with
-        # weights_only=False, so decode it with the weights-only loader instead.
+        # Each storage is a nested legacy torch.save blob. torch's own loader for it would unpickle with
+        # weights_only=False, and its legacy format allocates the size a blob declares before reading any data, so
+        # the blob's layout is checked first and then decoded with the weights-only loader.
+        if not isinstance(blob, bytes):
+            raise NetworkLoadError(f"{self.path}: a tensor blob is a {type(blob).__name__}, not bytes")
+        self.storages += 1
+        if self.storages > MAX_TENSORS:
+            raise NetworkLoadError(f"{self.path}: the pickle holds more than {MAX_TENSORS} tensor storages")
+        self.storage_bytes += _blob_nbytes(blob, self.path)
+        if self.storage_bytes > self.size:  # a blob decoded more than once
+            raise NetworkLoadError(f"{self.path}: the pickle decodes more tensor data than the file holds")
         try:
             storage = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         except Exception as e:
-            global_line = next((line for line in str(e).splitlines() if "GLOBAL" in line), None)
-            if global_line:
-                raise UnsafePickleError(f"{self.path}: refusing to load a nested tensor blob: {global_line}") from e
             raise NetworkLoadError(f"{self.path}: a tensor storage is corrupt ({type(e).__name__})") from e
-        if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        if not isinstance(storage, torch.TypedStorage):
             raise NetworkLoadError(f"{self.path}: a tensor blob holds a {type(storage).__name__}, not a storage")
         return storage
+
+    def _ordered_dict(self, *args):
+        # EDM's OrderedDicts are made empty and filled by SETITEMS; a copy per call of a list in the file could turn
+        # one list into a million.
+        if args:
+            raise NetworkLoadError(f"{self.path}: the pickle calls OrderedDict with arguments, which EDM's never does")
+        return collections.OrderedDict()
+
+    def _numpy_dtype(self, spec, align=False, copy=False):
+        # EDM's pickles name a dtype by a short string ('f8'); a field list, built anew per call, could be huge.
+        if not (isinstance(spec, str) and len(spec) <= 16):
+            raise NetworkLoadError(
+                f"{self.path}: a numpy dtype is named by a {type(spec).__name__}, not a short string"
+            )
+        return np.dtype(spec, align, copy)
+
+    def _numpy_scalar(self, dtype, data=None):
+        # numpy allocates a scalar of the dtype's size, and a void dtype can claim gigabytes: numbers only.
+        number = isinstance(dtype, np.dtype) and dtype.kind in "biufc" and dtype.itemsize <= 16
+        if not (number and isinstance(data, bytes) and len(data) == dtype.itemsize):
+            raise NetworkLoadError(f"{self.path}: a numpy scalar of dtype {_clip(dtype, 40)} is not a plain number")
+        return _numpy_scalar()(dtype, data)
 
 
 def _numpy_scalar():
@@ -109,11 +320,91 @@ def _numpy_scalar():
     return scalar
 
 
+_BLOB_HEAD = 4096  # bytes of a storage blob its five pickles may take (they take ~300)
+
+
+# Reads the pickles heading a nested legacy torch.save blob: a storage class becomes its dtype (not callable, so
+# nothing is built from it), a persistent id comes back as it is, and every other global is refused.
+class _BlobHeadUnpickler(pickle.Unpickler):
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+        self.storages = []  # the persistent ids met
+
+    def find_class(self, module, name):
+        storage_type = getattr(torch, name, None) if module == "torch" and name.endswith("Storage") else None
+        if not (isinstance(storage_type, type) and issubclass(storage_type, torch.storage._LegacyStorage)):
+            raise UnsafePickleError(
+                f"{self.path}: refusing to load a nested tensor blob: it names the global '{module}.{name}'"
+            )
+        return storage_type._dtype  # as torch's legacy loader reads it (.dtype warns that TypedStorage is deprecated)
+
+    def persistent_load(self, pid):
+        self.storages.append(pid)
+        return pid
+
+
+def _blob_nbytes(blob, path):
+    """Return the data size of the one storage in a nested legacy torch.save blob, after checking that the blob holds
+    exactly that: five pickles (magic number, protocol, system info, the storage's id, its key), the element count
+    as an int64, then the elements (torch.serialization._legacy_save)."""
+    head = io.BytesIO(blob[:_BLOB_HEAD])
+    unpickler = _BlobHeadUnpickler(head, path)
+    records = []
+    try:
+        for _ in range(5):
+            start = head.tell()
+            _scan(_Bounded(head), path)
+            head.seek(start)
+            records.append(unpickler.load())
+        magic, protocol, _, root, keys = records
+        kind, dtype, key, _, numel, view = root
+    except NetworkLoadError:
+        raise
+    except Exception as e:
+        raise NetworkLoadError(f"{path}: a tensor blob is not a torch.save of one storage ({type(e).__name__})") from e
+    legacy = (magic, protocol) == (torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION)
+    one = len(unpickler.storages) == 1 and root is unpickler.storages[0] and keys == [key] and view is None
+    if not (legacy and one and kind == "storage" and isinstance(dtype, torch.dtype) and _is_count(numel)):
+        raise NetworkLoadError(f"{path}: a tensor blob is not a torch.save of one storage")
+    data = len(blob) - head.tell() - 8
+    if blob[head.tell() : head.tell() + 8] != struct.pack("<q", numel) or data != numel * dtype.itemsize:
+        raise NetworkLoadError(
+            f"{path}: a tensor blob declares {numel} elements of {dtype} but holds {max(data, 0)} bytes"
+        )
+    return data
+
+
+def _torch_file_error(path):
+    """The error line for a torch.save zip: dmd's own snapshots and training states are read by DMDGenerator."""
+    kind = None
+    with contextlib.suppress(Exception), zipfile.ZipFile(path) as archive:
+        member = next(name for name in archive.namelist() if name.endswith("data.pkl"))
+        with archive.open(member) as f:
+            head = io.BytesIO(f.read(1 << 16))  # dmd writes the format as the dict's first entry
+        strings = [arg for _, arg, _ in itertools.islice(pickletools.genops(head), 64) if isinstance(arg, str)]
+        kind = strings[strings.index("format") + 1]
+    if kind in (SNAPSHOT_FORMAT, STATE_FORMAT):
+        return (
+            f"{path}: a {kind} written by dmd train, not an EDM network pickle; load it with "
+            "dmd.generate.DMDGenerator or `python -m dmd generate --network`"
+        )
+    return (
+        f"{path}: a torch.save file, not an EDM network pickle (dmd.generate.DMDGenerator reads dmd's snapshots, "
+        "training states and the port's checkpoints)"
+    )
+
+
 def read_network_pickle(path):
     """Unpickle an EDM network pickle safely: persistent objects come back as `PersistentStub`s, tensors as tensors."""
     try:
         with open(path, "rb") as f:
-            return _SafeUnpickler(f, path).load()
+            if f.read(4) == b"PK\x03\x04":  # a torch.save zip, never a pickle
+                raise NetworkLoadError(_torch_file_error(path))
+            f.seek(0)
+            _scan(_Bounded(f), path)
+            f.seek(0)
+            return _SafeUnpickler(f, path, os.fstat(f.fileno()).st_size).load()
     except NetworkLoadError:
         raise
     except Exception as e:
@@ -122,21 +413,105 @@ def read_network_pickle(path):
         ) from e
 
 
-def stub_state_dict(stub):
-    """Walk a stub tree into the state dict `module.state_dict()` would give: same keys, order and tensors."""
+def stub_state_dict(stub, path="<stub>"):
+    """Walk a stub tree into the state dict `module.state_dict()` would give: same keys, order and tensors.
+
+    A network's modules form a tree, so the walk refuses a cycle, a module or module dict met twice (a graph that
+    repeats one child under two names per level multiplies into 2**depth keys), nesting deeper than
+    MAX_MODULE_DEPTH, and more than MAX_TENSORS tensors or MAX_KEY_CHARS characters of keys. Errors name `path`.
+    """
     state_dict = collections.OrderedDict()
+    seen = set()  # ids of every state dict and _parameters / _buffers / _modules dict met so far
+    key_chars = 0
 
-    def visit(node, prefix):
-        state = node.state  # PersistentStub or _ModuleDictState
-        state_dict.update((prefix + k, v) for k, v in state["_parameters"].items() if v is not None)
+    def visit(node, prefix, ancestors):
+        nonlocal key_chars
+        where = f"{path}: module '{_clip(prefix[:-1])}'" if prefix else f"{path}: the network"
+        if not isinstance(node, (PersistentStub, _ModuleDictState)):
+            raise NetworkLoadError(f"{where} is a {type(node).__name__}, not a module")
+        state = getattr(node, "state", None)
+        parts = [state.get(name) for name in ("_parameters", "_buffers", "_modules")] if isinstance(state, dict) else []
+        if not parts or not all(isinstance(part, dict) for part in parts):
+            raise NetworkLoadError(
+                f"{where} is not a module in EDM's layout (no _parameters, _buffers, _modules dicts)"
+            )
+        if id(state) in ancestors:
+            raise NetworkLoadError(f"{where} contains itself: the module graph has a cycle")
+        if any(id(d) in seen for d in (state, *parts)):
+            raise NetworkLoadError(f"{where} repeats a module met before; a network's modules form a tree")
+        if len(ancestors) > MAX_MODULE_DEPTH:
+            raise NetworkLoadError(f"{where} nests modules more than {MAX_MODULE_DEPTH} deep")
+        seen.update(id(d) for d in (state, *parts))
+        params, buffers, modules = parts
         skip = state.get("_non_persistent_buffers_set", set())
-        state_dict.update((prefix + k, v) for k, v in state["_buffers"].items() if v is not None and k not in skip)
-        for name, child in state["_modules"].items():
+        if not isinstance(skip, (set, frozenset)):
+            raise NetworkLoadError(f"{where} has a _non_persistent_buffers_set that is a {type(skip).__name__}")
+        for kind, entries in (("parameter", params), ("buffer", buffers)):
+            for name, tensor in entries.items():
+                if tensor is None or (kind == "buffer" and name in skip):
+                    continue
+                if not (isinstance(name, str) and isinstance(tensor, torch.Tensor)):
+                    raise NetworkLoadError(
+                        f"{where} has a {kind} {_clip(name, 40)!r} that is a {type(tensor).__name__}, not a tensor"
+                    )
+                key_chars += len(prefix) + len(name)
+                if len(state_dict) >= MAX_TENSORS or key_chars > MAX_KEY_CHARS:
+                    raise NetworkLoadError(
+                        f"{path}: the network has more than {MAX_TENSORS} tensors or {MAX_KEY_CHARS} characters of keys"
+                    )
+                state_dict[prefix + name] = tensor
+        for name, child in modules.items():
             if child is not None:
-                visit(child, f"{prefix}{name}.")
+                if not isinstance(name, str):
+                    raise NetworkLoadError(f"{where} names a child module by a {type(name).__name__}")
+                visit(child, f"{prefix}{name}.", ancestors | {id(state)})
 
-    visit(stub, "")
+    visit(stub, "", frozenset())
     return state_dict
+
+
+def _some(keys, what, shown=3):
+    """'N what (first, second, third, ...)': a count of `keys` and the first few, as one short phrase."""
+    names = ", ".join(_clip(k, 60) for k in keys[:shown]) + (", ..." if len(keys) > shown else "")
+    return f"{len(keys)} {what} ({names})" if keys else f"0 {what}"
+
+
+def _check_weights(path, class_name, shapes, state_dict):
+    """Check that `state_dict` (the file's tensors) has exactly the keys and `shapes` of the network its kwargs
+    describe, and that its tensors hold their own data: the network built next then holds no more than the file."""
+    misfit = f"{path}: the weights do not fit the {class_name} its _init_kwargs describe"
+    missing = [k for k in shapes if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in shapes]
+    if missing or unexpected:
+        raise NetworkLoadError(f"{misfit}: {_some(missing, 'missing')}, {_some(unexpected, 'unexpected')}")
+    wrong = [k for k, shape in shapes.items() if state_dict[k].shape != shape]
+    if wrong:
+        k = wrong[0]
+        raise NetworkLoadError(
+            f"{misfit}: size mismatch in {len(wrong)} of {len(shapes)} tensors, e.g. '{_clip(k, 60)}' is "
+            f"{list(state_dict[k].shape)} in the file, {list(shapes[k])} in the network"
+        )
+    # Stride-0 or overlapping views of a small storage can take any shape; the network built from them would not.
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state_dict.values()}
+    claimed = sum(t.numel() * t.element_size() for t in state_dict.values())
+    if claimed > sum(storages.values()):
+        raise NetworkLoadError(
+            f"{path}: the tensors claim {claimed / 2**20:.1f} MiB but their storages hold "
+            f"{sum(storages.values()) / 2**20:.1f} MiB; a network pickle stores every tensor's own data"
+        )
+
+
+# Makes the factories our layers draw their weights from (torch.rand, torch.ones, ...) return meta tensors unless
+# told a device, so that a network built inside holds shapes only. Unlike `with torch.device("meta")` it leaves
+# torch.as_tensor / torch.tensor alone: the preconditioners compute their sigma constants on the CPU from those.
+class _MetaFactories(torch.overrides.TorchFunctionMode):
+    FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
 
 
 def load_network(source, *, key="ema", cache_dir=None, device="cpu"):
@@ -144,39 +519,33 @@ def load_network(source, *, key="ema", cache_dir=None, device="cpu"):
     path = open_url(source, cache_dir=cache_dir)
     data = read_network_pickle(path)
     if not isinstance(data, dict) or key not in data:
-        available = ", ".join(sorted(map(str, data))) if isinstance(data, dict) else f"a {type(data).__name__}"
+        names = sorted(map(str, data))[:10] if isinstance(data, dict) else None
+        available = ", ".join(_clip(k, 40) for k in names) if names is not None else f"a {type(data).__name__}"
         raise NetworkLoadError(f"{path}: no '{key}' entry in the pickle (available: {available})")
     stub = data[key]
     if not isinstance(stub, PersistentStub):
         raise NetworkLoadError(f"{path}: '{key}' holds a {type(stub).__name__}, not a network")
-    if stub.class_name not in PRECONDITIONERS:
+    if not isinstance(stub.class_name, str) or stub.class_name not in PRECONDITIONERS:
         raise NetworkLoadError(
-            f"{path}: '{key}' is a {stub.class_name}, not one of the networks we build ({', '.join(PRECONDITIONERS)})"
+            f"{path}: '{key}' is a {_clip(stub.class_name, 40)}, not one of the networks we build "
+            f"({', '.join(PRECONDITIONERS)})"
         )
-    try:
-        state_dict = stub_state_dict(stub)
-        init_args, init_kwargs = stub.state["_init_args"], stub.state["_init_kwargs"]
-    except (KeyError, AttributeError, TypeError) as e:
-        raise NetworkLoadError(f"{path}: '{key}' is not a module in EDM's layout ({type(e).__name__}: {e})") from e
+    init_args = stub.state.get("_init_args") if isinstance(stub.state, dict) else None
+    init_kwargs = stub.state.get("_init_kwargs") if isinstance(stub.state, dict) else None
+    if not isinstance(init_args, tuple) or not isinstance(init_kwargs, dict):
+        raise NetworkLoadError(f"{path}: '{key}' is not a module in EDM's layout (no _init_args and _init_kwargs)")
     if init_args:
         raise NetworkLoadError(f"{path}: '{key}' was built with positional arguments, which EDM networks never take")
+    state_dict = stub_state_dict(stub, path)
     try:
-        net = build_network(stub.class_name, init_kwargs)
-    except (ValueError, TypeError) as e:
-        raise NetworkLoadError(f"{path}: cannot build '{key}' ({stub.class_name}): {e}") from e
-
-    misfit = f"{path}: the weights do not fit the {stub.class_name} its _init_kwargs describe"
-    expected = net.state_dict().keys()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        raise NetworkLoadError(
-            f"{misfit}: {len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}"
-        )
-    try:
-        net.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:  # shapes differ
-        raise NetworkLoadError(f"{misfit}: {' '.join(str(e).split())}") from e
+        check_init_kwargs(init_kwargs)
+        with _MetaFactories():  # shapes only, nothing allocated: the file's tensors are checked before the build
+            shapes = {k: v.shape for k, v in build_network(stub.class_name, init_kwargs).state_dict().items()}
+    except Exception as e:  # the kwargs come from the file, so whatever stops the build is the file's fault
+        raise NetworkLoadError(f"{path}: cannot build '{key}' ({stub.class_name}): {_clip(e, 300)}") from e
+    _check_weights(path, stub.class_name, shapes, state_dict)
+    net = build_network(stub.class_name, init_kwargs)
+    net.load_state_dict(state_dict, strict=True)
     return net.eval().requires_grad_(False).to(device)
 
 
@@ -225,6 +594,9 @@ class _EDMPickler(pickle.Pickler):
         if not (isinstance(obj, torch.nn.Module) and type(obj).__module__.startswith("dmd.edm.")):
             return NotImplemented
         state = obj.__getstate__()
+        # A run's override of the U-Net dtype (dmd train --precision) is not part of the network, and a torch.dtype
+        # in the stream would be a global no network pickle names.
+        state.pop("compute_dtype", None)
         init_kwargs = state.pop("_init_kwargs", {})  # only the preconditioner records them; moved last, as in EDM
         state["_init_args"] = ()
         state["_init_kwargs"] = init_kwargs
