@@ -130,7 +130,7 @@ class Runner:
     """Runs `python -m dmd train` rows in fresh processes inside one temporary folder."""
 
     def __init__(self, folder, checkout=ROOT):
-        self.folder, self.checkout, self.count = folder, Path(checkout), 0
+        self.folder, self.checkout = folder, Path(checkout)
 
     def run(self, teacher, resolution, batch, lambda_reg, precision, device, steps, warmup, extra=(), nproc=1):
         """Run warmup + steps steps (on `nproc` processes under torchrun); return the stats records after the
@@ -138,8 +138,7 @@ class Runner:
         pairs = self.folder / f"pairs-{resolution}-{batch * nproc}.h5"
         if not pairs.exists():
             write_pairs(pairs, batch * nproc * (steps + warmup), resolution)
-        self.count += 1
-        out = self.folder / f"run-{self.count}"
+        out = Path(tempfile.mkdtemp(prefix="run-", dir=self.folder)) / "run"  # a fresh folder per row
         launcher = [sys.executable]
         if nproc > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]

@@ -108,6 +108,17 @@ def restore_rng(rng):
     random.setstate(rng["python"])
 
 
+def data_fingerprint(path):
+    """`file_fingerprint` of a file; of a folder (EDM's image-folder layout), sha256 of its files' names and sizes."""
+    path = Path(path)
+    if path.is_file():
+        return file_fingerprint(path)
+    digest = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        digest.update(f"{p.relative_to(path).as_posix()}\0{p.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
 def file_fingerprint(path):
     """sha256 of a file's size and of its first and last MiB: cheap for a 2 GB pair file, and any other file (or
     the same file with more rows complete) gets another value."""
@@ -127,23 +138,26 @@ def cpu_state_dict(net):
     return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
-def save_snapshot(path, net, *, sigma_G, step, config):
-    """Write the inference weights of `net` with its network config, the layout `DMDGenerator` reads."""
+def save_snapshot(path, net, *, generator_sigmas, step, config):
+    """Write the inference weights of `net` with its network config and noise levels, the layout `DMDGenerator`
+    reads (sigma_G, the first level, too, for readers of one-step snapshots)."""
     snapshot = {
         "format": SNAPSHOT_FORMAT,
         "version": FORMAT_VERSION,
         "class_name": type(net).__name__,
         "init_kwargs": copy.deepcopy(net.init_kwargs),
         "state_dict": cpu_state_dict(net),
-        "sigma_G": float(sigma_G),
+        "sigma_G": float(generator_sigmas[0]),
+        "generator_sigmas": [float(s) for s in generator_sigmas],
         "step": int(step),
         "config": config,
     }
     atomic_torch_save(snapshot, path)
 
 
-def save_training_state(path, *, G, mu_fake, G_ema, opt_G, opt_fake, step, data_position, run):
-    """Write everything a resumed run needs to continue bit for bit; `run` holds the run's identity and counters
+def save_training_state(path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, step, positions, run):
+    """Write everything a resumed run needs to continue bit for bit; `positions` holds the data streams' positions
+    (data_position: pairs, real_position: real images; None without), `run` the run's identity and counters
     (config, sigma_G, bad_steps, best_fid, global_batch, fingerprints)."""
     state = {
         "format": STATE_FORMAT,
@@ -153,11 +167,12 @@ def save_training_state(path, *, G, mu_fake, G_ema, opt_G, opt_fake, step, data_
         "G": cpu_state_dict(G),
         "mu_fake": cpu_state_dict(mu_fake),
         "G_ema": None if G_ema is None else cpu_state_dict(G_ema),
+        "head": None if head is None else cpu_state_dict(head),  # DMD2's discriminator head
         "opt_G": opt_G.state_dict(),
         "opt_fake": opt_fake.state_dict(),
         "step": int(step),
         "rng": capture_rng(),
-        "data_position": data_position,
+        **positions,
         **run,
     }
     atomic_torch_save(state, path)
@@ -257,7 +272,7 @@ def check_same_run(state, path, cfg, *, global_batch, fingerprints):
             )
     for name, value in fingerprints.items():
         if state["fingerprints"].get(name) != value:
-            flag = {"teacher": "--model-path", "pairs": "--data-path"}[name]
+            flag = {"teacher": "--model-path", "pairs": "--data-path", "real": "--real-data"}[name]
             raise CheckpointError(
                 f"--resume: {path} was trained with another {name} file than {flag} gives (the file's fingerprint "
                 "differs); resume with the run's own file"
@@ -268,14 +283,18 @@ def check_same_run(state, path, cfg, *, global_batch, fingerprints):
         raise CheckpointError(f"--resume: {path}: {e}") from e
 
 
-def restore(state, path, *, G, mu_fake, G_ema, opt_G, opt_fake, stream):
-    """Load a training state into the run's objects; return its step. CheckpointError naming `path` if it does not
-    fit (another network, weights of other shapes, an optimiser state of another layout)."""
+def restore(state, path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, streams):
+    """Load a training state into the run's objects; return its step. `streams` maps the state's position entries
+    to the run's data streams (or None). CheckpointError naming `path` if the state does not fit (another network,
+    weights of other shapes, an optimiser state of another layout)."""
     if state["class_name"] != type(G).__name__ or state["init_kwargs"] != G.init_kwargs:
         raise CheckpointError(f"--resume: {path} holds a different network than --model-path and --dropout build")
     if (state.get("G_ema") is None) != (G_ema is None):
         raise CheckpointError(f"--resume: {path} and --ema-halflife-kimg disagree on whether G has an EMA")
-    targets = [("G", G), ("mu_fake", mu_fake)] + ([("G_ema", G_ema)] if G_ema is not None else [])
+    if (state.get("head") is None) != (head is None):
+        raise CheckpointError(f"--resume: {path} and the GAN settings disagree on whether the run has a discriminator")
+    targets = [("G", G), ("mu_fake", mu_fake), ("G_ema", G_ema), ("head", head)]
+    targets = [(key, net) for key, net in targets if net is not None]
     for key, net in targets:
         try:
             net.load_state_dict(state[key], strict=True)
@@ -287,8 +306,9 @@ def restore(state, path, *, G, mu_fake, G_ema, opt_G, opt_fake, stream):
             opt.load_state_dict(state[key])
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"--resume: {path}: the {key} optimiser state does not fit ({e})") from e
-    if stream is not None and state.get("data_position") is not None:
-        stream.load_state_dict(state["data_position"])
+    for key, stream in streams.items():
+        if stream is not None and state.get(key) is not None:
+            stream.load_state_dict(state[key])
     try:
         restore_rng(state["rng"])
     except (KeyError, TypeError, RuntimeError, ValueError) as e:

@@ -7,10 +7,9 @@ Commands live here, one function each; the work itself lives in the module named
 import click
 
 from dmd import __version__
-from dmd.config import (
-    ConfigError,
-    TrainConfig,
-)  # Plain dataclasses (no torch): the flags take their defaults from them.
+
+# Plain dataclasses (no torch): the flags take their defaults from them.
+from dmd.config import RECIPES, ConfigError, TrainConfig, resolve_recipe
 from dmd.demo.config import DemoConfig, DemoError, DemoInterrupted, TeacherConfig
 
 
@@ -97,6 +96,24 @@ def _option(config, flag, type, help):
 _POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
+def _recipe_option(flag, type, help):
+    """An option a --recipe may set: unset it is None, and the recipe's value or else the config's default applies."""
+    name = flag[2:].replace("-", "_")
+    by_recipe = "".join(f"; --recipe {r}: {values[name]}" for r, values in RECIPES.items() if name in values)
+    text = f"{help}  [default: {_default(TrainConfig, name)}{by_recipe}]"
+    return click.option(flag, default=None, type=type, help=text, show_default=False)
+
+
+def _float_list(ctx, param, value):
+    """Parse '80' or '80,1.5' into a tuple of floats (None stays None)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from e
+
+
 @main.command("train")
 @click.option("--model-path", required=True, help="Teacher EDM network pickle: path, file:// or http(s):// URL.")
 @click.option("--data-path", type=click.Path(dir_okay=False), help="Teacher pair file (make-pairs) for regression.")
@@ -109,20 +126,45 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
 )
 @click.option("--max-steps", type=click.IntRange(min=1), help="Duration in steps; or give --epochs.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Duration in passes over --data-path.")
-@_option(TrainConfig, "--lr-gen", _POSITIVE, "AdamW learning rate of G.")
-@_option(TrainConfig, "--lr-fake", _POSITIVE, "AdamW learning rate of mu_fake.")
+@click.option(
+    "--recipe",
+    default="dmd",
+    type=click.Choice(sorted(RECIPES)),
+    help="Defaults for the settings left unset: dmd (the DMD paper's) or dmd2 (DMD2's: no pairs, 5 fake-score "
+    "steps per G step, GAN on --real-data, lr 2e-6). Explicit flags override it; config.json records the result.",
+)
+@_recipe_option("--lr-gen", _POSITIVE, "AdamW learning rate of G.")
+@_recipe_option("--lr-fake", _POSITIVE, "AdamW learning rate of mu_fake (and the GAN head).")
 @_option(TrainConfig, "--weight-decay", click.FloatRange(min=0), "AdamW, both.")
 @_option(TrainConfig, "--grad-clip", _POSITIVE, "Max gradient norm, both networks.")
 @_option(TrainConfig, "--lambda-dm", click.FloatRange(min=0), "DM weight; 0=off.")
-@_option(TrainConfig, "--lambda-reg", click.FloatRange(min=0), "LPIPS weight; 0=off.")
+@_recipe_option("--lambda-reg", click.FloatRange(min=0), "Regression weight; 0 = off (no pairs needed).")
 @_option(
     TrainConfig,
     "--regression-distance",
     click.Choice(["lpips", "mse"]),
     "Regression distance: the paper's LPIPS, or MSE at native resolution (CPU smoke runs).",
 )
-@_option(TrainConfig, "--fake-steps-per-gen", click.IntRange(min=1), "mu_fake steps per G step.")
-@_option(TrainConfig, "--generator-sigma", _POSITIVE, "sigma_G of G(z) = D(sigma_G z; sigma_G).")
+@_recipe_option("--fake-steps-per-gen", click.IntRange(min=1), "mu_fake steps per G step (DMD2's TTUR: 5).")
+@click.option(
+    "--generator-sigmas",
+    callback=_float_list,
+    help="G's noise levels: 80 is the one-step G(z) = D(80 z; 80); a decreasing list such as 80,1.5 makes a "
+    "few-step generator trained with backward simulation.  [default: 80]",
+)
+@click.option("--generator-sigma", type=_POSITIVE, hidden=True, help="One-step sigma_G (old spelling).")
+@click.option(
+    "--real-data",
+    type=click.Path(exists=True),
+    help="Real images for DMD2's GAN: a folder or ZIP in EDM's dataset format (dataset_tool.py), e.g. "
+    "cifar10-32x32.zip; resolution, channels and classes must match the teacher.",
+)
+@click.option("--xflip", is_flag=True, help="Also use the real images mirrored left-right (EDM's x-flip).")
+@_recipe_option("--gan-weight-gen", click.FloatRange(min=0), "Weight of G's GAN loss; 0 = no GAN.")
+@_recipe_option(
+    "--gan-weight-disc", click.FloatRange(min=0), "Weight of the discriminator loss in the fake-score step."
+)
+@_option(TrainConfig, "--gan-t-max", click.FloatRange(0, 1, min_open=True), "Diffusion-GAN noise: index < this x T.")
 @_option(TrainConfig, "--dropout", click.FloatRange(0, 1, max_open=True), "G, mu_fake.")
 @_option(TrainConfig, "--t-min", click.FloatRange(0, 1), "DM loss t range, fraction of T.")
 @_option(TrainConfig, "--t-max", click.FloatRange(0, 1), "Its upper end (exclusive).")
@@ -166,14 +208,21 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
     help="Check the teacher, pairs and run folder against each other, print the config, exit.",
 )
 @click.pass_context
-def train_command(ctx, lpips_random, dry_run, allow_change, **options):
-    """Distill a teacher into a one-step generator with DMD (torchrun for several GPUs)."""
+def train_command(ctx, lpips_random, dry_run, allow_change, recipe, generator_sigma, **options):
+    """Distill a teacher into a one-step (or few-step) generator with DMD or DMD2 (torchrun for several GPUs)."""
     from dmd.checkpoint import CheckpointError
     from dmd.train import TrainError, train
     from dmd.utils.logger import LoggerError
 
     try:
+        if generator_sigma is not None:
+            if options["generator_sigmas"] is not None:
+                raise ConfigError("give --generator-sigmas or its old spelling --generator-sigma, not both")
+            options["generator_sigmas"] = (generator_sigma,)
+        if options["generator_sigmas"] is None:
+            del options["generator_sigmas"]
         changeable = tuple(name for name in allow_change.split(",") if name.strip())
+        options = resolve_recipe(recipe, options)
         cfg = TrainConfig(**options, lpips_pretrained=not lpips_random, allow_change=changeable)
     except ConfigError as e:
         raise click.ClickException(str(e)) from e

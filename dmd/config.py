@@ -30,7 +30,7 @@ class TrainConfig:
     lambda_reg: float = 0.25  # weight of the regression loss; 0 disables it
     regression_distance: str = "lpips"  # 'lpips' (the paper's, VGG-16 at 224x224) or 'mse' (native resolution)
     fake_steps_per_gen: int = 1  # mu_fake updates per G update (DMD2's TTUR uses 5)
-    generator_sigma: float = 80.0  # sigma_G in G(z, c) = D_G(sigma_G z; sigma_G, c)
+    generator_sigmas: Tuple[float, ...] = (80.0,)  # G's noise levels: (80,) = G(z) = D_G(80 z; 80), or a few-step list
     dropout: float = 0.0  # dropout of G and mu_fake (mu_real always runs in eval mode)
     num_timesteps: int = 1000  # T of the Karras grid
     t_min: float = 0.02  # DM loss draws t uniformly from [t_min T, t_max T)
@@ -58,10 +58,17 @@ class TrainConfig:
     fid_ref: Optional[str] = None  # reference statistics npz (path/URL); None = EDM's CIFAR-10 reference
     fid_detector: Optional[str] = None  # TorchScript detector (path/URL); None = the Inception-v3 of EDM's protocol
     cache_dir: Optional[str] = None  # download cache; None = $DMD_CACHE_DIR or ~/.cache/dmd
+    real_data: Optional[str] = None  # real images for DMD2's GAN: EDM's dataset format (folder or zip + dataset.json)
+    xflip: bool = False  # also train the discriminator on the real images mirrored (EDM's x-flip doubling)
+    gan_weight_gen: float = 0.0  # weight of G's GAN loss softplus(-f(G(z))) (DMD2: 3e-3); 0 = no GAN
+    gan_weight_disc: float = 0.0  # weight of the discriminator loss in the fake-score step (DMD2: 1e-2)
+    gan_t_max: float = 1.0  # diffusion-GAN noise index uniform in [0, gan_t_max T) of the Karras grid (DMD2: all of it)
+    recipe: str = "dmd"  # the bundle of defaults the unset settings took (RECIPES); recorded, the values decide
     allow_change: Tuple[str, ...] = ()  # settings a resumed run may change from the run's, e.g. ('lr_gen',)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "generator_sigmas", tuple(float(s) for s in self.generator_sigmas))
         object.__setattr__(self, "allow_change", tuple(field_name(f) for f in self.allow_change))
         self.validate()
 
@@ -79,7 +86,31 @@ class TrainConfig:
             (self.regression_distance in ("lpips", "mse"), "--regression-distance must be 'lpips' or 'mse'"),
             (self.lambda_reg == 0 or self.data_path is not None, "--lambda-reg > 0 needs pairs: give --data-path"),
             (self.fake_steps_per_gen >= 1, "--fake-steps-per-gen must be at least 1"),
-            (self.generator_sigma > 0, "--generator-sigma must be positive"),
+            (1 <= len(self.generator_sigmas) <= 16, "--generator-sigmas must list 1 to 16 noise levels"),
+            (
+                all(s > 0 for s in self.generator_sigmas)
+                and list(self.generator_sigmas) == sorted(set(self.generator_sigmas), reverse=True),
+                "--generator-sigmas must be positive and strictly decreasing, e.g. 80,1.5",
+            ),
+            (self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
+            (
+                (self.gan_weight_gen > 0) == (self.gan_weight_disc > 0),
+                "--gan-weight-gen and --gan-weight-disc: both > 0 (GAN on) or both 0",
+            ),
+            (
+                min(self.gan_weight_gen, self.gan_weight_disc) >= 0,
+                "--gan-weight-gen and --gan-weight-disc must be >= 0",
+            ),
+            (self.gan_weight_gen == 0 or self.real_data is not None, "the GAN needs real images: give --real-data"),
+            (
+                self.gan_weight_gen == 0 or self.lambda_dm > 0,
+                "the GAN trains in the fake-score step: it needs --lambda-dm > 0",
+            ),
+            (
+                self.real_data is None or self.gan_weight_gen > 0,
+                "--real-data is used by the GAN only: set --gan-weight-gen and --gan-weight-disc (or --recipe dmd2)",
+            ),
+            (0 < self.gan_t_max <= 1, "--gan-t-max must be in (0, 1]"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (0 <= self.t_min < self.t_max <= 1, "--t-min must be below --t-max, both in [0, 1]"),
             (self.fake_sigma_sampling in ("karras", "lognormal"), "--fake-sigma-sampling: 'karras' or 'lognormal'"),
@@ -137,7 +168,33 @@ FREE_ON_RESUME = {
     "fid_every", "fid_num", "fid_ref", "fid_detector", "cache_dir", "allow_change", "batch_size", "reg_batch_size",
     "channels_last", "compile",
 }  # fmt: skip
-FIXED_ON_RESUME = {"seed", "generator_sigma", "dropout", "num_timesteps"}
+FIXED_ON_RESUME = {"seed", "generator_sigmas", "dropout", "num_timesteps"}
+FREE_ON_RESUME |= {"real_data", "recipe"}  # the real images' contents are checked by their fingerprint
+
+# Named bundles of defaults for the settings a user leaves unset (`--recipe`); explicit flags override them, and the
+# resolved values are what config.json records and resume compares.
+RECIPES = {
+    # DMD (Yin et al., CVPR 2024) on CIFAR-10: TrainConfig's defaults (lr 5e-5, lambda_reg 0.25 LPIPS, 1:1 updates).
+    "dmd": {},
+    # DMD2 (Yin et al., NeurIPS 2024), its ImageNet-64 values: no regression (no pairs), TTUR with 5 fake-score
+    # updates per G update, the GAN on real images (3e-3 / 1e-2, diffusion-GAN over the whole grid), AdamW lr 2e-6.
+    "dmd2": dict(
+        lambda_reg=0.0, fake_steps_per_gen=5, gan_weight_gen=3e-3, gan_weight_disc=1e-2, lr_gen=2e-6, lr_fake=2e-6
+    ),
+}
+
+
+def resolve_recipe(recipe, options):
+    """Options for TrainConfig: the unset (None) settings take `recipe`'s value if it has one, else the default."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
+    resolved = {k: v for k, v in options.items() if v is not None or k not in RECIPE_FIELDS}
+    for name, value in RECIPES[recipe].items():
+        resolved.setdefault(name, value)
+    return dict(resolved, recipe=recipe)
+
+
+RECIPE_FIELDS = {name for recipe in RECIPES.values() for name in recipe}
 
 
 def flag_name(field):

@@ -114,29 +114,39 @@ class GANLoss:
         self.grid = grid
         self.max_index = int(max_index)
 
-    def logits(self, x, class_labels=None, generator=None):
+    def noised(self, x, generator=None, rows=None, n=None):
+        """x + sigma eps at grid sigmas: (x_t (N, C, H, W), sigma (N,)). With `rows` and `n`, x holds rows `rows` of
+        a global batch of n images, and the draws are made for all n and sliced, so every process (and one process
+        with the whole batch) draws the same noise for the same image."""
+        rows, n = (slice(0, x.shape[0]), x.shape[0]) if rows is None else (rows, n)
+        t = self.grid.sample_index(n, 0.0, self.max_index / self.grid.T, device=x.device, generator=generator)
+        eps = torch.randn((n, *x.shape[1:]), device=x.device, dtype=x.dtype, generator=generator)
+        sigma = self.grid.sigma(t)[rows]  # (N,)
+        return x + sigma.reshape(-1, 1, 1, 1).to(x.dtype) * eps[rows], sigma
+
+    def logits(self, x, class_labels=None, generator=None, rows=None, n=None):
         """Noise images x (N, C, H, W) at grid sigmas and return the discriminator's logits (N,) and the sigmas (N,)."""
-        t = self.grid.sample_index(x.shape[0], 0.0, self.max_index / self.grid.T, device=x.device, generator=generator)
-        sigma = self.grid.sigma(t)  # (N,)
-        eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        x_t = x + sigma.reshape(-1, 1, 1, 1).to(x.dtype) * eps
+        x_t, sigma = self.noised(x, generator, rows, n)
         return self.head(self.mu_fake.bottleneck(x_t, sigma, class_labels)), sigma
 
-    def discriminator(self, x_fake, c_fake, x_real, c_real, generator=None):
+    def discriminator(self, x_fake, c_fake, x_real, c_real, generator=None, rows=None, n=None):
         """Return the discriminator loss per (fake, real) pair (N,) and logging tensors, for N generated and N real
         images with their one-hot labels (or None). Both batches are detached: gradients reach only mu_fake and head.
+        `rows`, `n`: the batches are these rows of global batches of n (see `noised`); fake images draw first.
         """
         if x_fake.shape != x_real.shape:
             raise ValueError(f"generated images {tuple(x_fake.shape)} and real images {tuple(x_real.shape)} differ")
-        n = x_fake.shape[0]
-        x = torch.cat([x_fake.detach(), x_real.detach().to(x_fake.dtype)])  # one encoder pass for both (2N, C, H, W)
-        logits, sigma = self.logits(x, _cat_labels(c_fake, c_real), generator)
-        aux = dict(logits_fake=logits[:n].detach(), logits_real=logits[n:].detach(), sigma=sigma)
-        return discriminator_loss(logits[:n], logits[n:]), aux
+        fake_t, sigma_fake = self.noised(x_fake.detach(), generator, rows, n)
+        real_t, sigma_real = self.noised(x_real.detach().to(x_fake.dtype), generator, rows, n)
+        k = x_fake.shape[0]  # one encoder pass for both batches (2N, C, H, W)
+        sigma = torch.cat([sigma_fake, sigma_real])
+        logits = self.head(self.mu_fake.bottleneck(torch.cat([fake_t, real_t]), sigma, _cat_labels(c_fake, c_real)))
+        aux = dict(logits_fake=logits[:k].detach(), logits_real=logits[k:].detach(), sigma=sigma)
+        return discriminator_loss(logits[:k], logits[k:]), aux
 
-    def generator(self, x_fake, c_fake=None, generator=None):
+    def generator(self, x_fake, c_fake=None, generator=None, rows=None, n=None):
         """Return the generator's GAN loss per sample (N,) and logging tensors. mu_fake and the head are frozen while
         the loss is built, so its backward reaches x_fake (and G) and leaves no gradient in them."""
         with frozen(self.mu_fake, self.head):
-            logits, sigma = self.logits(x_fake, c_fake, generator)
+            logits, sigma = self.logits(x_fake, c_fake, generator, rows, n)
         return generator_gan_loss(logits), dict(logits_fake=logits.detach(), sigma=sigma)

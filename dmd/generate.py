@@ -1,7 +1,7 @@
 """One-step generation: `DMDGenerator` loads any network `dmd` knows and maps per-seed noise to images.
 
 Sources, detected from the file itself:
-  - our `network-snapshot-*.pt` (inference weights, sigma_G stored with them);
+  - our `network-snapshot-*.pt` (inference weights, the generator's sigma list stored with them);
   - our `training-state-*.pt` (G_ema if the run kept an EMA, else G);
   - an EDM network pickle (its 'ema' network, used as a one-step generator at sigma_G = 80);
   - the unofficial port's released checkpoint, a torch.save dict whose 'model_g' holds an EDMPrecond state dict.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dmd.edm.presets import DDPMPP
-from dmd.generator import FORMAT_VERSION, SIGMA_G, SNAPSHOT_FORMAT, STATE_FORMAT, one_step
+from dmd.generator import FORMAT_VERSION, SIGMA_G, SNAPSHOT_FORMAT, STATE_FORMAT, sample
 from dmd.utils import distributed
 from dmd.utils.common import make_grid, one_hot, parse_int_list, resolve_device, to_uint8
 from dmd.utils.io import atomic_path, atomic_save_image
@@ -83,10 +83,14 @@ def port_init_kwargs(state_dict, path):
 
 
 def _build(path, class_name, init_kwargs, state_dict):
-    """Build a network and load its weights strictly; GeneratorLoadError naming `path` if they do not fit."""
-    from dmd.edm.precond import build_network
+    """Build a network and load its weights strictly; GeneratorLoadError naming `path` if they do not fit (or if
+    its constructor kwargs are out of the sane ranges, so a hostile file cannot make the build spin or allocate)."""
+    from dmd.edm.precond import build_network, check_init_kwargs
 
     try:
+        if not isinstance(init_kwargs, dict):
+            raise TypeError(f"init_kwargs is a {type(init_kwargs).__name__}, not a dict")
+        check_init_kwargs(init_kwargs)
         net = build_network(class_name, init_kwargs)
         net.load_state_dict(state_dict, strict=True)
     except (ValueError, TypeError, RuntimeError) as e:
@@ -95,7 +99,7 @@ def _build(path, class_name, init_kwargs, state_dict):
 
 
 def _from_torch_file(path):
-    """Build the network of one of our snapshots or training states, or of the port's checkpoint: (net, sigma_G)."""
+    """Build the network of one of our snapshots or training states, or of the port's checkpoint: (net, sigmas)."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -111,19 +115,22 @@ def _from_torch_file(path):
                 state_dict = data["state_dict"]
             else:
                 state_dict = data["G_ema"] if data.get("G_ema") is not None else data["G"]
-            class_name, init_kwargs, sigma_G = data["class_name"], data["init_kwargs"], float(data["sigma_G"])
+            class_name, init_kwargs = data["class_name"], data["init_kwargs"]
+            sigmas = [float(s) for s in data.get("generator_sigmas", [data["sigma_G"]])]  # one-step files: sigma_G
         except KeyError as e:
             raise GeneratorLoadError(f"{path}: {kind} without the entry {e}") from e
-        return _build(path, class_name, init_kwargs, state_dict), sigma_G
+        except (TypeError, ValueError) as e:
+            raise GeneratorLoadError(f"{path}: {kind} with malformed noise levels (sigma_G, generator_sigmas)") from e
+        return _build(path, class_name, init_kwargs, state_dict), sigmas
     if "model_g" in data:
         state_dict = _strip_prefixes(data["model_g"])
-        return _build(path, "EDMPrecond", port_init_kwargs(state_dict, path), state_dict), PORT_SIGMA_G
+        return _build(path, "EDMPrecond", port_init_kwargs(state_dict, path), state_dict), [PORT_SIGMA_G]
     keys = ", ".join(sorted(map(str, data))[:8])
     raise GeneratorLoadError(f"{path}: not a dmd snapshot, training state or port checkpoint (keys: {keys})")
 
 
 def load_generator(source, *, cache_dir=None, device="cpu"):
-    """Load a network from any supported file (path or URL): return (net in eval mode, frozen, sigma_G)."""
+    """Load a network from any supported file (path or URL): return (net in eval mode, frozen, generator sigmas)."""
     from dmd.edm.persistence import NetworkLoadError, load_network
     from dmd.utils.download import DownloadError, open_url
 
@@ -134,39 +141,52 @@ def load_generator(source, *, cache_dir=None, device="cpu"):
     with open(path, "rb") as f:
         head = f.read(1)
     if zipfile.is_zipfile(path):  # torch.save's format
-        net, sigma_G = _from_torch_file(path)
+        net, sigmas = _from_torch_file(path)
     elif head == b"\x80":  # a pickle (protocol >= 2), as EDM writes its networks
         try:
-            net, sigma_G = load_network(path, cache_dir=cache_dir), SIGMA_G
+            net, sigmas = load_network(path, cache_dir=cache_dir), [SIGMA_G]
         except NetworkLoadError as e:
             raise GeneratorLoadError(str(e)) from e
     else:
         raise GeneratorLoadError(
             f"{path}: not a dmd snapshot, training state, port checkpoint (torch.save zip) or EDM pickle"
         )
-    return net.eval().requires_grad_(False).to(device), sigma_G
+    return net.eval().requires_grad_(False).to(device), sigmas
 
 
-# One-step sampling of a loaded network, per-seed reproducible; also samples an EDM teacher with `num_steps`.
+# Sampling of a loaded generator (one step, or its own few-step sigma list), per-seed reproducible; also samples an
+# EDM teacher with `num_steps`.
 class DMDGenerator:
     def __init__(
         self,
         network_path=None,  # Snapshot, training state, EDM pickle or port checkpoint: path or URL.
         device=None,  # None/'auto': cuda when available, else cpu.
         cache_dir=None,  # Download cache for URLs.
-        sigma_G=None,  # Generator noise level; None: the file's (80 for EDM pickles).
+        sigma_G=None,  # One-step noise level overriding the file's (80 for EDM pickles; the port's 79.56).
         net=None,  # An in-memory network instead of network_path (e.g. G_ema during training).
+        sigmas=None,  # The generator's noise levels, e.g. [80, 1.5]; None: the file's (one step for EDM pickles).
     ):
         if (network_path is None) == (net is None):
             raise ValueError("DMDGenerator needs exactly one of network_path and net")
+        if sigma_G is not None and sigmas is not None:
+            raise ValueError("give sigma_G (one step) or sigmas (the list), not both")
         if net is None:
             self.device = resolve_device(device)
-            net, stored_sigma = load_generator(network_path, cache_dir=cache_dir, device=self.device)
+            net, stored = load_generator(network_path, cache_dir=cache_dir, device=self.device)
         else:
             self.device = next(net.parameters()).device if device is None else torch.device(device)
-            stored_sigma = SIGMA_G
+            stored = [SIGMA_G]
         self.net = net
-        self.sigma_G = float(stored_sigma if sigma_G is None else sigma_G)
+        if sigmas is None:
+            sigmas = stored if sigma_G is None else [sigma_G]
+        self.sigmas = [float(s) for s in sigmas]
+        if not self.sigmas or any(s <= 0 for s in self.sigmas) or self.sigmas != sorted(self.sigmas, reverse=True):
+            raise ValueError(f"generator sigmas must be positive and decreasing, not {self.sigmas}")
+
+    @property
+    def sigma_G(self):
+        """The first noise level (the only one of a one-step generator)."""
+        return self.sigmas[0]
 
     @property
     def label_dim(self):
@@ -196,10 +216,11 @@ class DMDGenerator:
         return ids
 
     def _sample(self, z, labels, randn_like, num_steps):
-        """Images from unscaled noise z (B, C, R, R) and class indices (B,) or None, clamped to [-1, 1]."""
+        """Images from unscaled noise z (B, C, R, R) and class indices (B,) or None, clamped to [-1, 1]; randn_like
+        gives the fresh noise between the levels of a few-step generator (per seed, after the latent and label)."""
         c = None if labels is None else one_hot(labels, self.label_dim, self.device)
         if num_steps is None:
-            x = one_step(self.net, z, c, sigma=self.sigma_G)
+            x = sample(self.net, z, c, self.sigmas, noise=lambda level: randn_like(z))
         else:
             from dmd.edm.sampler import edm_sampler
 

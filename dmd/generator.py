@@ -1,4 +1,12 @@
-"""The one-step generator of DMD: G(z, c) = D_G(sigma_G * z; sigma_G, c), with sigma_G = 80 (EDM's sigma_max)."""
+"""The generator of DMD and DMD2: G(z, c) = D_G(sigma_G * z; sigma_G, c) in one step (sigma_G = 80, EDM's sigma_max),
+or in N steps over a fixed list of noise levels sigma_0 > sigma_1 > ... (DMD2's multi-step generator, for EDM
+networks a list of sigmas such as 80, 1.5):
+
+    x_0 = sigma_0 z,    x0_k = D_G(x_k; sigma_k, c),    x_{k+1} = x0_k + sigma_{k+1} eps_k  (fresh eps_k ~ N(0, I)),
+
+and the sample is the last x0. Training uses DMD2's backward simulation: G's input at level k is made by the current
+G itself, without gradients, from pure noise through levels 0..k-1, so G trains on the inputs it meets at sampling.
+"""
 
 import torch
 
@@ -10,7 +18,30 @@ STATE_FORMAT = "dmd-training-state"
 FORMAT_VERSION = 2  # 2: training states record the global batch and the teacher and pair fingerprints
 
 
+def denoise_at(net, x, sigma, class_labels=None):
+    """D(x; sigma, c) with one noise level for the whole batch x (N, C, H, W)."""
+    return net(x, torch.full((x.shape[0],), float(sigma), device=x.device), class_labels)
+
+
 def one_step(net, z, class_labels=None, sigma=SIGMA_G):
     """Map unscaled noise z ~ N(0, I) of shape (N, C, H, W) to images with one denoiser call at `sigma`."""
-    sigma_t = torch.full((z.shape[0],), float(sigma), device=z.device)
-    return net(z * sigma, sigma_t, class_labels)
+    return denoise_at(net, z * sigma, sigma, class_labels)
+
+
+def simulate_input(net, z, class_labels, sigmas, k, noise):
+    """G's input at level k (backward simulation): sigma_0 z run through levels 0..k-1 by `net` without gradients,
+    re-noised with noise(level) ~ N(0, I) shaped like z after each level. At k = 0 it is sigma_0 z, the one-step input.
+    """
+    x = z * sigmas[0]
+    with torch.no_grad():
+        for level in range(k):
+            x = denoise_at(net, x, sigmas[level], class_labels) + sigmas[level + 1] * noise(level)
+    return x
+
+
+def sample(net, z, class_labels=None, sigmas=(SIGMA_G,), noise=None):
+    """The N-step generator's images from unscaled noise z (N, C, H, W); noise(level) gives the fresh N(0, I) noise
+    after each level but the last (None: torch.randn_like). One sigma is `one_step`."""
+    noise = noise if noise is not None else (lambda level: torch.randn_like(z))
+    last = len(sigmas) - 1
+    return denoise_at(net, simulate_input(net, z, class_labels, sigmas, last, noise), sigmas[last], class_labels)

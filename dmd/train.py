@@ -1,30 +1,37 @@
-"""DMD training: a one-step generator G distilled from a frozen EDM teacher mu_real with a learned fake score mu_fake.
+"""DMD and DMD2 training: a one-step (or few-step) generator G distilled from a frozen EDM teacher mu_real with a
+learned fake score mu_fake.
 
-One step = a generator step (lambda_dm * distribution matching + lambda_reg * LPIPS regression on teacher pairs),
-then `fake_steps_per_gen` fake-score steps (denoising loss on generated images), then maintenance (EMA, logs, grids,
-checkpoints). Every random draw of step s is a function of (seed, s) alone: the global batch's noise is drawn from
-the step seed and each rank takes its slice, and the pairs follow a DistributedSampler whose position is saved, so a
-resumed run repeats an uninterrupted one bit for bit and K processes reproduce one process at the same global batch
-(dropout, off by default, draws per rank). SIGINT/SIGTERM end the run after the current step with a checkpoint.
+One step = a generator step (lambda_dm * distribution matching + lambda_reg * regression on teacher pairs + the GAN
+loss of DMD2 on mu_fake's bottleneck), then `fake_steps_per_gen` fake-score steps (denoising loss on generated images,
+plus the discriminator loss on real images when the GAN is on), then maintenance (EMA, logs, grids, checkpoints).
+Every random draw of step s is a function of (seed, s) alone (dmd/batches.py), so a resumed run repeats an
+uninterrupted one bit for bit and K processes reproduce one process at the same global batch (dropout, off by
+default, draws per rank). SIGINT/SIGTERM end the run after the current step with a checkpoint.
 """
 
 import errno
-import hashlib
-import resource
-import signal
-import threading
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from dmd.batches import (
+    BatchStream,
+    RankRows,
+    draw_generator_inputs,
+    draw_index,
+    draw_noise,
+    rank_rows,
+    spread,
+    step_generator,
+    step_seed,
+    take,
+)
 from dmd.checkpoint import (
     check_same_run,
-    file_fingerprint,
+    data_fingerprint,
     find_latest_state,
     load_training_state,
     prune_checkpoints,
@@ -39,6 +46,16 @@ from dmd.utils import distributed as dist
 from dmd.utils.common import make_grid, one_hot
 from dmd.utils.io import atomic_save_image, atomic_write_text
 from dmd.utils.logger import NeptuneLogger, StatsLogger, format_stats
+from dmd.utils.training import (
+    STOP_CHECK_STEPS,
+    BadSteps,
+    StopSignals,
+    Window,
+    average_gradients,
+    clip_and_step,
+    memory_gib,
+    update_ema,
+)
 
 
 class TrainError(RuntimeError):
@@ -46,126 +63,50 @@ class TrainError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------
-# Randomness and data.
-
-
-def step_seed(seed, step, stream):
-    """A 63-bit seed from (run seed, step, stream name)."""
-    digest = hashlib.sha256(f"{seed}/{step}/{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def step_generator(seed, step, stream, device="cpu"):
-    """A generator for one stream of one step: the same draws on every rank and after a resume."""
-    return torch.Generator(device=device).manual_seed(step_seed(seed, step, stream))
-
-
-def draw_generator_inputs(net, seed, step, stream, n, device):
-    """Draw the global batch's z (n, C, H, W) and one-hot labels (n, label_dim) or None, uniform over classes, on
-    `device` (its generator type fixes the numbers: CPU and CUDA runs differ, K processes equal one)."""
-    g = step_generator(seed, step, stream, device)
-    z = torch.randn((n, net.img_channels, net.img_resolution, net.img_resolution), generator=g, device=device)
-    labels = torch.randint(net.label_dim, (n,), generator=g, device=device) if net.label_dim > 0 else None
-    return z, one_hot(labels, net.label_dim, device=device)
-
-
-def rank_rows(batch_size):
-    """This rank's rows of the global batch."""
-    rank = dist.get_rank()
-    return slice(rank * batch_size, (rank + 1) * batch_size)
-
-
-def take(c, rows):
-    """Rows of optional class labels."""
-    return None if c is None else c[rows]
-
-
-def spread(x, rows, n):
-    """Place this rank's rows x (B, ...) at `rows` of a zero global batch (n, ...), keeping x's gradient."""
-    return torch.cat([x.new_zeros((rows.start, *x.shape[1:])), x, x.new_zeros((n - rows.stop, *x.shape[1:]))])
-
-
-# A denoiser evaluated on this rank's rows of a global batch, zeros elsewhere. The losses draw their noise for the
-# whole global batch from a generator seeded by the step, so every rank (and a single process) sees the same draws
-# for the same sample, while each rank runs the network on its own rows only.
-class RankRows:
-    def __init__(
-        self,
-        net,  # denoiser net(x, sigma, class_labels), possibly DDP-wrapped
-        rows,  # slice of the global batch this rank owns
-    ):
-        self.net, self.rows = net, rows
-
-    def __call__(self, x, sigma, class_labels=None):
-        out = self.net(x[self.rows], sigma[self.rows], take(class_labels, self.rows))
-        return spread(out.to(x.dtype), self.rows, x.shape[0])
-
-
-# Pair batches in the order of a DistributedSampler (shuffled per epoch from the run seed), resumable at any batch.
-class PairStream:
-    def __init__(
-        self,
-        dataset,  # PairDataset
-        batch_size,  # pairs per rank and step
-        seed,  # shuffling seed; the permutation of epoch e is a function of (seed, e)
-        workers=0,  # DataLoader worker processes
-        pin_memory=False,  # page-locked batches, so the copy to a GPU overlaps compute
-    ):
-        self.dataset, self.batch_size, self.workers, self.pin_memory = dataset, batch_size, workers, pin_memory
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=True, seed=seed, drop_last=True
-        )
-        self.steps_per_epoch = len(self.sampler) // batch_size
-        self.epoch, self.index, self._batches = 0, 0, None
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, position):
-        self.epoch, self.index, self._batches = int(position["epoch"]), int(position["index"]), None
-
-    def next(self, device):
-        """Return the next batch (z_ref (B, C, H, W), y_ref (B, C, H, W), class indices (B,)) on `device`."""
-        if self._batches is None:
-            self.sampler.set_epoch(self.epoch)
-            order = list(self.sampler)
-            starts = range(self.index * self.batch_size, self.steps_per_epoch * self.batch_size, self.batch_size)
-            batches = [order[i : i + self.batch_size] for i in starts]
-            loader = DataLoader(
-                self.dataset, batch_sampler=batches, num_workers=self.workers, pin_memory=self.pin_memory
-            )
-            self._batches = iter(loader)
-        z_ref, y_ref, labels = next(self._batches)
-        self.index += 1
-        if self.index == self.steps_per_epoch:
-            self.epoch, self.index, self._batches = self.epoch + 1, 0, None
-        return tuple(t.to(device, non_blocking=True) for t in (z_ref, y_ref, labels))
-
-
-def next_pairs(stream, device):
-    """The next pair batch; TrainError naming --data-path for a bad row (a NaN, found as it is read)."""
-    from dmd.data import PairFileError
-
-    try:
-        return stream.next(device)
-    except PairFileError as e:
-        raise TrainError(f"--data-path: {e}") from e
-
-
-# ----------------------------------------------------------------------------
 # Setup helpers.
 
 
-def open_pairs(cfg):
-    """Open the pair file of --data-path (None without one); TrainError naming the flag on failure."""
-    if cfg.data_path is None:
-        return None
+def open_datasets(cfg, teacher):
+    """The pair file of --data-path and the real images of --real-data (each None without), checked against the
+    teacher; TrainError naming the flag on failure."""
     from dmd.data import PairDataset, PairFileError
+    from dmd.images import ImageDataset, ImageDatasetError
 
+    pairs = real = None
     try:
-        return PairDataset(cfg.data_path)
+        if cfg.data_path is not None:
+            pairs = PairDataset(cfg.data_path)
+            pairs.check_compatible(teacher)
     except PairFileError as e:
         raise TrainError(f"--data-path: {e}") from e
+    try:
+        if cfg.real_data is not None:
+            real = ImageDataset(cfg.real_data, xflip=cfg.xflip)
+            real.check_compatible(teacher)
+    except ImageDatasetError as e:
+        raise TrainError(f"--real-data: {e}") from e
+    return pairs, real
+
+
+def open_stream(dataset, batch_size, flag, what, cfg, device):
+    """A resumable BatchStream of `dataset` (None without one); TrainError naming `flag` if no batch fits."""
+    if dataset is None:
+        return None
+    stream = BatchStream(dataset, batch_size, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
+    if stream.steps_per_epoch == 0:
+        raise TrainError(f"{flag}: {len(dataset)} {what} hold no batch of {batch_size} per process")
+    return stream
+
+
+def next_batch(stream, flag, device):
+    """The next batch of a stream; TrainError naming the flag for a bad row (a NaN, found as it is read)."""
+    from dmd.data import PairFileError
+    from dmd.images import ImageDatasetError
+
+    try:
+        return stream.next(device)
+    except (PairFileError, ImageDatasetError) as e:
+        raise TrainError(f"{flag}: {e}") from e
 
 
 def load_teacher(cfg, device):
@@ -246,17 +187,33 @@ def wrap_ddp(net, device):
 
 
 def build_losses(cfg, mu_real, mu_fake, rows, device):
-    """The three losses: distribution matching and fake-score on this rank's `rows`, regression (or None)."""
-    from dmd.losses import DistributionMatchingLoss, FakeScoreLoss, KarrasGrid, MSERegressionLoss, RegressionLoss
-    from dmd.lpips import LPIPS
+    """The losses: distribution matching and fake-score on this rank's `rows`, regression (or None), and DMD2's GAN
+    (None when off) with its discriminator head."""
+    from dmd.losses import DistributionMatchingLoss, FakeScoreLoss, KarrasGrid
 
     grid = KarrasGrid(T=cfg.num_timesteps).to(device)  # on the device once, not copied at every lookup
     dm_loss = DistributionMatchingLoss(RankRows(mu_real, rows), RankRows(mu_fake, rows), grid, cfg.t_min, cfg.t_max)
     fake_loss = FakeScoreLoss(grid, sigma_sampling=cfg.fake_sigma_sampling)
+    gan_loss = None
+    if cfg.gan_weight_gen > 0:
+        from dmd.gan import DiscriminatorHead, GANLoss
+
+        with torch.random.fork_rng(devices=[]):  # the same initial head on every rank, and the run's RNG untouched
+            torch.manual_seed(step_seed(cfg.seed, 0, "head"))
+            head = DiscriminatorHead.for_network(mu_fake).to(device)
+        gan_loss = GANLoss(mu_fake, head, grid, max_index=max(1, round(cfg.gan_t_max * grid.T)))
+    return dm_loss, fake_loss, build_regression(cfg, device), gan_loss
+
+
+def build_regression(cfg, device):
+    """The regression loss of --regression-distance (None at --lambda-reg 0)."""
+    from dmd.losses import MSERegressionLoss, RegressionLoss
+    from dmd.lpips import LPIPS
+
     if cfg.lambda_reg == 0:
-        return dm_loss, fake_loss, None
+        return None
     if cfg.regression_distance == "mse":
-        return dm_loss, fake_loss, MSERegressionLoss()
+        return MSERegressionLoss()
     weights = dict(vgg_weights=cfg.lpips_vgg, lin_weights=cfg.lpips_lin, cache_dir=cfg.cache_dir)
     try:
         lpips = LPIPS(**weights, pretrained=cfg.lpips_pretrained).to(device)
@@ -268,7 +225,7 @@ def build_losses(cfg, mu_real, mu_fake, rows, device):
             f"--lpips-vgg / --lpips-lin: cannot load the LPIPS weights ({e}); without internet access give local "
             "files with --lpips-vgg PATH --lpips-lin PATH, or train with --regression-distance mse"
         ) from e
-    return dm_loss, fake_loss, RegressionLoss(lpips)
+    return RegressionLoss(lpips)
 
 
 def setup_fid(cfg, device):
@@ -289,12 +246,12 @@ def setup_fid(cfg, device):
 
 
 def compute_fid(cfg, net, fid, device):
-    """FID of `net` as a one-step generator (eval mode, no grad) over seeds 0..fid_num-1; the same on every rank."""
+    """FID of `net` as the run's generator (eval mode, no grad) over seeds 0..fid_num-1; the same on every rank."""
     from dmd.fid import generator_fid
     from dmd.generate import DMDGenerator
 
     detector, ref = fid
-    generator = DMDGenerator(net=net, sigma_G=cfg.generator_sigma)
+    generator = DMDGenerator(net=net, sigmas=list(cfg.generator_sigmas))
     return generator_fid(
         lambda seeds, class_ids: generator.generate_batch(seeds=seeds, class_ids=class_ids),
         ref,
@@ -306,69 +263,27 @@ def compute_fid(cfg, net, fid, device):
     )
 
 
-def update_ema(G_ema, G, beta):
-    """G_ema <- beta G_ema + (1 - beta) G, parameters and buffers."""
-    with torch.no_grad():
-        for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-            p_ema.lerp_(p, 1 - beta)
-        for b_ema, b in zip(G_ema.buffers(), G.buffers()):
-            b_ema.copy_(b)
-
-
-def clip_and_step(opt, params, max_norm, loss):
-    """Clip the gradients and step, unless the loss or the gradient norm is non-finite on any rank; then zero the
-    gradients. Return (grad norm, 1.0 if the step was skipped else 0.0) as device tensors.
-
-    No host sync: the fused AdamW skips its whole update (moments, step count, weight decay) on the device when its
-    `found_inf` is non-zero, the mechanism torch's GradScaler uses.
-    """
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    bad = dist.all_reduce_max((~(torch.isfinite(loss.detach()) & torch.isfinite(norm))).float())  # 0-d
-    opt.found_inf = bad
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm, bad
-
-
-def memory_gib(device):
-    """Peak memory: CUDA allocations on GPU, the process's max RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def save_grid(path, rows, n):
     """Write the labelled sample grid: one row per entry of `rows` ({label: tensor}), `n` images each."""
     images = torch.cat([r[:n].detach().float().cpu() for r in rows.values()])
     atomic_save_image(make_grid(images, nrow=n, row_labels=list(rows)), path)
 
 
-def check_pairs(pairs, teacher):
-    """Raise TrainError naming --data-path if the pair file does not fit the teacher."""
-    from dmd.data import PairFileError
-
-    if pairs is None:
-        return
-    try:
-        pairs.check_compatible(teacher)
-    except PairFileError as e:
-        raise TrainError(f"--data-path: {e}") from e
-
-
 def snapshot_info(cfg, step):
     """The fields besides the weights that every snapshot of this run carries."""
-    return dict(sigma_G=cfg.generator_sigma, step=step, config=cfg.to_dict())
+    return dict(generator_sigmas=cfg.generator_sigmas, step=step, config=cfg.to_dict())
 
 
-def write_checkpoint(run_dir, cfg, step, *, nets, stream, run):
+def write_checkpoint(run_dir, cfg, step, *, nets, streams, run):
     """Write training-state-{step} and network-snapshot-{step} (the EMA of G if any), then prune old ones.
 
-    `nets` holds G, mu_fake, G_ema and the optimisers, `run` the identity and counters a state records. A write
-    that fails (a full disk) leaves the previous checkpoints as they were and stops the run with one line.
+    `nets` holds G, mu_fake, G_ema, the head and the optimisers, `streams` the data streams by state key, `run` the
+    identity and counters a state records. A write that fails (a full disk) leaves the previous checkpoints as they
+    were and stops the run with one line.
     """
-    position = None if stream is None else stream.state_dict()
+    positions = {key: None if stream is None else stream.state_dict() for key, stream in streams.items()}
     try:
-        save_training_state(state_path(run_dir, step), **nets, step=step, data_position=position, run=run)
+        save_training_state(state_path(run_dir, step), **nets, step=step, positions=positions, run=run)
         save_snapshot(snapshot_path(run_dir, step), nets["G_ema"] or nets["G"], **snapshot_info(cfg, step))
     except OSError as e:
         reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else str(e)
@@ -378,76 +293,6 @@ def write_checkpoint(run_dir, cfg, step, *, nets, stream, run):
             f"{last or 'none'}, is intact (free space, then continue with --resume auto)"
         ) from e
     prune_checkpoints(run_dir, cfg.keep_last)
-
-
-# SIGINT / SIGTERM only raise a flag; the loop sees it between steps (on every rank at once) and writes a checkpoint.
-STOP_CHECK_STEPS = 10  # Under torchrun the ranks agree on a stop every this many steps (and at logging steps).
-
-
-class StopSignals:
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, device):
-        self.device, self.flag, self.previous = device, False, {}
-
-    def _handle(self, signum, frame):
-        self.flag = True
-        signal.signal(signum, self.previous[signum])  # A second signal acts at once.
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def requested(self, agree=True):
-        """Whether to stop now. One process: whether it got a signal. Under torchrun, every rank must stop at the
-        same step, so the ranks agree (an all-reduce) only at steps where `agree` is true, and say no otherwise."""
-        if not dist.is_initialized():
-            return self.flag
-        return agree and bool(dist.all_reduce_mean(torch.tensor(float(self.flag), device=self.device)) > 0)
-
-
-# Means of the per-step statistics since the last logging step, summed on the device, read at logging steps.
-class Window:
-    NAMES = ("loss_G", "loss_dm", "loss_reg", "loss_fake", "grad_norm_G", "grad_norm_fake")
-
-    def __init__(self, device):
-        self.device, self.sum, self.steps, self.start = device, None, 0, time.perf_counter()
-
-    def add(self, values):
-        """Add one step's values on this rank (scalar tensors in the order of NAMES)."""
-        step = torch.stack([v.detach().to(torch.float64) for v in values])
-        self.sum = step if self.sum is None else self.sum + step
-        self.steps += 1
-
-    def flush(self, images_per_step):
-        """Return the window's means over steps and ranks with the throughput, and start a new window."""
-        means = dist.all_reduce_mean(self.sum).cpu() / self.steps
-        stats = {k: float(v) for k, v in zip(self.NAMES, means)}
-        stats["img_per_s"] = images_per_step * self.steps / (time.perf_counter() - self.start)
-        self.__init__(self.device)
-        return stats
-
-
-# Skipped (non-finite) steps: the streak and the total, counted on the device; the same on every rank.
-class BadSteps:
-    def __init__(self, device, total=0):
-        self.streak = torch.zeros((), device=device)
-        self.total = torch.tensor(float(total), device=device)
-
-    def add(self, bad):
-        """Count one step; `bad` (0-d) is 1.0 if any of its optimiser steps was skipped."""
-        self.streak = (self.streak + 1) * bad
-        self.total = self.total + bad
-
-    def read(self):
-        """(steps in a row skipped up to now, skipped steps in all) as ints: a host sync."""
-        streak, total = torch.stack([self.streak, self.total]).tolist()
-        return int(streak), int(total)
 
 
 def open_logger(cfg, run_dir, start_step):
@@ -465,6 +310,10 @@ def open_logger(cfg, run_dir, start_step):
 # ----------------------------------------------------------------------------
 # The loop.
 
+# The per-step statistics, averaged over each --log-every window into stats.jsonl (loss_fake and loss_disc: means
+# over the fake-score steps of a step).
+STAT_NAMES = ("loss_G", "loss_dm", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "grad_norm_G", "grad_norm_fake")
+
 
 def set_hyperparameters(opt, lr, cfg):
     """Give every parameter group of an AdamW the run's settings (a restored optimiser state brings its own)."""
@@ -472,36 +321,45 @@ def set_hyperparameters(opt, lr, cfg):
         group.update(lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def train(cfg, dry_run=False):
-    """Run DMD training as `cfg` says; return the last step and whether a signal stopped the run early.
+def generated(G, z, c, cfg, step, stream, level, rows, n):
+    """G's input at `level` for this rank's rows z (B, C, H, W): sigma_0 z, or, past level 0, made by G itself
+    without gradients (backward simulation) with the step's noise between levels; and that level's sigmas (B,)."""
+    from dmd.generator import simulate_input
 
-    With `dry_run`, check the inputs (run folder, resume source, teacher, pairs and that they fit) and return
-    before any training work or any file is written.
+    def noise(k):
+        return draw_noise(cfg.seed, step, f"{stream}-noise{k}", (n, *z.shape[1:]), rows, z.device)
+
+    x = simulate_input(G, z, c, cfg.generator_sigmas, level, noise)
+    return x, torch.full((x.shape[0],), cfg.generator_sigmas[level], device=x.device)
+
+
+def train(cfg, dry_run=False):
+    """Run DMD (or DMD2) training as `cfg` says; return the last step and whether a signal stopped the run early.
+
+    With `dry_run`, check the inputs (run folder, resume source, teacher, pairs, real images and that they fit) and
+    return before any training work or any file is written.
     """
     from dmd.edm.precond import copy_network
-    from dmd.generator import one_step
 
-    # Setup: the run folder, the resume source, the teacher and the pairs are checked before any work.
+    # Setup: the run folder, the resume source, the teacher and the data are checked before any work.
     device = setup_device(cfg)
     run_dir = Path(cfg.output_dir)
     resume_path = resolve_resume(cfg, run_dir)
     state = None if resume_path is None else load_training_state(resume_path, auto=cfg.resume == "auto")
-    pairs = open_pairs(cfg)
     mu_real, teacher_sha256 = load_teacher(cfg, device)
-    check_pairs(pairs, mu_real)
+    pairs, real = open_datasets(cfg, mu_real)
     B, B_reg = cfg.batch_size, cfg.reg_batch_size or cfg.batch_size
-    stream = None
-    if pairs is not None:
-        stream = PairStream(pairs, B_reg, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
-        if stream.steps_per_epoch == 0:
-            flag = "--reg-batch-size" if cfg.reg_batch_size else "--batch-size"
-            raise TrainError(f"{flag}: {len(pairs)} pairs hold no batch of {B_reg} per process")
-    num_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * stream.steps_per_epoch
+    reg_flag = "--reg-batch-size" if cfg.reg_batch_size else "--batch-size"
+    pair_stream = open_stream(pairs, B_reg, reg_flag, "pairs", cfg, device)
+    real_stream = open_stream(real, B, "--batch-size", "real images", cfg, device)
+    streams = {"data_position": pair_stream, "real_position": real_stream}  # by their keys in a training state
+    num_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * pair_stream.steps_per_epoch
     n, rows = B * dist.get_world_size(), rank_rows(B)
     batches = {"batch_size": n, "reg_batch_size": B_reg * dist.get_world_size()}  # global batches, fixed in a run
     fingerprints = {"teacher": teacher_sha256}
-    if pairs is not None:
-        fingerprints["pairs"] = file_fingerprint(cfg.data_path)
+    for key, path in (("pairs", cfg.data_path), ("real", cfg.real_data)):
+        if path is not None:
+            fingerprints[key] = data_fingerprint(path)
     changes = {}
     if state is not None:
         changes = check_same_run(state, resume_path, cfg, global_batch=batches, fingerprints=fingerprints)
@@ -514,13 +372,15 @@ def train(cfg, dry_run=False):
     for net in (mu_real, G, mu_fake):
         prepare_network(net, dtype, cfg)
     G_ema = copy_network(G).to(device).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None
+    dm_loss, fake_loss, reg_loss, gan_loss = build_losses(cfg, mu_real, mu_fake, rows, device)
+    head = None if gan_loss is None else gan_loss.head
+    fake_params = list(mu_fake.parameters()) + ([] if head is None else list(head.parameters()))  # DMD2: one AdamW
     adamw = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)  # fused: skips a bad step on the device
     opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.lr_gen, **adamw)
-    opt_fake = torch.optim.AdamW(mu_fake.parameters(), lr=cfg.lr_fake, **adamw)
-    dm_loss, fake_loss, reg_loss = build_losses(cfg, mu_real, mu_fake, rows, device)
+    opt_fake = torch.optim.AdamW(fake_params, lr=cfg.lr_fake, **adamw)
     fid = setup_fid(cfg, device)
-    nets = dict(G=G, mu_fake=mu_fake, G_ema=G_ema, opt_G=opt_G, opt_fake=opt_fake)
-    start = 0 if state is None else restore(state, resume_path, **nets, stream=stream)
+    nets = dict(G=G, mu_fake=mu_fake, G_ema=G_ema, head=head, opt_G=opt_G, opt_fake=opt_fake)
+    start = 0 if state is None else restore(state, resume_path, **nets, streams=streams)
     set_hyperparameters(opt_G, cfg.lr_gen, cfg)  # a change allowed on resume reaches the optimiser
     set_hyperparameters(opt_fake, cfg.lr_fake, cfg)
     best_fid = float("inf") if state is None else state["best_fid"]
@@ -533,56 +393,86 @@ def train(cfg, dry_run=False):
     counts = BadSteps(device, total=0 if state is None else state["bad_steps"])
 
     def checkpoint(step):
-        run = dict(config=cfg.to_dict(), sigma_G=float(cfg.generator_sigma), bad_steps=counts.read()[1])
+        run = dict(config=cfg.to_dict(), sigma_G=float(cfg.generator_sigmas[0]), bad_steps=counts.read()[1])
         run.update(best_fid=float(best_fid), global_batch=batches, fingerprints=fingerprints)
-        write_checkpoint(run_dir, cfg, step, nets=nets, stream=stream, run=run)
+        write_checkpoint(run_dir, cfg, step, nets=nets, streams=streams, run=run)
 
     G_ddp, fake_ddp = wrap_ddp(G, device), wrap_ddp(mu_fake, device)
     beta_ema = 0.5 ** (n / (cfg.ema_halflife_kimg * 1000)) if G_ema is not None else None
     zero = torch.zeros((), device=device)
-    use_dm = cfg.lambda_dm > 0
-    window, done, saved = Window(device), start, start
+    use_dm, levels = cfg.lambda_dm > 0, len(cfg.generator_sigmas)
+    window, done, saved = Window(device, STAT_NAMES), start, start
     bar = tqdm(initial=start, total=num_steps, unit="step", disable=not dist.is_main(), dynamic_ncols=True)
     try:
         with StopSignals(device) as stop:
             for step in range(start, num_steps):
                 torch.manual_seed(step_seed(cfg.seed, step, f"rank{dist.get_rank()}"))  # dropout, if any
 
-                # Generator step: distribution matching on G(z) plus LPIPS regression of G(z_ref) onto y_ref.
-                # Regression-only training (lambda_dm 0) runs G on the pairs alone.
+                # Generator step: distribution matching (+ DMD2's GAN loss) on G's samples at this step's level,
+                # plus regression of the one-step G(z_ref) onto y_ref. Regression only (lambda_dm 0) runs G on the
+                # pairs alone. One G call covers both parts, each row at its own sigma.
+                level = draw_index(cfg.seed, step, "level", levels) if levels > 1 else 0  # shared by all ranks
                 z, c = draw_generator_inputs(mu_real, cfg.seed, step, "G", n, device)  # global batch (n, ...)
-                z_in, c_in = (z[rows], take(c, rows)) if use_dm else (z[:0], take(c, slice(0)))
-                B_dm = z_in.shape[0]  # B, or 0 without distribution matching
+                z_dm, c_dm = (z[rows], take(c, rows)) if use_dm else (z[:0], take(c, slice(0)))
+                x_in, sigma_in = generated(G, z_dm, c_dm, cfg, step, "G", level, rows, n)
+                c_in = c_dm
                 if reg_loss is not None:
-                    z_ref, y_ref, k_ref = next_pairs(stream, device)
+                    z_ref, y_ref, k_ref = next_batch(pair_stream, "--data-path", device)
                     c_ref = one_hot(k_ref, mu_real.label_dim, device=device)
-                    z_in, c_in = torch.cat([z_in, z_ref]), None if c is None else torch.cat([c_in, c_ref])
-                x_all = one_step(G_ddp, z_in, c_in, sigma=cfg.generator_sigma)  # (B_dm + B_reg or B_reg, C, H, W)
-                x, x_ref = x_all[:B_dm], x_all[B_dm:]
-                loss_dm, aux = zero, None
+                    x_ref_in, sigma_ref = generated(G, z_ref, c_ref, cfg, step, "ref", 0, slice(None), None)
+                    x_in, sigma_in = torch.cat([x_in, x_ref_in]), torch.cat([sigma_in, sigma_ref])
+                    c_in = None if c is None else torch.cat([c_dm, c_ref])
+                x_all = G_ddp(x_in, sigma_in, c_in)  # (B_dm + B_reg or B_reg, C, H, W)
+                x, x_ref = x_all[: z_dm.shape[0]], x_all[z_dm.shape[0] :]
+                loss_dm = loss_gan = zero
+                aux = None
                 if use_dm:
-                    dm_gen = step_generator(cfg.seed, step, "dm", device)
-                    loss_dm, aux = dm_loss(spread(x, rows, n), c, generator=dm_gen)
+                    loss_dm, aux = dm_loss(
+                        spread(x, rows, n), c, generator=step_generator(cfg.seed, step, "dm", device)
+                    )
                     loss_dm = loss_dm[rows].mean()
+                if gan_loss is not None:
+                    gan_gen = step_generator(cfg.seed, step, "gan", device)
+                    loss_gan = gan_loss.generator(x, c_dm, generator=gan_gen, rows=rows, n=n)[0].mean()
                 loss_reg = zero if reg_loss is None else reg_loss(x_ref, y_ref).mean()
-                loss_G = cfg.lambda_dm * loss_dm + cfg.lambda_reg * loss_reg
+                loss_G = cfg.lambda_dm * loss_dm + cfg.lambda_reg * loss_reg + cfg.gan_weight_gen * loss_gan
                 loss_G.backward()
                 norm_G, bad = clip_and_step(opt_G, G.parameters(), cfg.grad_clip, loss_G)
 
-                # Fake-score step: mu_fake denoises G's samples, x first, then fresh batches from the updated G.
+                # Fake-score step: mu_fake denoises G's samples, x first, then fresh batches from the updated G; with
+                # the GAN, the head and mu_fake also learn to tell G's samples from real images.
                 # Regression-only training (lambda_dm 0) has no use for mu_fake and skips it.
                 x_fake = spread(x.detach(), rows, n) if use_dm else None
-                c_fake, loss_fake_sum, norm_fake = c, zero, zero
+                c_fake, loss_fake_sum, loss_disc_sum, norm_fake = c, zero, zero, zero
                 for k in range(cfg.fake_steps_per_gen if use_dm else 0):
                     if k > 0:
                         z, c_fake = draw_generator_inputs(mu_real, cfg.seed, step, f"fake{k}", n, device)
+                        level_k = draw_index(cfg.seed, step, f"fake-level{k}", levels) if levels > 1 else 0
                         with torch.no_grad():
-                            x_fake = spread(one_step(G, z[rows], take(c_fake, rows), cfg.generator_sigma), rows, n)
+                            x_k, sigma_k = generated(
+                                G, z[rows], take(c_fake, rows), cfg, step, f"fake{k}", level_k, rows, n
+                            )
+                            x_fake = spread(G(x_k, sigma_k, take(c_fake, rows)), rows, n)
                     fake_gen = step_generator(cfg.seed, step, f"fake-loss{k}", device)
                     loss_fake = fake_loss(RankRows(fake_ddp, rows), x_fake, c_fake, generator=fake_gen)[rows].mean()
-                    loss_fake.backward()
-                    norm_fake, bad_fake = clip_and_step(opt_fake, mu_fake.parameters(), cfg.grad_clip, loss_fake)
-                    bad, loss_fake_sum = torch.maximum(bad, bad_fake), loss_fake_sum + loss_fake.detach()
+                    loss_disc = zero
+                    if gan_loss is not None:
+                        x_real, k_real = next_batch(real_stream, "--real-data", device)
+                        c_real = one_hot(k_real, mu_real.label_dim, device=device)
+                        disc_gen = step_generator(cfg.seed, step, f"disc{k}", device)
+                        loss_disc = gan_loss.discriminator(
+                            x_fake[rows], take(c_fake, rows), x_real, c_real, generator=disc_gen, rows=rows, n=n
+                        )[0].mean()
+                    loss = loss_fake + cfg.gan_weight_disc * loss_disc
+                    loss.backward()
+                    if head is not None:
+                        average_gradients(head)  # DDP reduces mu_fake's gradients, not the head's
+                    norm_fake, bad_fake = clip_and_step(opt_fake, fake_params, cfg.grad_clip, loss)
+                    bad = torch.maximum(bad, bad_fake)
+                    loss_fake_sum, loss_disc_sum = (
+                        loss_fake_sum + loss_fake.detach(),
+                        loss_disc_sum + loss_disc.detach(),
+                    )
 
                 # Maintenance: EMA, statistics, grid, checkpoint, stop conditions. The statistics stay on the device
                 # and are read (one transfer, one all-reduce) at logging steps only.
@@ -590,7 +480,19 @@ def train(cfg, dry_run=False):
                 counts.add(bad)
                 if G_ema is not None:
                     update_ema(G_ema, G, beta_ema)
-                window.add([loss_G, loss_dm, loss_reg, loss_fake_sum / cfg.fake_steps_per_gen, norm_G, norm_fake])
+                k_fake = cfg.fake_steps_per_gen
+                window.add(
+                    [
+                        loss_G,
+                        loss_dm,
+                        loss_reg,
+                        loss_gan,
+                        loss_fake_sum / k_fake,
+                        loss_disc_sum / k_fake,
+                        norm_G,
+                        norm_fake,
+                    ]
+                )
                 log_now = done % cfg.log_every == 0 or done == num_steps
                 if log_now:
                     means = window.flush(n)  # on every rank: it all-reduces
@@ -608,7 +510,7 @@ def train(cfg, dry_run=False):
                 if logger is not None and cfg.image_every and done % cfg.image_every == 0:
                     if not use_dm:
                         with torch.no_grad():
-                            x = one_step(G, z[rows], take(c, rows), cfg.generator_sigma)
+                            x = G(*generated(G, z[rows], take(c, rows), cfg, step, "G", level, rows, n), take(c, rows))
                     rows_out = {"G(z)": x}
                     if aux is not None:
                         rows_out.update({"mu_real(x_t)": aux["p_real"][rows], "mu_fake(x_t)": aux["p_fake"][rows]})

@@ -21,7 +21,7 @@ def test_json_round_trip_keeps_every_field():
 def test_defaults_are_the_papers():
     cfg = TrainConfig(**BASE)
     assert (cfg.lr_gen, cfg.lr_fake, cfg.weight_decay, cfg.betas) == (5e-5, 5e-5, 0.01, (0.9, 0.999))
-    assert (cfg.batch_size, cfg.lambda_reg, cfg.grad_clip, cfg.generator_sigma) == (56, 0.25, 10.0, 80.0)
+    assert (cfg.batch_size, cfg.lambda_reg, cfg.grad_clip, cfg.generator_sigmas) == (56, 0.25, 10.0, (80.0,))
     assert (cfg.dropout, cfg.fake_steps_per_gen, cfg.t_min, cfg.t_max, cfg.ema_halflife_kimg) == (0, 1, 0.02, 0.98, 0)
 
 

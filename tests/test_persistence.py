@@ -536,7 +536,7 @@ def test_dmd_files_point_to_dmd_generator(tmp_path, kind):
 
     path = tmp_path / "network.pt"
     if kind == "dmd-snapshot":
-        save_snapshot(path, _tiny("EDMPrecond"), sigma_G=80.0, step=0, config={})
+        save_snapshot(path, _tiny("EDMPrecond"), generator_sigmas=(80.0,), step=0, config={})
     else:
         torch.save({"format": kind, "version": 1, "G": _tiny("EDMPrecond").state_dict()}, path)
     with pytest.raises(

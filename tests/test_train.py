@@ -334,6 +334,136 @@ def test_bf16_step_is_close_to_the_fp32_step(tmp_path, pairs):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# DMD2: the recipe, the GAN on real images, the few-step generator with backward simulation.
+
+
+@pytest.fixture
+def real(tmp_path):
+    """16 real 8x8 RGB images with labels in EDM's dataset format (a zip), for the fixture teacher."""
+    from dmd.images import write_image_dataset
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (16, 8, 8, 3), generator=g, dtype=torch.uint8).numpy()
+    write_image_dataset(tmp_path / "real.zip", images, labels=torch.arange(16) % 10)
+    return tmp_path / "real.zip"
+
+
+def load_network_state():
+    """The fixture teacher's state dict: where G and mu_fake start."""
+    from dmd.edm.persistence import load_network
+
+    return load_network(TEACHER).state_dict()
+
+
+def initial_head_state(seed=0):
+    """The discriminator head a run of `seed` starts from (drawn from its own seeded stream on every rank)."""
+    from dmd.batches import step_seed
+    from dmd.edm.persistence import load_network
+    from dmd.gan import DiscriminatorHead
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(step_seed(seed, 0, "head"))
+        return DiscriminatorHead.for_network(load_network(TEACHER)).state_dict()
+
+
+def dmd2_args(out, real, *extra):
+    """A small DMD2 run: the dmd2 recipe (no pairs, GAN on), two fake-score steps, a two-step generator."""
+    args = train_args(out, None, "--recipe", "dmd2", "--real-data", real, "--fake-steps-per-gen", 2, *extra)
+    i = args.index("--lambda-reg")
+    del args[i : i + 2]  # the recipe sets it
+    return args + ["--generator-sigmas", "80,1.5", "--batch-size", "2", "--lr-gen", "1e-3", "--lr-fake", "1e-3"]
+
+
+def test_dmd2_recipe_trains_a_two_step_generator_with_the_gan(tmp_path, real):
+    from dmd.generate import DMDGenerator
+
+    out = tmp_path / "run"
+    run_cli(dmd2_args(out, real, "--max-steps", 3))
+    config = json.loads((out / "config.json").read_text())
+    expected = dict(recipe="dmd2", lambda_reg=0.0, gan_weight_gen=3e-3, gan_weight_disc=1e-2, fake_steps_per_gen=2)
+    assert {k: config[k] for k in expected} == expected and config["generator_sigmas"] == [80.0, 1.5]
+    assert config["lr_gen"] == 1e-3  # explicit flags override the recipe (its lr is 2e-6)
+    stats = read_stats(out)
+    assert all(r["loss_gan"] > 0 and r["loss_disc"] > 0 and r["loss_reg"] == 0 for r in stats)
+    state = load(out / "training-state-000003.pt")
+    assert state["head"] is not None and state["real_position"] == {"epoch": 0, "index": 6}
+    assert state["data_position"] is None and set(state["fingerprints"]) == {"teacher", "real"}
+    # The head joins mu_fake's AdamW: one group holding both.
+    from dmd.edm.persistence import load_network
+
+    num_params = len(list(load_network(TEACHER).parameters())) + len(state["head"])  # the head has no buffers
+    assert [len(g["params"]) for g in state["opt_fake"]["param_groups"]] == [num_params]
+    snapshot = load(out / "network-snapshot-000003.pt")
+    assert snapshot["generator_sigmas"] == [80.0, 1.5] and snapshot["sigma_G"] == 80.0
+    assert DMDGenerator(out / "network-snapshot-000003.pt", device="cpu").sigmas == [80.0, 1.5]
+
+
+def test_dmd2_resume_is_bit_exact(tmp_path, real):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_cli(dmd2_args(straight, real, "--max-steps", 4))
+    run_cli(dmd2_args(split, real, "--max-steps", 2))
+    run_cli(dmd2_args(split, real, "--max-steps", 4, "--resume", "auto"))
+    keys = [*LOSSES, "loss_gan", "loss_disc"]
+    assert [[r[k] for k in keys] for r in read_stats(split)] == [[r[k] for k in keys] for r in read_stats(straight)]
+    sa, sb = load(straight / "training-state-000004.pt"), load(split / "training-state-000004.pt")
+    for key in ("G", "mu_fake", "head"):
+        assert all(torch.equal(sa[key][k], sb[key][k]) for k in sa[key]), key
+
+
+def test_dmd2_two_process_ddp_matches_one_process(tmp_path, real):
+    one, two = tmp_path / "one", tmp_path / "two"
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(Path(__file__))]
+    # At the default lr (Adam's steps, about lr each, turn float-sum differences of near-zero gradients into
+    # weight differences of up to about 1% of lr), as the one-step DDP test runs.
+    lr = ["--lr-gen", "5e-5", "--lr-fake", "5e-5"]
+    run_cli(dmd2_args(one, real, "--max-steps", 2) + lr)
+    args = dmd2_args(two, real, "--max-steps", 2) + lr + ["--batch-size", "1"]
+    proc = subprocess.run(ddp + args, cwd=ROOT, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = [*LOSSES, "loss_gan", "loss_disc"]
+    a, b = read_stats(one), read_stats(two)
+    np.testing.assert_allclose(
+        [[r[k] for k in keys] for r in b], [[r[k] for k in keys] for r in a], rtol=1e-5, atol=1e-6
+    )  # the one-step DDP test's tolerances: float sums in another order
+    # The weights: Adam moves each weight by about lr times the sign of its gradient, so the few weights whose
+    # gradient is at the level of float-sum noise may move the other way (each such flip changes the update by up to
+    # 2 lr per step; 0.15% of the update's norm seen here); any real difference (other data, a gradient not
+    # averaged over ranks) changes the update as a whole. 1% of its norm separates the two.
+    sa, sb = load(one / "training-state-000002.pt"), load(two / "training-state-000002.pt")
+    initial = dict(G=load_network_state(), mu_fake=load_network_state(), head=initial_head_state())
+    for key, start in initial.items():
+        step_a = torch.cat([(sa[key][k] - start[k]).flatten() for k in start])
+        step_b = torch.cat([(sb[key][k] - start[k]).flatten() for k in start])
+        assert (step_b - step_a).norm() < 0.01 * step_a.norm(), key
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--gan-weight-gen", "0"], "--gan-weight-gen and --gan-weight-disc: both > 0 (GAN on) or both 0"),
+        (["--lambda-dm", "0", "--lambda-reg", "1", "--data-path", "PAIRS"], "the GAN trains in the fake-score step"),
+        (["--generator-sigmas", "1.5,80"], "--generator-sigmas must be positive and strictly decreasing"),
+        (["--generator-sigmas", "80,x"], "is not a comma-separated list of numbers"),
+    ],
+)
+def test_dmd2_bad_settings_name_the_flag(tmp_path, real, pairs, change, message):
+    change = [str(pairs) if c == "PAIRS" else c for c in change]
+    result = run_cli(dmd2_args(tmp_path / "run", real, "--max-steps", 1) + change, expect_ok=False)
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_gan_needs_real_data_that_fits_the_teacher(tmp_path):
+    from dmd.images import write_image_dataset
+
+    result = run_cli(train_args(tmp_path / "run", None, "--max-steps", 1, "--recipe", "dmd2"), expect_ok=False)
+    one_error_line(result, "the GAN needs real images: give --real-data")
+    gray = tmp_path / "gray.zip"
+    write_image_dataset(gray, np.zeros((4, 8, 8, 1), np.uint8), labels=[0, 1, 2, 3])
+    args = train_args(tmp_path / "run", None, "--max-steps", 1, "--recipe", "dmd2", "--real-data", gray)
+    one_error_line(run_cli(args, expect_ok=False), "--real-data:", "gray.zip")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Run folders and resume: a run is never overwritten, and a resume continues the same run or says why it cannot.
 
 

@@ -56,7 +56,7 @@ def train_teacher(out_path, cfg=TeacherConfig(), progress=True):
 
     from dmd.edm.persistence import save_network_pickle
     from dmd.losses import FakeScoreLoss, KarrasGrid
-    from dmd.train import update_ema
+    from dmd.utils.training import update_ema
 
     images, labels = load_digits()
     net = build_teacher(cfg.seed).train().requires_grad_(True)
