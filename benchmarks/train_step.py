@@ -9,11 +9,12 @@ batch; memory is the peak CUDA allocation on GPU and the process's peak RSS on C
 step over the step time, against the device's dense bf16 peak (looked up by name in PEAK_BF16_TFLOPS, printed with
 the row; fp32 rows are compared with the same bf16 peak). LPIPS runs with random weights (same FLOPs, no download).
 
-Rows: the tiny 8x8 fixture teacher on the CPU (fp32 and bf16, without and with the LPIPS regression; compiled too
-with --compile: torch.compile takes about 1.5 minutes per network on a 2-core CPU) and, where CUDA exists, the
-CIFAR-10 DDPM++ teacher (55.7M parameters) at batch 56, fp32 and bf16, with and without regression, eager and
-compiled (without CUDA those rows give the FLOPs only). A second table compares the per-step losses of runs that
-should agree: bf16 against fp32 (same seed: the same draws), compiled against eager.
+Rows: the tiny 8x8 fixture teacher on the CPU and, where CUDA exists, the CIFAR-10 DDPM++ teacher (55.7M parameters)
+at batch 56 (without CUDA those rows give the FLOPs only), in fp32 and bf16, each with the losses of DMD (DM +
+LPIPS regression on pairs), DM alone, and DMD2's recipe (DM + GAN on real images, 5 fake-score steps per G step),
+eager and compiled (--compile on the CPU: torch.compile takes about 1.5 minutes per network on a 2-core CPU). A
+second table compares the per-step losses of runs that should agree: bf16 against fp32 (same seed: the same
+draws), compiled against eager.
 
 --compare OLD_CHECKOUT times the tiny fp32 row of another checkout of dmd (e.g. `git worktree add /tmp/old <commit>`)
 interleaved with this one, old, new, old, new, ..., and prints the ratio: the machine's speed drifts, so only
@@ -26,6 +27,9 @@ steps per G step:
     U-Net: G forward + backward on B + R images 3(B + R), mu_real and mu_fake forwards in the DM loss 2B,
            fake-score forward + backward 3Bk, fresh G samples for the extra fake steps B(k - 1)
     LPIPS: VGG forward on both images of R pairs 2R, input gradient through the G(z_ref) half only R
+    GAN (DMD2), in forwards E of the U-Net's encoder alone: G's loss, encoder forward and input gradient on G(z) 2B;
+           the discriminator in each fake step, encoder forward + backward on B generated and B real images 3 x 2Bk
+(the head on the 8x8 bottleneck is negligible). A "step" is one G update with its k fake-score updates.
 """
 
 import argparse
@@ -72,18 +76,27 @@ PEAK_BF16_TFLOPS = {
 }
 
 
-# The CUDA rows, most important first (a --deadline cuts the list short): precision, lambda_reg, compile, steps.
+# The losses a row trains with: DMD's (DM + LPIPS regression on pairs), DM alone, DMD2's recipe (DM + GAN on real
+# images, 5 fake-score steps per G step, no pairs). label, flags, regression pairs?, fake steps, GAN?
+VARIANTS = {
+    "dmd": ("DMD: DM + 0.25 LPIPS", ["--lambda-reg", "0.25"], True, 1, False),
+    "dm": ("DM only", ["--lambda-reg", "0"], False, 1, False),
+    "dmd2": ("DMD2: DM + GAN, TTUR 5", ["--recipe", "dmd2"], False, 5, True),
+}
+
+# The CUDA rows, most important first (a --deadline cuts the list short): precision, variant, compile, steps.
 CIFAR_ROWS = (
-    ("bf16", 0.25, False, 20),
-    ("fp32", 0.25, False, 20),
-    ("bf16", 0.0, False, 10),
-    ("fp32", 0.0, False, 10),
-    ("bf16", 0.25, True, 20),
-    ("bf16", 0.0, True, 10),
+    ("bf16", "dmd", False, 20),
+    ("fp32", "dmd", False, 20),
+    ("bf16", "dmd2", False, 10),
+    ("bf16", "dm", False, 10),
+    ("fp32", "dm", False, 10),
+    ("bf16", "dmd", True, 20),
+    ("bf16", "dmd2", True, 10),
 )
 CIFAR_AGREEMENT = (
-    ("CIFAR, lambda_reg 0.25: bf16 vs fp32", ("bf16", 0.25, False), ("fp32", 0.25, False)),
-    ("CIFAR, lambda_reg 0.25, bf16: compiled vs eager", ("bf16", 0.25, True), ("bf16", 0.25, False)),
+    ("CIFAR, DMD: bf16 vs fp32", ("bf16", "dmd", False), ("fp32", "dmd", False)),
+    ("CIFAR, DMD, bf16: compiled vs eager", ("bf16", "dmd", True), ("bf16", "dmd", False)),
 )
 
 
@@ -102,18 +115,32 @@ def forward_flops(fn):
     return counter.get_total_flops()
 
 
-def step_flops(teacher, batch_size, reg_batch_size, fake_steps=1):
-    """FLOPs of one training step per process (see the module docstring), counted on the meta device."""
+def step_flops(teacher, batch_size, variant):
+    """FLOPs of one training step (one G update and its fake-score updates) per process (see the module docstring),
+    counted on the meta device."""
+    _, _, reg, k, gan = VARIANTS[variant]
     meta = torch.device("meta")
     net, lpips = teacher.to(meta), LPIPS(pretrained=False).to(meta)
     r, c = net.img_resolution, net.img_channels
+    x, sigma = torch.zeros(1, c, r, r, device=meta), torch.ones(1, device=meta)
     labels = torch.eye(net.label_dim, device=meta)[:1] if net.label_dim else None
-    F = forward_flops(lambda: net(torch.zeros(1, c, r, r, device=meta), torch.ones(1, device=meta), labels))
+    F = forward_flops(lambda: net(x, sigma, labels))
+    E = forward_flops(lambda: net.bottleneck(x, sigma, labels))  # the encoder alone (the GAN's input)
     image = torch.zeros(1, 3, 224, 224, device=meta)
     L = forward_flops(lambda: lpips(image, image)) / 2  # One call runs VGG on both images.
-    B, R, k = batch_size, reg_batch_size, fake_steps
+    B, R = batch_size, batch_size if reg else 0
     unet_passes = 3 * (B + R) + 2 * B + 3 * B * k + B * (k - 1)
-    return F * unet_passes + L * 3 * R
+    encoder_passes = 2 * B + 3 * 2 * B * k if gan else 0
+    return F * unet_passes + E * encoder_passes + L * 3 * R
+
+
+def write_real(path, n, resolution, channels=3, label_dim=10):
+    """n random real images with labels in EDM's dataset format (a zip)."""
+    from dmd.images import write_image_dataset
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, resolution, resolution, channels), generator=g, dtype=torch.uint8)
+    write_image_dataset(path, images.numpy(), labels=torch.arange(n) % label_dim)
 
 
 def write_pairs(path, n, resolution, channels=3, label_dim=10):
@@ -132,18 +159,23 @@ class Runner:
     def __init__(self, folder, checkout=ROOT):
         self.folder, self.checkout = folder, Path(checkout)
 
-    def run(self, teacher, resolution, batch, lambda_reg, precision, device, steps, warmup, extra=(), nproc=1):
-        """Run warmup + steps steps (on `nproc` processes under torchrun); return the stats records after the
-        warm-up."""
-        pairs = self.folder / f"pairs-{resolution}-{batch * nproc}.h5"
-        if not pairs.exists():
-            write_pairs(pairs, batch * nproc * (steps + warmup), resolution)
+    def run(self, teacher, resolution, batch, variant, precision, device, steps, warmup, extra=(), nproc=1):
+        """Run warmup + steps steps of a VARIANTS entry (on `nproc` processes under torchrun); return the stats
+        records after the warm-up."""
+        _, flags, reg, k, gan = VARIANTS[variant]
+        items = batch * nproc * (steps + warmup) * k  # pairs for every step, real images for every fake step
+        data = self.folder / f"{'pairs' if reg else 'real'}-{resolution}-{items}{'.h5' if reg else '.zip'}"
+        if reg and not data.exists():
+            write_pairs(data, items, resolution)
+        if gan and not data.exists():
+            write_real(data, items, resolution)
+        flags = [*flags, "--data-path" if reg else "--real-data", str(data)] if reg or gan else flags
         out = Path(tempfile.mkdtemp(prefix="run-", dir=self.folder)) / "run"  # a fresh folder per row
         launcher = [sys.executable]
         if nproc > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         cmd = [*launcher, "-m", "dmd", "train", "--model-path", str(teacher), "--output-dir", str(out)]
-        cmd += ["--data-path", str(pairs), "--lambda-reg", str(lambda_reg), "--batch-size", str(batch)]
+        cmd += [*flags, "--batch-size", str(batch)]
         cmd += ["--max-steps", str(steps + warmup), "--device", device, "--workers", "0", "--lpips-random"]
         cmd += ["--log-every", "1", "--image-every", "0", "--checkpoint-every", "0", *extra]
         if precision != "fp32":  # An older checkout may not know the flag; fp32 is every version's default.
@@ -173,17 +205,18 @@ def fmt(v, spec=".2f"):
 
 
 def print_header():
-    print("| network | device | precision | compile | batch | lambda_reg | img/s | step ms | peak mem GiB |", end="")
+    print("| network | device | precision | compile | batch | losses | img/s | step ms | peak mem GiB |", end="")
     print(" GFLOP/step | MFU % |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
 
 
-def print_row(name, device, precision, compiled, batch, reg, result, flops):
+def print_row(name, device, precision, compiled, batch, variant, result, flops):
     """One table line, printed as soon as its row is measured (a killed run keeps what it printed)."""
     speed, ms, mem, mfu = result if result is not None else (None,) * 4
     speed_text = fmt(speed) if result is not None else "n/a (no GPU)"
     print(
-        f"| {name} | {device} | {precision} | {'yes' if compiled else 'no'} | {batch} | {reg} | {speed_text} | "
+        f"| {name} | {device} | {precision} | {'yes' if compiled else 'no'} | {batch} | {VARIANTS[variant][0]} | "
+        f"{speed_text} | "
         f"{fmt(ms, '.1f')} | {fmt(mem)} | {flops / 1e9:.2f} | {fmt(mfu, '.1f')} |",
         flush=True,
     )
@@ -205,7 +238,7 @@ def compare_checkouts(runner_new, runner_old, repeats, steps, warmup):
     times = {"old": [], "new": []}
     for _ in range(repeats):
         for key, runner in (("old", runner_old), ("new", runner_new)):
-            records = runner.run(FIXTURE, 8, 8, 0.0, "fp32", "cpu", steps, warmup)
+            records = runner.run(FIXTURE, 8, 8, "dm", "fp32", "cpu", steps, warmup)
             times[key].append(statistics.mean(8 / r["img_per_s"] for r in records))
     print("| checkout | step ms (median of runs) | runs |")
     print("| --- | ---: | ---: |")
@@ -220,18 +253,18 @@ def tiny_rows(runner, args):
     tiny, agreement = load_network(FIXTURE), []
     for compiled in (False, True) if args.compile else (False,):
         extra = ["--compile"] if compiled else []
-        for reg_batch, lambda_reg in ((0, 0.0), (2, 0.25)):
-            batch = 8 if lambda_reg == 0 else 2
-            steps, warmup = (args.steps, args.warmup) if lambda_reg == 0 else (2, 1)  # LPIPS at 224 is slow on CPU
-            flops, results = step_flops(tiny, batch, reg_batch), {}
+        for variant in ("dm", "dmd", "dmd2"):
+            batch = 2 if variant == "dmd" else 8
+            steps, warmup = (2, 1) if variant == "dmd" else (args.steps, args.warmup)  # LPIPS at 224: slow on CPU
+            flops, results = step_flops(tiny, batch, variant), {}
             for precision in ("fp32", "bf16"):
-                results[precision] = runner.run(FIXTURE, 8, batch, lambda_reg, precision, "cpu", steps, warmup, extra)
+                results[precision] = runner.run(FIXTURE, 8, batch, variant, precision, "cpu", steps, warmup, extra)
                 summary = summarise(results[precision], batch, flops, None)
-                print_row("tiny 8x8 (fixture)", "cpu", precision, compiled, batch, lambda_reg, summary, flops)
-            agreement.append((f"tiny, lambda_reg {lambda_reg}: bf16 vs fp32", results["bf16"], results["fp32"]))
+                print_row("tiny 8x8 (fixture)", "cpu", precision, compiled, batch, variant, summary, flops)
+            agreement.append((f"tiny, {VARIANTS[variant][0]}: bf16 vs fp32", results["bf16"], results["fp32"]))
             if compiled:
-                eager = runner.run(FIXTURE, 8, batch, lambda_reg, "fp32", "cpu", steps, warmup)
-                agreement.append((f"tiny, lambda_reg {lambda_reg}: compiled vs eager", results["fp32"], eager))
+                eager = runner.run(FIXTURE, 8, batch, variant, "fp32", "cpu", steps, warmup)
+                agreement.append((f"tiny, {VARIANTS[variant][0]}: compiled vs eager", results["fp32"], eager))
     return agreement
 
 
@@ -241,19 +274,19 @@ def cifar_rows(runner, target, measure, peak, args, start):
     --smoke the fixture teacher on the CPU, which runs the same code paths in seconds."""
     name, teacher, resolution, batch, device = target
     net, results = load_network(teacher), {}
-    for precision, lambda_reg, compiled, steps in CIFAR_ROWS:
-        flops = step_flops(net, batch, batch if lambda_reg else 0)
+    for precision, variant, compiled, steps in CIFAR_ROWS:
+        flops = step_flops(net, batch, variant)
         if not measure:
             if not compiled:
-                print_row(name, "cuda", precision, False, batch, lambda_reg, None, flops)
+                print_row(name, "cuda", precision, False, batch, variant, None, flops)
             continue
         if time.monotonic() - start > args.deadline * (0.5 if compiled else 0.8) or (compiled and args.smoke):
-            print(f"skipped (--deadline): {name} {precision} lambda_reg {lambda_reg} compile {compiled}", flush=True)
+            print(f"skipped (--deadline): {name} {precision} {variant} compile {compiled}", flush=True)
             continue
         extra = ["--compile"] if compiled else []
-        records = runner.run(teacher, resolution, batch, lambda_reg, precision, device, steps, 3, extra)
-        results[precision, lambda_reg, compiled] = records
-        print_row(name, device, precision, compiled, batch, lambda_reg, summarise(records, batch, flops, peak), flops)
+        records = runner.run(teacher, resolution, batch, variant, precision, device, steps, 3, extra)
+        results[precision, variant, compiled] = records
+        print_row(name, device, precision, compiled, batch, variant, summarise(records, batch, flops, peak), flops)
     return [(title, results[a], results[b]) for title, a, b in CIFAR_AGREEMENT if a in results and b in results]
 
 
@@ -261,8 +294,8 @@ def ddp_check(runner, target):
     """The step on 2 processes (NCCL on 2 GPUs; gloo under --smoke) at half the batch each against 1 process: the
     same draws and the same global batch, so the same losses up to the order of float sums."""
     name, teacher, resolution, batch, device = target
-    one = runner.run(teacher, resolution, batch, 0.25, "fp32", device, 5, 0)
-    two = runner.run(teacher, resolution, batch // 2, 0.25, "fp32", device, 5, 0, nproc=2)
+    one = runner.run(teacher, resolution, batch, "dmd", "fp32", device, 5, 0)
+    two = runner.run(teacher, resolution, batch // 2, "dmd", "fp32", device, 5, 0, nproc=2)
     print_agreement([(f"{name} fp32, 2 processes vs 1, global batch {batch}", two, one)])
 
 

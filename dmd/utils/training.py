@@ -39,10 +39,15 @@ def clip_and_step(opt, params, max_norm, loss):
 
 
 def memory_gib(device):
-    """Peak memory: CUDA allocations on GPU, the process's max RSS on CPU."""
+    """Peak memory: CUDA allocations on GPU; on CPU the process's peak resident set (VmHWM: ru_maxrss would also
+    count what the parent held when it forked this process)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB -> GiB
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def average_gradients(module):
