@@ -11,9 +11,11 @@ Seeds work as in EDM's generate.py: each image has its own `StackedRandomGenerat
 gives the same image whatever the batch it is in, and with `num_steps` an EDM teacher gives EDM's own samples.
 """
 
+import os
 import zipfile
 from functools import partial
 from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -129,8 +131,19 @@ def _from_torch_file(path):
     raise GeneratorLoadError(f"{path}: not a dmd snapshot, training state or port checkpoint (keys: {keys})")
 
 
-def load_generator(source, *, cache_dir=None, device="cpu"):
-    """Load a network from any supported file (path or URL): return (net in eval mode, frozen, generator sigmas)."""
+def load_generator(
+    source: Union[str, os.PathLike],
+    *,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    device: Union[str, torch.device] = "cpu",
+) -> Tuple[torch.nn.Module, List[float]]:
+    """Load a network from any supported file (path or URL): return (net in eval mode, frozen, generator sigmas).
+
+    The file is one of `DMDGenerator`'s sources (a dmd snapshot or training state, an EDM network pickle, the port's
+    checkpoint), recognised by its contents; the sigmas are the file's (80 for an EDM pickle, 79.56 for the port's).
+    A missing file, a failed download, a file that is none of these or weights that do not fit raise GeneratorLoadError
+    naming the file.
+    """
     from dmd.edm.persistence import NetworkLoadError, load_network
     from dmd.utils.download import DownloadError, open_url
 
@@ -157,15 +170,37 @@ def load_generator(source, *, cache_dir=None, device="cpu"):
 # Sampling of a loaded generator (one step, or its own few-step sigma list), per-seed reproducible; also samples an
 # EDM teacher with `num_steps`.
 class DMDGenerator:
+    """Sample images from a one-step (or few-step) generator, or from an EDM teacher, reproducibly per seed.
+
+    Build it from a file, `DMDGenerator(network_path, device=None, cache_dir=None)`: a `network-snapshot-*.pt` or
+    `training-state-*.pt` of `dmd train`, an EDM network pickle, or the port's checkpoint, as a local path or an
+    http(s):// or file:// URL (downloaded once into `cache_dir`, else $DMD_CACHE_DIR, else ~/.cache/dmd). `device`
+    None or 'auto' picks cuda when available. Or wrap a network in memory, `DMDGenerator(net=G)`: it is not moved,
+    and `device` defaults to its parameters'. The noise levels default to the file's (a dmd file's own list, 80 for
+    an EDM pickle, 79.56 for the port's checkpoint) and to 80 with `net=`; `sigma_G=` replaces them by one level,
+    `sigmas=` by a decreasing list such as [80, 1.5]. Bad arguments raise ValueError, unloadable files
+    GeneratorLoadError.
+
+    `generate_batch` returns (N, C, R, R) float32 images in [-1, 1]. The attributes `net` (in eval mode and frozen
+    when it was loaded from a file), `device` and `sigmas`, and the properties `sigma_G`, `label_dim`, `img_channels`
+    and `img_resolution` describe what was loaded.
+
+    Example:
+        G = DMDGenerator("runs/dmd-cifar10/network-snapshot-best.pt")
+        images = G.generate_batch(seeds=range(16), class_ids=3)  # (16, 3, 32, 32), class 3, one image per seed
+        teacher = DMDGenerator("https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl")
+        reference = teacher.generate_batch(seeds=range(16), num_steps=18)  # EDM's sampler, EDM's own images
+    """
+
     def __init__(
         self,
-        network_path=None,  # Snapshot, training state, EDM pickle or port checkpoint: path or URL.
-        device=None,  # None/'auto': cuda when available, else cpu.
-        cache_dir=None,  # Download cache for URLs.
-        sigma_G=None,  # One-step noise level overriding the file's (80 for EDM pickles; the port's 79.56).
-        net=None,  # An in-memory network instead of network_path (e.g. G_ema during training).
-        sigmas=None,  # The generator's noise levels, e.g. [80, 1.5]; None: the file's (one step for EDM pickles).
-    ):
+        network_path: Union[str, os.PathLike, None] = None,  # Snapshot, training state, EDM pickle or port checkpoint.
+        device: Union[str, torch.device, None] = None,  # None/'auto': cuda when available, else cpu.
+        cache_dir: Union[str, os.PathLike, None] = None,  # Download cache for URLs.
+        sigma_G: Optional[float] = None,  # One-step noise level overriding the file's (80 for EDM pickles).
+        net: Optional[torch.nn.Module] = None,  # An in-memory network instead of network_path (e.g. G_ema).
+        sigmas: Optional[Sequence[float]] = None,  # The generator's noise levels, e.g. [80, 1.5]; None: the file's.
+    ) -> None:
         if (network_path is None) == (net is None):
             raise ValueError("DMDGenerator needs exactly one of network_path and net")
         if sigma_G is not None and sigmas is not None:
@@ -184,20 +219,23 @@ class DMDGenerator:
             raise ValueError(f"generator sigmas must be positive and decreasing, not {self.sigmas}")
 
     @property
-    def sigma_G(self):
+    def sigma_G(self) -> float:
         """The first noise level (the only one of a one-step generator)."""
         return self.sigmas[0]
 
     @property
-    def label_dim(self):
+    def label_dim(self) -> int:
+        """Number of classes of the network; 0 for an unconditional one."""
         return self.net.label_dim
 
     @property
-    def img_channels(self):
+    def img_channels(self) -> int:
+        """Channels C of the images."""
         return self.net.img_channels
 
     @property
-    def img_resolution(self):
+    def img_resolution(self) -> int:
+        """Height and width R of the images."""
         return self.net.img_resolution
 
     def _class_ids(self, class_ids, n):
@@ -227,8 +265,25 @@ class DMDGenerator:
             x = edm_sampler(self.net, z, c, randn_like=randn_like, num_steps=num_steps)
         return x.float().clamp(-1, 1)
 
-    def generate_batch(self, seeds=None, class_ids=None, latents=None, batch_size=None, num_steps=None):
-        """Generate (N, C, R, R) float32 images in [-1, 1] on the device from seeds or from unscaled latents."""
+    def generate_batch(
+        self,
+        seeds: Union[str, Sequence[int], None] = None,
+        class_ids: Union[int, Sequence[int], torch.Tensor, None] = None,
+        latents: Optional[torch.Tensor] = None,
+        batch_size: Optional[int] = None,
+        num_steps: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Generate (N, C, R, R) float32 images in [-1, 1] on the device from seeds or from unscaled latents.
+
+        Give exactly one of `seeds` (a list of ints, or a string such as '0-63,100') and `latents` (N, C, R, R)
+        unscaled N(0, I) noise. Each image draws its latent, then its label, then any further noise from its seed's
+        generator, as EDM's generate.py does, so its draws depend on its seed, not on the batch; with `latents`, any
+        further noise comes from torch's global RNG. `class_ids`: one class for every image (an int) or one per image
+        (a list or tensor); None lets each seed draw its label, and latents on a class-conditional network need it.
+        `batch_size`: images per network call (None: all at once). `num_steps`: None samples the generator at its
+        sigmas; N runs `edm_sampler` in N steps (2N - 1 network calls), as for a teacher. The network runs in eval
+        mode under torch.inference_mode(), and its training flag is restored afterwards.
+        """
         from dmd.edm.sampler import StackedRandomGenerator
 
         if (seeds is None) == (latents is None):
