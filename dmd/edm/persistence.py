@@ -24,6 +24,7 @@ import sys
 import types
 import zipfile
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 import torch
@@ -49,11 +50,11 @@ MAX_KEY_CHARS = 1 << 24  # characters of all state-dict keys together
 
 
 class NetworkLoadError(RuntimeError):
-    """A network pickle is missing, corrupt, or does not describe a network we can build."""
+    """A network pickle is corrupt, hostile, or not a network we can build; the message names the file."""
 
 
 class UnsafePickleError(NetworkLoadError):
-    """A pickle names a global outside the short list an EDM network pickle needs."""
+    """A pickle names a global outside the short list an EDM network pickle needs; raised before anything runs."""
 
 
 # A persistent object as EDM pickled it: the undecorated class name and its `__getstate__()` dict. EDM's class is
@@ -514,8 +515,30 @@ class _MetaFactories(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def load_network(source, *, key="ema", cache_dir=None, device="cpu"):
-    """Load network `key` of an EDM pickle (path, file:// or http(s):// URL) into our classes, in eval mode, frozen."""
+def load_network(
+    source: Union[str, os.PathLike],
+    *,
+    key: str = "ema",
+    cache_dir: Union[str, os.PathLike, None] = None,
+    device: Union[str, torch.device] = "cpu",
+) -> torch.nn.Module:
+    """Load network `key` of an EDM pickle (path, file:// or http(s):// URL) into our classes, in eval mode, frozen.
+
+    `source` is a model EDM released, a `network-snapshot-*.pkl` of EDM's training or a file `save_network_pickle`
+    wrote; URLs are downloaded once into `cache_dir` (else $DMD_CACHE_DIR, else ~/.cache/dmd). The network is rebuilt
+    from the pickle's `_init_kwargs` as one of our `EDMPrecond`, `VPPrecond`, `VEPrecond`, `iDDPMPrecond` (EDM's
+    interface and state-dict keys), its weights loaded strictly, and moved to `device`. No code from the file runs:
+    a global outside the few an EDM network pickle needs raises UnsafePickleError, any other bad file (dmd's own
+    torch.save files included: `DMDGenerator` reads those) NetworkLoadError naming it. A missing local file raises
+    FileNotFoundError, a failed download dmd.utils.download.DownloadError.
+
+    Example:
+        from dmd.edm import edm_sampler, load_network
+        net = load_network("https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl")
+        latents = torch.randn(8, net.img_channels, net.img_resolution, net.img_resolution)  # (8, 3, 32, 32)
+        labels = torch.eye(net.label_dim)[torch.arange(8)]  # one-hot, classes 0-7
+        images = edm_sampler(net, latents, labels)  # EDM's 18-step Heun sampler: (8, 3, 32, 32) float64
+    """
     path = open_url(source, cache_dir=cache_dir)
     data = read_network_pickle(path)
     if not isinstance(data, dict) or key not in data:
@@ -549,7 +572,7 @@ def load_network(source, *, key="ema", cache_dir=None, device="cpu"):
     return net.eval().requires_grad_(False).to(device)
 
 
-def network_fingerprint(source, *, cache_dir=None):
+def network_fingerprint(source: Union[str, os.PathLike], *, cache_dir: Union[str, os.PathLike, None] = None) -> str:
     """Return the sha256 hex digest of a network file (path or URL), to record which teacher a run used."""
     return sha256_file(open_url(source, cache_dir=cache_dir))
 
@@ -610,8 +633,13 @@ class _EDMPickler(pickle.Pickler):
         return self.reconstruct, (meta,)
 
 
-def save_network_pickle(net, path):
-    """Write `net` atomically as an EDM network pickle {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}."""
+def save_network_pickle(net: torch.nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write `net` atomically as an EDM network pickle {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}.
+
+    `net` is one of our preconditioners (else ValueError). A frozen eval-mode CPU copy is written as 'ema', the other
+    entries empty, and the caller's network is left untouched. `load_network` reads the weights back bit for bit; the
+    embedded source only imports EDM's `training.networks`, so that EDM's own loader rebuilds it with EDM's classes.
+    """
     if type(net).__name__ not in PRECONDITIONERS:
         raise ValueError(f"save_network_pickle writes one of {', '.join(PRECONDITIONERS)}, not {type(net).__name__}")
     # As EDM's training loop does: a frozen eval-mode CPU copy, so the caller's network is left untouched.
