@@ -23,6 +23,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -334,11 +335,31 @@ def write_port_layout(path, latents, images, labels, seeds):
 # Teacher pairs as a torch Dataset: items (latent (C, H, W) float32, image (C, H, W) float32, label int64 or -1).
 # The HDF5 file is opened lazily in the process that reads (each DataLoader worker opens its own handle).
 class PairDataset(Dataset):
+    """Read teacher pairs (z, y, label) from a pair file, as a torch Dataset for the regression loss.
+
+    `PairDataset(path)` opens a file of our layout (`make-pairs`, `convert-pairs`) and serves its first `num_complete`
+    rows, or a file of the port's layout (`/data/{i}`), for which `label_dim` gives the number of classes (None infers
+    max(class_idx) + 1, reading every pair; our files record theirs). Opening checks the layout (and, in ours, every
+    label); each item is checked for NaN and inf as it is read. Any fault raises PairFileError naming the file.
+
+    An item is (latent z (C, H, W) float32, unscaled; image y (C, H, W) float32, raw; label, an int64 scalar tensor,
+    -1 for an unconditional file). `check_compatible(net)` checks the file against a teacher, `read_rows` reads a
+    block of rows with their seeds. The attributes `num_pairs`, `channels`, `resolution`, `label_dim` and `layout`
+    ('dmd' or 'port') describe the file. The file is opened lazily by each process that reads (DataLoader workers).
+
+    Example:
+        teacher = load_network("https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl")
+        pairs = PairDataset("data/cifar10-pairs.h5")
+        pairs.check_compatible(teacher)  # resolution, channels and label_dim, else PairFileError
+        latent, image, label = pairs[0]  # (3, 32, 32) float32, (3, 32, 32) float32, int64 scalar
+        loader = torch.utils.data.DataLoader(pairs, batch_size=56, shuffle=True, num_workers=2)
+    """
+
     def __init__(
         self,
-        path,  # Pair file: our layout or the port's.
-        label_dim=None,  # Port layout only: number of classes; None infers max(class_idx) + 1 (reads every pair).
-    ):
+        path: Union[str, os.PathLike],  # Pair file: our layout or the port's.
+        label_dim: Optional[int] = None,  # Port layout only: number of classes; None infers max(class_idx) + 1.
+    ) -> None:
         import h5py
 
         self.path = Path(path)
@@ -382,7 +403,7 @@ class PairDataset(Dataset):
             label_dim = 1 + max(self._port_label(group[str(i)], i) for i in range(self.num_pairs))
         self.label_dim = int(label_dim)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.num_pairs
 
     def _h5(self):
@@ -408,7 +429,7 @@ class PairDataset(Dataset):
         """Pickle (for DataLoader workers) without this process's handles; each worker opens its own."""
         return {**self.__dict__, **dict.fromkeys(self._HANDLES)}
 
-    def close(self):
+    def close(self) -> None:
         """Close this process's file handle (the next read reopens it)."""
         if self._file is not None:
             self._file.close()
@@ -437,7 +458,8 @@ class PairDataset(Dataset):
         seed = _int_attr(ds.attrs, "seed", f"pair file {self.path}: /data/{index}")
         return torch.from_numpy(pair[1]), torch.from_numpy(pair[0]), torch.tensor(label, dtype=torch.int64), seed
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return pair `index`: latent (C, H, W) float32, image (C, H, W) float32, label int64 (-1: unconditional)."""
         if not 0 <= index < self.num_pairs:
             raise IndexError(f"pair index {index} out of range for {self.num_pairs} pairs in {self.path}")
         if self.layout == "port":
@@ -448,7 +470,7 @@ class PairDataset(Dataset):
             _check_rows(self.path, index, latents=latent[None], images=image[None])
         return torch.from_numpy(latent), torch.from_numpy(image), self._labels[index]
 
-    def check_compatible(self, net):
+    def check_compatible(self, net: torch.nn.Module) -> None:
         """Raise PairFileError naming the file if its resolution, channels or labels do not fit the teacher `net`."""
         found = {"resolution": self.resolution, "channels": self.channels}
         wanted = {"resolution": net.img_resolution, "channels": net.img_channels}
@@ -462,7 +484,7 @@ class PairDataset(Dataset):
                 f"pair file {self.path} has label_dim {self.label_dim} but the teacher has label_dim {net.label_dim}"
             )
 
-    def read_rows(self, start, stop):
+    def read_rows(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return rows [start, stop) as tensors: latents (B, C, H, W), images (B, C, H, W), labels (B,), seeds (B,)."""
         if not 0 <= start <= stop <= self.num_pairs:
             raise IndexError(f"rows [{start}, {stop}) out of range for {self.num_pairs} pairs in {self.path}")
