@@ -14,6 +14,22 @@ class ConfigError(ValueError):
 # Every setting of one DMD training run. Field names match the `train` flags (`lr_gen` <-> `--lr-gen`).
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every setting of one DMD or DMD2 training run, as one frozen dataclass; `dmd train` builds it from its flags.
+
+    Construct it with keywords. `model_path` (the teacher) and `output_dir` are required, exactly one of `max_steps`
+    and `epochs` sets the duration, and the default lambda_reg > 0 also needs the pair file `data_path`. The defaults
+    are DMD's CIFAR-10 recipe (batch 56 per process, AdamW lr 5e-5, lambda_reg 0.25 with LPIPS, one fake-score step
+    per generator step); `TrainConfig(**resolve_recipe("dmd2", options))` fills the options left None from DMD2's
+    instead. Fields are named like their `train` flags (`lr_gen` is `--lr-gen`, described by `dmd train --help`).
+    Construction (and `dataclasses.replace`) validates every value, raising ConfigError naming the flag of the first
+    one that cannot work. `to_dict`, `from_dict` and `to_json` convert it for config.json and the checkpoints.
+
+    Example:
+        cfg = TrainConfig(model_path="edm.pkl", output_dir="runs/x", data_path="pairs.h5", max_steps=200000)
+        cfg.lr_gen, cfg.generator_sigmas  # (5e-05, (80.0,))
+        TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg  # True
+    """
+
     model_path: str  # teacher EDM pickle: path, file:// or http(s):// URL
     output_dir: str  # run folder: config.json, stats.jsonl, grids, checkpoints
     data_path: Optional[str] = None  # pair file (z, y, label) for the regression loss
