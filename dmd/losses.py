@@ -6,6 +6,7 @@ optional `generator`, so a run that restores the RNG state reproduces its draws 
 """
 
 import math
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,22 @@ def _broadcast(v, x):
 
 
 class KarrasGrid:
+    """The T noise levels DMD draws from, a Karras et al. (2022) grid ascending from sigma_min to sigma_max.
+
+    sigmas[i] = (a + i / (T - 1) (b - a))^rho with a = sigma_min^(1/rho), b = sigma_max^(1/rho), so index 0 is
+    sigma_min and index T - 1 is sigma_max (EDM's sampler walks the same kind of grid downwards).
+    `KarrasGrid(T=1000, sigma_min=0.002, sigma_max=80, rho=7)` holds the table `sigmas` (T,) float32, on the CPU
+    until `to(device)`; T < 2 or not 0 < sigma_min < sigma_max raises ValueError. `sample_index(n, lo, hi)` draws
+    indices uniformly from [floor(lo T), floor(hi T)), and `sigma(index)` looks their levels up.
+    """
+
     def __init__(
         self,
-        T=1000,  # Number of noise levels.
-        sigma_min=0.002,  # Smallest noise level, at index 0.
-        sigma_max=80.0,  # Largest noise level, at index T - 1.
-        rho=7.0,  # Karras schedule exponent.
-    ):
+        T: int = 1000,  # Number of noise levels.
+        sigma_min: float = 0.002,  # Smallest noise level, at index 0.
+        sigma_max: float = 80.0,  # Largest noise level, at index T - 1.
+        rho: float = 7.0,  # Karras schedule exponent.
+    ) -> None:
         if T < 2:
             raise ValueError(f"KarrasGrid needs T >= 2 noise levels, got {T}")
         if not 0 < sigma_min < sigma_max:
@@ -48,26 +58,33 @@ class KarrasGrid:
         lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
         self.sigmas = ((lo + i / (self.T - 1) * (hi - lo)) ** self.rho).to(torch.float32)  # (T,)
 
-    def to(self, device):
+    def to(self, device: Union[str, torch.device]) -> "KarrasGrid":
         """Move the sigma table to `device`; returns self."""
         self.sigmas = self.sigmas.to(device)
         return self
 
-    def index_range(self, lo=0.0, hi=1.0):
+    def index_range(self, lo: float = 0.0, hi: float = 1.0) -> Tuple[int, int]:
         """Integer index bounds [floor(lo * T), floor(hi * T)) of the fractions lo < hi in [0, 1]."""
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"index fractions must satisfy 0 <= lo < hi <= 1, got lo={lo}, hi={hi}")
         # Round to 6 decimals before the floor so that e.g. 0.29 * 100 = 28.999999999999996 gives 29, not 28.
         return math.floor(round(lo * self.T, 6)), math.floor(round(hi * self.T, 6))
 
-    def sample_index(self, n, lo=0.0, hi=1.0, device=None, generator=None):
+    def sample_index(
+        self,
+        n: int,
+        lo: float = 0.0,
+        hi: float = 1.0,
+        device: Union[str, torch.device, None] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
         """Draw n indices uniformly from [floor(lo * T), floor(hi * T)); (n,) int64 on `device`."""
         first, stop = self.index_range(lo, hi)
         if stop <= first:
             raise ValueError(f"index range [{lo}, {hi}) of a {self.T}-level grid holds no integer")
         return torch.randint(first, stop, (n,), device=device, generator=generator)
 
-    def sigma(self, index):
+    def sigma(self, index: torch.Tensor) -> torch.Tensor:
         """Look up the noise levels of integer indices; float32 on the indices' device."""
         return self.sigmas.to(index.device)[index]
 
@@ -76,7 +93,7 @@ class KarrasGrid:
 # Distribution matching (paper Eqs. 7-8): the generator moves along the difference of the fake and real scores.
 
 
-def distribution_matching_grad(x, p_real, p_fake):
+def distribution_matching_grad(x: torch.Tensor, p_real: torch.Tensor, p_fake: torch.Tensor) -> torch.Tensor:
     """Paper Eq. 8 on (N, C, H, W) tensors: (p_fake - p_real) / mean_{C,H,W}|x - p_real|, NaN/inf mapped to finite."""
     # w (N, 1, 1, 1) normalises the step per sample; where w == 0 the 0/0 entries become 0 and the x/0 entries become
     # +-float max (torch.nan_to_num's defaults, as in DMD2), so the loss is then inf and the loop skips the step.
@@ -85,14 +102,25 @@ def distribution_matching_grad(x, p_real, p_fake):
 
 
 class DistributionMatchingLoss:
+    """DMD's distribution-matching loss of generated images, per sample (paper Eqs. 7-8).
+
+    `DistributionMatchingLoss(mu_real, mu_fake, grid, t_min=0.02, t_max=0.98)`; t_min and t_max outside
+    0 <= t_min < t_max <= 1 raise ValueError. Called on generated images x (N, C, H, W) (with one-hot class labels or
+    None, and an optional torch.Generator for the draws), it noises them at grid levels with index uniform in
+    [t_min T, t_max T), runs both denoisers without gradients, and returns (loss (N,), aux). The loss is
+    0.5 ||x - sg(x - grad)||^2 averaged over C, H, W, with grad = `distribution_matching_grad(x, p_real, p_fake)`,
+    so its gradient reaches x only and equals grad / (C H W). aux holds x_t, sigma, p_real, p_fake and the per-sample
+    grad_norm, for logging.
+    """
+
     def __init__(
         self,
-        mu_real,  # Frozen teacher denoiser, net(x, sigma, class_labels) -> D(x; sigma).
-        mu_fake,  # Fake-score denoiser of the generator's distribution, same interface.
-        grid,  # KarrasGrid the noise level is drawn from.
-        t_min=0.02,  # Lower bound of the index as a fraction of T (DreamFusion-style range).
-        t_max=0.98,  # Upper bound (exclusive) of the index as a fraction of T.
-    ):
+        mu_real: Callable[..., torch.Tensor],  # Frozen teacher denoiser, net(x, sigma, class_labels) -> D(x; sigma).
+        mu_fake: Callable[..., torch.Tensor],  # Fake-score denoiser of the generator's distribution, same interface.
+        grid: KarrasGrid,  # KarrasGrid the noise level is drawn from.
+        t_min: float = 0.02,  # Lower bound of the index as a fraction of T (DreamFusion-style range).
+        t_max: float = 0.98,  # Upper bound (exclusive) of the index as a fraction of T.
+    ) -> None:
         grid.index_range(t_min, t_max)  # Validates the fractions now rather than at the first step.
         self.mu_real = mu_real
         self.mu_fake = mu_fake
@@ -100,7 +128,12 @@ class DistributionMatchingLoss:
         self.t_min = t_min
         self.t_max = t_max
 
-    def __call__(self, x, class_labels=None, generator=None):
+    def __call__(
+        self,
+        x: torch.Tensor,
+        class_labels: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Return loss_dm per sample (N,) for generated images x (N, C, H, W) and a dict of logging tensors."""
         t = self.grid.sample_index(x.shape[0], self.t_min, self.t_max, device=x.device, generator=generator)
         sigma = self.grid.sigma(t)  # (N,)
@@ -129,13 +162,20 @@ class DistributionMatchingLoss:
 
 
 class RegressionLoss:
+    """DMD's regression loss (paper Eq. 9): the LPIPS distance of G(z_ref) to the teacher's output y_ref, per sample.
+
+    `RegressionLoss(lpips)` takes the distance, e.g. `dmd.lpips.LPIPS`, a callable of two image batches on EDM's
+    [-1, 1] scale. Called on x_ref = G(z_ref) and y_ref (N, C, H, W), it upsamples both bilinearly to 224 x 224 (y_ref
+    in x_ref's dtype) and returns lpips(x_ref, y_ref) as (N,).
+    """
+
     def __init__(
         self,
-        lpips,  # Callable (x0, x1) -> (N,) perceptual distance of [-1, 1] images, e.g. dmd.lpips.LPIPS.
-    ):
+        lpips: Callable[..., torch.Tensor],  # (x0, x1) -> (N,) perceptual distance, e.g. dmd.lpips.LPIPS.
+    ) -> None:
         self.lpips = lpips
 
-    def __call__(self, x_ref, y_ref):
+    def __call__(self, x_ref: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
         """Return LPIPS(G(z_ref), y_ref) per sample (N,) after bilinear upsampling of both to 224 x 224."""
         size = (LPIPS_RESOLUTION, LPIPS_RESOLUTION)
         x_ref = F.interpolate(x_ref, size=size, mode="bilinear", align_corners=False)
@@ -144,9 +184,12 @@ class RegressionLoss:
 
 
 class MSERegressionLoss:
-    """Mean squared error of G(z_ref) to y_ref at native resolution: the demo's CPU stand-in for LPIPS."""
+    """Mean squared error of G(z_ref) to y_ref at native resolution: the demo's CPU stand-in for LPIPS.
 
-    def __call__(self, x_ref, y_ref):
+    `MSERegressionLoss()` takes no arguments; called like `RegressionLoss` on (N, C, H, W) images, it returns (N,).
+    """
+
+    def __call__(self, x_ref: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
         """Return mean over C, H, W of (x_ref - y_ref)^2 per sample (N,)."""
         return _per_sample_mean((x_ref - y_ref.to(x_ref.dtype)) ** 2)
 
@@ -156,14 +199,23 @@ class MSERegressionLoss:
 
 
 class FakeScoreLoss:
+    """EDM's weighted denoising loss of the fake score mu_fake on generated images, per sample.
+
+    `FakeScoreLoss(grid, sigma_sampling="karras")` draws sigma from the whole grid (index uniform, as DMD2), or with
+    "lognormal" ln(sigma) ~ N(P_mean, P_std^2) as EDM trains (SiD's choice); another value raises ValueError. Called
+    as `loss(mu_fake, x0, class_labels=None, generator=None)` on generated images x0 (N, C, H, W), it returns
+    lambda(sigma) ||mu_fake(x0 + sigma eps; sigma) - x0||^2 averaged over C, H, W, as (N,), with EDM's weight
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2. x0 is detached: only mu_fake gets gradients.
+    """
+
     def __init__(
         self,
-        grid,  # KarrasGrid for sigma_sampling='karras'.
-        sigma_sampling="karras",  # 'karras': index uniform over the whole grid (DMD2); 'lognormal': EDM's (SiD).
-        P_mean=-1.2,  # Mean of ln(sigma) for 'lognormal'.
-        P_std=1.2,  # Standard deviation of ln(sigma) for 'lognormal'.
-        sigma_data=0.5,  # Data standard deviation in EDM's weight lambda(sigma).
-    ):
+        grid: KarrasGrid,  # KarrasGrid for sigma_sampling='karras'.
+        sigma_sampling: str = "karras",  # 'karras': index uniform over the whole grid (DMD2); 'lognormal': EDM's (SiD).
+        P_mean: float = -1.2,  # Mean of ln(sigma) for 'lognormal'.
+        P_std: float = 1.2,  # Standard deviation of ln(sigma) for 'lognormal'.
+        sigma_data: float = 0.5,  # Data standard deviation in EDM's weight lambda(sigma).
+    ) -> None:
         if sigma_sampling not in ("karras", "lognormal"):
             raise ValueError(f"sigma_sampling must be 'karras' or 'lognormal', got {sigma_sampling!r}")
         self.grid = grid
@@ -172,14 +224,22 @@ class FakeScoreLoss:
         self.P_std = P_std
         self.sigma_data = sigma_data
 
-    def sample_sigma(self, n, device=None, generator=None):
+    def sample_sigma(
+        self, n: int, device: Union[str, torch.device, None] = None, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
         """Draw n training noise levels (n,) float32."""
         if self.sigma_sampling == "karras":
             return self.grid.sigma(self.grid.sample_index(n, device=device, generator=generator))
         rnd_normal = torch.randn(n, device=device, generator=generator)
         return (self.P_mean + self.P_std * rnd_normal).exp()
 
-    def __call__(self, mu_fake, x0, class_labels=None, generator=None):
+    def __call__(
+        self,
+        mu_fake: Callable[..., torch.Tensor],
+        x0: torch.Tensor,
+        class_labels: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
         """Return EDM's weighted denoising loss of mu_fake on generated images x0 (N, C, H, W), per sample (N,)."""
         x0 = x0.detach()
         sigma = self.sample_sigma(x0.shape[0], device=x0.device, generator=generator)  # (N,)
