@@ -367,13 +367,21 @@ def load_on_ranks(network, *, device, cache_dir=None, sigma_G=None):
     return distributed.main_first(partial(DMDGenerator, network, device=device, cache_dir=cache_dir, sigma_G=sigma_G))
 
 
+def seed_span(seeds):
+    """A grid row's label: 'seed 8' for one seed, 'seeds 8-15' for a run of seeds, else the first and an ellipsis."""
+    first, last = seeds[0], seeds[-1]
+    if len(seeds) == 1:
+        return f"seed {first}"
+    return f"seeds {first}-{last}" if seeds == list(range(first, last + 1)) else f"seeds {first}, ..."
+
+
 def generate_images(
     network,  # Anything DMDGenerator loads: path or URL.
     outdir,  # Folder for the PNGs.
     seeds="0-63",  # Seed list or range string.
     class_idx=None,  # One class for every image; None: drawn per seed (or cycled with class_balanced).
     class_balanced=False,  # Seed s gets class s % label_dim, as in the FID protocol.
-    grid=None,  # Also write a grid of all images here, one labelled row per ceil(sqrt(n)) seeds.
+    grid=None,  # Also write a grid of all images here: ceil(sqrt(n)) a row, or a multiple of the classes.
     batch_size=256,  # Images per network call, per process.
     num_steps=None,  # None: one step. N: sample with edm_sampler in N steps (an EDM teacher).
     subdirs=False,  # One folder per 1000 seeds, as EDM's --subdirs.
@@ -410,9 +418,18 @@ def generate_images(
 
     paths = [png_path(outdir, seed, subdirs) for seed in seeds]
     if grid is not None and distributed.is_main():
-        nrow = int(np.ceil(np.sqrt(len(seeds))))
+        n, label_dim = len(seeds), generator.label_dim
+        nrow = int(np.ceil(np.sqrt(n)))
+        classes = None  # each image's class where the command fixed it; drawn classes are not known here
+        if class_balanced:
+            classes = torch.as_tensor(seeds) % label_dim
+            nrow = label_dim * max(1, round(np.sqrt(n) / label_dim)) if label_dim <= n else nrow  # columns: classes
+        elif class_idx is not None:
+            classes = class_idx
+        row_labels = [seed_span(seeds[i : i + nrow]) for i in range(0, n, nrow)]
+        title = f"{Path(str(network)).name}, {'one step' if num_steps is None else f'{num_steps} steps'}"
+        title += ", classes drawn from the seeds" if label_dim and classes is None else ""
         images = torch.cat([read_png(p) for p in paths])
-        row_labels = [str(seeds[i]) for i in range(0, len(seeds), nrow)]
-        atomic_save_image(make_grid(images, nrow=nrow, row_labels=row_labels), grid)
+        atomic_save_image(make_grid(images, nrow, row_labels, class_ids=classes, title=title), grid)
     distributed.print0(f"{len(seeds)} images in {outdir}" + (f", grid {grid}" if grid is not None else ""))
     return paths

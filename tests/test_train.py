@@ -108,7 +108,7 @@ def test_three_step_run_writes_every_output(tmp_path, pairs):
     assert all(np.isfinite(r[k]) for r in stats for k in LOSSES) and stats[-1]["kimg"] == 0.006
     assert stats[0]["loss_reg"] > 0 and stats[-1]["bad_steps"] == 0
     grid = __import__("PIL.Image", fromlist=["Image"]).open(out / "grid-000003.png")
-    assert grid.height == 5 * (8 + 2) + 2  # rows G(z), mu_real(x_t), mu_fake(x_t), G(z_ref), y_ref
+    assert grid.height == 24 + 2 * 24 + 5 * (64 + 2) + 2  # title, 2 class bands, rows G(z) ... G(z_ref), y_ref
 
     snapshot = load(out / "network-snapshot-000003.pt")
     state = load(out / "training-state-000003.pt")
@@ -144,7 +144,7 @@ def test_regression_only_run_trains_g_on_mse_and_leaves_mu_fake_alone(tmp_path, 
     assert all(torch.equal(state["mu_fake"][k], teacher[k]) for k in teacher)
     assert not all(torch.equal(state["G"][k], teacher[k]) for k in teacher)
     grid = __import__("PIL.Image", fromlist=["Image"]).open(out / "grid-000002.png")
-    assert grid.height == 3 * (8 + 2) + 2  # rows G(z), G(z_ref), y_ref: no mu_real / mu_fake rows without DM
+    assert grid.height == 24 + 2 * 24 + 3 * (64 + 2) + 2  # title, bands, G(z), G(z_ref), y_ref: no mu rows w/o DM
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, pairs):

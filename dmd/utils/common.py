@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 # At most this many values are expanded into a list at once: 200x the 50k images of the FID protocol, ~0.4 GB of
 # Python ints. '0-4000000000' would need ~160 GB; such a range is refused, or kept as ranges by `int_ranges`.
@@ -109,28 +109,101 @@ def to_uint8(images):
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def make_grid(images, nrow=None, row_labels=None, pad=2):
-    """Tile (N, C, H, W) images in [-1, 1] into a PIL image, `nrow` per row, with optional text labels per row."""
+# Grid text: PIL's default font at a size readable beside 64-px cells, in bands of GRID_LINE px (a 14-px line is 18 px
+# from ascent to descent). Old Pillow (< 10.1, or no FreeType) has only its ~11-px bitmap font, which fits the bands.
+GRID_FONT_SIZE = 14
+GRID_LINE = 24
+
+
+def _grid_font():
+    try:
+        return ImageFont.load_default(size=GRID_FONT_SIZE)
+    except (TypeError, ImportError):  # Pillow < 10.1 takes no size; without FreeType a sized font cannot be built
+        return ImageFont.load_default()
+
+
+def _ink(font, text):
+    """(left, top, right, bottom) of `text`'s ink when drawn at (0, 0); Pillow < 9.2's bitmap font has only getsize."""
+    return font.getbbox(text) if hasattr(font, "getbbox") else (0, 0, *font.getsize(text))
+
+
+def _class_bands(class_ids, n, nrow):
+    """{row: texts} naming the class of each cell: above the first row, and above every row whose classes differ
+    from the row above, so columns that share one class are labelled once, on top."""
+    ids = torch.as_tensor(class_ids).long().flatten()
+    ids = ids.expand(n) if ids.numel() == 1 else ids
+    if ids.numel() != n:
+        raise ValueError(f"class_ids has {ids.numel()} entries for {n} images")
+    table = [ids[i : i + nrow].tolist() for i in range(0, n, nrow)]
+    return {
+        r: [f"class {k}" for k in row]
+        for r, row in enumerate(table)
+        if r == 0 or any(k != above for k, above in zip(row, table[r - 1]))
+    }
+
+
+def make_grid(images, nrow=None, row_labels=None, pad=2, *, col_labels=None, class_ids=None, title=None, cell=64):
+    """Tile (N, C, H, W) images in [-1, 1] into an RGB PIL image, `nrow` per row, `pad` px apart.
+
+    Each image is its EDM quantisation (to_uint8) upscaled by the smallest integer factor that makes it at least
+    `cell` px a side (nearest: every pixel an s x s block; cell=1 keeps the native size). Text, all optional: a label
+    per row on the left, a label per column on top, a title above all. `class_ids` (N,) (or one int for all) labels
+    the cells with their classes instead of `col_labels`: a band above the first row and above each row whose
+    classes differ from the row above, so a column of one class is labelled once. Grayscale is drawn as gray RGB.
+    """
+    if col_labels is not None and class_ids is not None:
+        raise ValueError("make_grid takes col_labels or class_ids, not both")
     pixels = to_uint8(images)  # (N, H, W, C)
     n, h, w, c = pixels.shape
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
-    rows = int(math.ceil(n / nrow))
-    label_w = 0
-    if row_labels:
-        label_w = 7 * max(len(s) for s in row_labels) + 2 * pad
-    canvas = np.full((rows * (h + pad) + pad, label_w + nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    if c not in (1, 3):
+        raise ValueError(f"make_grid draws 1- or 3-channel images, not {c}")
+    s = max(1, math.ceil(cell / min(h, w)))
+    pixels = np.repeat(np.repeat(pixels, s, axis=1), s, axis=2)  # (N, sH, sW, C)
+    h, w = h * s, w * s
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    bands = _class_bands(class_ids, n, nrow) if class_ids is not None else {}
+    if col_labels is not None:
+        bands = {0: [str(t) for t in col_labels]}
+
+    font = _grid_font()
+    margin = GRID_FONT_SIZE // 2
+    row_labels = [str(t) for t in row_labels or []][:rows]
+    label_w = max(_ink(font, t)[2] for t in row_labels) + 2 * margin if row_labels else 0
+    title_h = GRID_LINE if title else 0
+    tops, y = [], title_h + pad  # tops[r]: the y of row r's images, below its band if it has one
+    for r in range(rows):
+        y += GRID_LINE if r in bands else 0
+        tops.append(y)
+        y += h + pad
+    width = label_w + nrow * (w + pad) + pad
+    if title:
+        width = max(width, _ink(font, title)[2] + 2 * margin)
+    canvas = np.full((y, width, 3), 255, dtype=np.uint8)
+    lefts = [label_w + pad + k * (w + pad) for k in range(nrow)]
     for i in range(n):
         r, k = divmod(i, nrow)
-        y0, x0 = pad + r * (h + pad), label_w + pad + k * (w + pad)
-        canvas[y0 : y0 + h, x0 : x0 + w] = pixels[i] if c == 3 else pixels[i][..., :1]
+        canvas[tops[r] : tops[r] + h, lefts[k] : lefts[k] + w] = pixels[i]  # a gray channel broadcasts to RGB
+
     grid = Image.fromarray(canvas)
-    if row_labels:
-        draw = ImageDraw.Draw(grid)
-        for r, text in enumerate(row_labels[:rows]):
-            draw.text((pad, pad + r * (h + pad) + max(0, h // 2 - 5)), text, fill=(0, 0, 0))
+    draw = ImageDraw.Draw(grid)
+    _, ink_top, _, ink_bottom = _ink(font, "Ag")  # one vertical extent for all text, so labels share a baseline
+
+    def text(t, x0, x1, y0, y1, center=True):
+        x = (x0 + x1 - _ink(font, t)[2]) // 2 if center else x0
+        draw.text((x, (y0 + y1 - ink_top - ink_bottom) // 2), t, fill=(0, 0, 0), font=font)
+
+    if title:
+        text(title, 0, width, 0, GRID_LINE)
+    for r, label in enumerate(row_labels):
+        text(label, margin, label_w, tops[r], tops[r] + h, center=False)
+    for r, texts in bands.items():
+        for k, t in enumerate(texts[:nrow]):
+            text(t, lefts[k], lefts[k] + w, tops[r] - GRID_LINE, tops[r])
     return grid
 
 
-def display_samples(samples, nrow=None):
-    """Return a PIL grid of generated samples (N, C, H, W) in [-1, 1], for notebooks."""
-    return make_grid(samples, nrow=nrow)
+def display_samples(samples, nrow=None, class_ids=None, title=None):
+    """Return a PIL grid of generated samples (N, C, H, W) in [-1, 1] for notebooks: cells at least 64 px, the
+    classes `class_ids` (N,) labelled as make_grid does, and an optional title."""
+    return make_grid(samples, nrow=nrow, class_ids=class_ids, title=title)
