@@ -263,10 +263,15 @@ def compute_fid(cfg, net, fid, device):
     )
 
 
-def save_grid(path, rows, n):
-    """Write the labelled sample grid: one row per entry of `rows` ({label: tensor}), `n` images each."""
+def save_grid(path, rows, n, *, step, kimg, labels):
+    """Write the sample grid: one row per entry of `rows` ({name: images}), `n` images each, classes named from
+    `labels` ({name: one-hot (B, label_dim), or None when unconditional}), the step and kimg in the title."""
     images = torch.cat([r[:n].detach().float().cpu() for r in rows.values()])
-    atomic_save_image(make_grid(images, nrow=n, row_labels=list(rows)), path)
+    class_ids = None
+    if all(labels[name] is not None for name in rows):
+        class_ids = torch.cat([labels[name][:n].argmax(1).cpu() for name in rows])
+    grid = make_grid(images, nrow=n, row_labels=list(rows), class_ids=class_ids, title=f"step {step}, {kimg:.3f} kimg")
+    atomic_save_image(grid, path)
 
 
 def snapshot_info(cfg, step):
@@ -516,7 +521,9 @@ def train(cfg, dry_run=False):
                         rows_out.update({"mu_real(x_t)": aux["p_real"][rows], "mu_fake(x_t)": aux["p_fake"][rows]})
                     if reg_loss is not None:
                         rows_out.update({"G(z_ref)": x_ref, "y_ref": y_ref})
-                    save_grid(run_dir / f"grid-{done:06d}.png", rows_out, n=min(B, 8))
+                    labels = {k: c_ref if k in ("G(z_ref)", "y_ref") else take(c, rows) for k in rows_out}
+                    grid_path, kimg = run_dir / f"grid-{done:06d}.png", done * n / 1000
+                    save_grid(grid_path, rows_out, min(B, 8), step=done, kimg=kimg, labels=labels)
                 if fid is not None and done % cfg.fid_every == 0:
                     value = compute_fid(cfg, G_ema or G, fid, device)
                     if logger is not None:
