@@ -10,9 +10,12 @@ optimizer.
 """
 
 import contextlib
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from dmd.losses import KarrasGrid
 
 
 def _num_groups(channels, max_groups=32, min_channels_per_group=4):
@@ -26,11 +29,19 @@ def _num_groups(channels, max_groups=32, min_channels_per_group=4):
 # conv 4x4 / 2 (8 -> 4), GroupNorm, SiLU, conv 4x4 / 4 (4 -> 1), GroupNorm, SiLU, conv 1x1 -> one logit. Larger R
 # gets one more 4x4 / 2 conv per halving down to 4; smaller R replaces the 4x4 / 4 conv by an R x R / R one.
 class DiscriminatorHead(torch.nn.Module):
+    """DMD2's discriminator head: one logit per image from the fake score's bottleneck features (N, C, R, R).
+
+    `DiscriminatorHead(channels, resolution)` stacks convs (each with GroupNorm and SiLU) that keep the C channels
+    down to 1 x 1, then a 1 x 1 conv to one logit; values below 1 raise ValueError. `for_network(mu_fake)` sizes it
+    from an EDM preconditioner's U-Net without a forward pass. Called on features h (N, C, R, R), it returns logits
+    (N,), computed in float32.
+    """
+
     def __init__(
         self,
-        channels,  # Bottleneck width C (256 for CIFAR-10 DDPM++, 768 for ImageNet-64 ADM).
-        resolution,  # Bottleneck resolution R (8 for both).
-    ):
+        channels: int,  # Bottleneck width C (256 for CIFAR-10 DDPM++, 768 for ImageNet-64 ADM).
+        resolution: int,  # Bottleneck resolution R (8 for both).
+    ) -> None:
         if channels < 1 or resolution < 1:
             raise ValueError(f"DiscriminatorHead needs channels and resolution >= 1, got {channels} and {resolution}")
         super().__init__()
@@ -46,7 +57,7 @@ class DiscriminatorHead(torch.nn.Module):
         self.layers = torch.nn.Sequential(*layers)
 
     @classmethod
-    def for_network(cls, net):
+    def for_network(cls, net: torch.nn.Module) -> "DiscriminatorHead":
         """The head for a preconditioned EDM network's bottleneck, sized from its architecture (no forward pass)."""
         name, first = next(iter(net.model.dec.items()))  # e.g. '8x8_in0', the block that takes the bottleneck
         return cls(first.in_channels, int(name.split("x")[0]))
@@ -54,7 +65,7 @@ class DiscriminatorHead(torch.nn.Module):
     def _stage(self, conv):
         return [conv, torch.nn.GroupNorm(_num_groups(self.channels), self.channels), torch.nn.SiLU()]
 
-    def forward(self, h):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Bottleneck features (N, C, R, R) -> logits (N,)."""
         return self.layers(h.to(torch.float32)).flatten()
 
@@ -98,13 +109,24 @@ def _cat_labels(c_fake, c_real):
 
 # The two GAN losses of DMD2 on one discriminator: `discriminator` for the fake-score step, `generator` for G's step.
 class GANLoss:
+    """DMD2's two non-saturating GAN losses on one diffusion-GAN discriminator f(x) = head(mu_fake.bottleneck(x_t)).
+
+    `GANLoss(mu_fake, head, grid, max_index=1000)`: every image, real or generated, is noised to x_t at a grid level
+    with index uniform in [0, max_index); a max_index outside [1, T] raises ValueError. `discriminator(x_fake, c_fake,
+    x_real, c_real)` returns softplus(f(fake)) + softplus(-f(real)) per pair (N,), for the fake-score step: both
+    batches are detached, so only mu_fake and the head get gradients. `generator(x_fake, c_fake)` returns
+    softplus(-f(G(z))) (N,) for G's step, with mu_fake and the head frozen. Each returns a dict of logging tensors
+    too. Labels are one-hot (N, label_dim) or None; a torch.Generator (`generator=`) and `rows`, `n` (see `noised`)
+    control the draws.
+    """
+
     def __init__(
         self,
-        mu_fake,  # Fake-score preconditioner (bare, not DDP-wrapped): mu_fake.bottleneck(x, sigma, c) -> features.
-        head,  # DiscriminatorHead of mu_fake's bottleneck width and resolution.
-        grid,  # KarrasGrid of the DM loss; the diffusion-GAN sigmas are its levels.
-        max_index=1000,  # Sigma indices are drawn uniformly from [0, max_index) (DMD2: 1000, the whole grid).
-    ):
+        mu_fake: torch.nn.Module,  # Fake-score preconditioner, not DDP-wrapped: .bottleneck(x, sigma, c) -> features.
+        head: DiscriminatorHead,  # DiscriminatorHead of mu_fake's bottleneck width and resolution.
+        grid: KarrasGrid,  # KarrasGrid of the DM loss; the diffusion-GAN sigmas are its levels.
+        max_index: int = 1000,  # Sigma indices are drawn uniformly from [0, max_index) (DMD2: 1000, the whole grid).
+    ) -> None:
         if not 1 <= max_index <= grid.T:
             raise ValueError(
                 f"diffusion-GAN max_index must be in [1, {grid.T}] for a {grid.T}-level grid, got {max_index}"
@@ -114,7 +136,13 @@ class GANLoss:
         self.grid = grid
         self.max_index = int(max_index)
 
-    def noised(self, x, generator=None, rows=None, n=None):
+    def noised(
+        self,
+        x: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        rows: Optional[slice] = None,
+        n: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """x + sigma eps at grid sigmas: (x_t (N, C, H, W), sigma (N,)). With `rows` and `n`, x holds rows `rows` of
         a global batch of n images, and the draws are made for all n and sliced, so every process (and one process
         with the whole batch) draws the same noise for the same image."""
@@ -124,12 +152,28 @@ class GANLoss:
         sigma = self.grid.sigma(t)[rows]  # (N,)
         return x + sigma.reshape(-1, 1, 1, 1).to(x.dtype) * eps[rows], sigma
 
-    def logits(self, x, class_labels=None, generator=None, rows=None, n=None):
+    def logits(
+        self,
+        x: torch.Tensor,
+        class_labels: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        rows: Optional[slice] = None,
+        n: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Noise images x (N, C, H, W) at grid sigmas and return the discriminator's logits (N,) and the sigmas (N,)."""
         x_t, sigma = self.noised(x, generator, rows, n)
         return self.head(self.mu_fake.bottleneck(x_t, sigma, class_labels)), sigma
 
-    def discriminator(self, x_fake, c_fake, x_real, c_real, generator=None, rows=None, n=None):
+    def discriminator(
+        self,
+        x_fake: torch.Tensor,
+        c_fake: Optional[torch.Tensor],
+        x_real: torch.Tensor,
+        c_real: Optional[torch.Tensor],
+        generator: Optional[torch.Generator] = None,
+        rows: Optional[slice] = None,
+        n: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Return the discriminator loss per (fake, real) pair (N,) and logging tensors, for N generated and N real
         images with their one-hot labels (or None). Both batches are detached: gradients reach only mu_fake and head.
         `rows`, `n`: the batches are these rows of global batches of n (see `noised`); fake images draw first.
@@ -144,7 +188,14 @@ class GANLoss:
         aux = dict(logits_fake=logits[:k].detach(), logits_real=logits[k:].detach(), sigma=sigma)
         return discriminator_loss(logits[:k], logits[k:]), aux
 
-    def generator(self, x_fake, c_fake=None, generator=None, rows=None, n=None):
+    def generator(
+        self,
+        x_fake: torch.Tensor,
+        c_fake: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        rows: Optional[slice] = None,
+        n: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Return the generator's GAN loss per sample (N,) and logging tensors. mu_fake and the head are frozen while
         the loss is built, so its backward reaches x_fake (and G) and leaves no gradient in them."""
         with frozen(self.mu_fake, self.head):
