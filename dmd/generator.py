@@ -8,6 +8,8 @@ and the sample is the last x0. Training uses DMD2's backward simulation: G's inp
 G itself, without gradients, from pure noise through levels 0..k-1, so G trains on the inputs it meets at sampling.
 """
 
+from typing import Callable, Optional, Sequence
+
 import torch
 
 SIGMA_G = 80.0
@@ -23,14 +25,28 @@ def denoise_at(net, x, sigma, class_labels=None):
     return net(x, torch.full((x.shape[0],), float(sigma), device=x.device), class_labels)
 
 
-def one_step(net, z, class_labels=None, sigma=SIGMA_G):
+def one_step(
+    net: Callable[..., torch.Tensor],
+    z: torch.Tensor,
+    class_labels: Optional[torch.Tensor] = None,
+    sigma: float = SIGMA_G,
+) -> torch.Tensor:
     """Map unscaled noise z ~ N(0, I) of shape (N, C, H, W) to images with one denoiser call at `sigma`."""
     return denoise_at(net, z * sigma, sigma, class_labels)
 
 
-def simulate_input(net, z, class_labels, sigmas, k, noise):
-    """G's input at level k (backward simulation): sigma_0 z run through levels 0..k-1 by `net` without gradients,
-    re-noised with noise(level) ~ N(0, I) shaped like z after each level. At k = 0 it is sigma_0 z, the one-step input.
+def simulate_input(
+    net: Callable[..., torch.Tensor],
+    z: torch.Tensor,
+    class_labels: Optional[torch.Tensor],
+    sigmas: Sequence[float],
+    k: int,
+    noise: Callable[[int], torch.Tensor],
+) -> torch.Tensor:
+    """Return G's input at level k, made by backward simulation without gradients.
+
+    sigma_0 z is run through levels 0..k-1 by `net`, re-noised with noise(level) ~ N(0, I) shaped like z after each
+    level. At k = 0 it is sigma_0 z, the one-step input.
     """
     x = z * sigmas[0]
     with torch.no_grad():
@@ -39,9 +55,18 @@ def simulate_input(net, z, class_labels, sigmas, k, noise):
     return x
 
 
-def sample(net, z, class_labels=None, sigmas=(SIGMA_G,), noise=None):
-    """The N-step generator's images from unscaled noise z (N, C, H, W); noise(level) gives the fresh N(0, I) noise
-    after each level but the last (None: torch.randn_like). One sigma is `one_step`."""
+def sample(
+    net: Callable[..., torch.Tensor],
+    z: torch.Tensor,
+    class_labels: Optional[torch.Tensor] = None,
+    sigmas: Sequence[float] = (SIGMA_G,),
+    noise: Optional[Callable[[int], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Return the N-step generator's images from unscaled noise z (N, C, H, W), one denoiser call per sigma.
+
+    noise(level) gives the fresh N(0, I) noise after each level but the last (None: torch.randn_like). One sigma is
+    `one_step`.
+    """
     noise = noise if noise is not None else (lambda level: torch.randn_like(z))
     last = len(sigmas) - 1
     return denoise_at(net, simulate_input(net, z, class_labels, sigmas, last, noise), sigmas[last], class_labels)
