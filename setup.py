@@ -27,8 +27,9 @@ setup(
     ],
     extras_require={
         "neptune": ["neptune>=1.0"],
+        "tensorboard": ["tensorboard"],  # --log-tensorboard (torch.utils.tensorboard writes the event files)
         "demo": ["scikit-learn"],
-        "test": ["pytest", "ruff==0.17.6", "scikit-learn", "neptune>=1.0"],
+        "test": ["pytest", "ruff==0.17.6", "scikit-learn", "neptune>=1.0", "tensorboard"],
     },
     entry_points={"console_scripts": ["dmd=dmd.cli:main"]},
 )

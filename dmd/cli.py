@@ -193,6 +193,16 @@ def _float_list(ctx, param, value):
     "learning rates of a diverging run.",
 )
 @click.option("--log-neptune", is_flag=True, help="Log to Neptune (neptune.cfg or NEPTUNE_PROJECT/NEPTUNE_API_TOKEN).")
+@click.option(
+    "--log-tensorboard",
+    is_flag=True,
+    help="Also write TensorBoard event files into --output-dir (needs the tensorboard package).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    help="The progress bar on stderr; --no-progress for batch jobs (stats lines still go to stdout and log.txt).",
+)
 @click.option("--lpips-vgg", help="VGG-16 weights for LPIPS: path or URL.  [default: torchvision's URL]")
 @click.option("--lpips-lin", help="LPIPS v0.1 heads: path or URL.  [default: the LPIPS repository's URL]")
 @click.option("--lpips-random", is_flag=True, help="Random LPIPS weights: tests and smoke runs only.")

@@ -65,6 +65,8 @@ class TrainConfig:
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
     resume: Optional[str] = None  # 'auto' (latest state in output_dir, if any) or a training-state path
     log_neptune: bool = False  # also log metrics to Neptune (neptune.cfg or NEPTUNE_* env vars)
+    log_tensorboard: bool = False  # also write TensorBoard event files into output_dir (the tensorboard package)
+    progress: bool = True  # tqdm bar on stderr; False (--no-progress) for batch jobs, whose logs fill with bar updates
     lpips_vgg: Optional[str] = None  # LPIPS VGG-16 weights (path/URL); None = the public URL
     lpips_lin: Optional[str] = None  # LPIPS v0.1 linear heads (path/URL); None = the public URL
     lpips_pretrained: bool = True  # False: random LPIPS weights, for tests and smoke runs only
@@ -186,6 +188,7 @@ FREE_ON_RESUME = {
 }  # fmt: skip
 FIXED_ON_RESUME = {"seed", "generator_sigmas", "dropout", "num_timesteps"}
 FREE_ON_RESUME |= {"real_data", "recipe"}  # the real images' contents are checked by their fingerprint
+FREE_ON_RESUME |= {"log_tensorboard", "progress"}  # logging only
 
 # Named bundles of defaults for the settings a user leaves unset (`--recipe`); explicit flags override them, and the
 # resolved values are what config.json records and resume compares.

@@ -10,6 +10,9 @@ default, draws per rank). SIGINT/SIGTERM end the run after the current step with
 """
 
 import errno
+import math
+import shlex
+import time
 from functools import partial
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from dmd.checkpoint import (
     check_same_run,
     data_fingerprint,
     find_latest_state,
+    list_checkpoints,
     load_training_state,
     prune_checkpoints,
     resolve_resume,
@@ -45,7 +49,7 @@ from dmd.checkpoint import (
 from dmd.utils import distributed as dist
 from dmd.utils.common import make_grid, one_hot
 from dmd.utils.io import atomic_save_image, atomic_write_text
-from dmd.utils.logger import NeptuneLogger, StatsLogger, format_stats
+from dmd.utils.logger import LoggerError, NeptuneLogger, StatsLogger, TensorBoardLogger, format_head, format_stats
 from dmd.utils.training import (
     STOP_CHECK_STEPS,
     BadSteps,
@@ -300,16 +304,53 @@ def write_checkpoint(run_dir, cfg, step, *, nets, streams, run):
     prune_checkpoints(run_dir, cfg.keep_last)
 
 
-def open_logger(cfg, run_dir, start_step):
-    """On rank 0: print the config, write config.json, cut stats.jsonl back to `start_step`; None on other ranks."""
-    dist.print0(f"Training config:\n{cfg.to_json()}")
+def open_logger(cfg, run_dir, start_step, images_per_step):
+    """On rank 0: start the trackers asked for, write config.json, cut stats.jsonl back to `start_step`, print the
+    config (to the console and log.txt); None on other ranks. A tracker that cannot start fails before any file of
+    the run is written."""
     if not dist.is_main():
         return None
+    neptune = NeptuneLogger(cfg.to_dict()) if cfg.log_neptune else None
+    tensorboard = None
+    if cfg.log_tensorboard:
+        try:
+            # Events of earlier files past the state's step are of steps this run redoes: TensorBoard hides them.
+            tensorboard = TensorBoardLogger(run_dir, purge_step=start_step * images_per_step + 1)
+        except LoggerError:
+            if neptune is not None:
+                neptune.close()
+            raise
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.to_json(), run_dir / "config.json")
-    logger = StatsLogger(run_dir, NeptuneLogger(cfg.to_dict()) if cfg.log_neptune else None)
+    logger = StatsLogger(run_dir, neptune, tensorboard)
     logger.truncate_after(start_step)
+    logger.echo(f"Training config:\n{cfg.to_json()}")
     return logger
+
+
+def recorded_elapsed(state, path):
+    """The training time in seconds a state records (0 in states written before it was recorded)."""
+    value = state.get("elapsed_s", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise TrainError(f"--resume: {path}: elapsed_s {value!r} is not a duration in seconds")
+    return float(value)
+
+
+def clock_fields(done, n, elapsed_s):
+    """The fields every stats.jsonl record carries: images seen, the run's training time (across resumes), and the
+    wall clock as Unix time (EDM's `timestamp`)."""
+    return dict(kimg=done * n / 1000, elapsed_s=elapsed_s, timestamp=time.time())
+
+
+def final_line(run_dir, done, num_steps, stopped):
+    """The run's last console line: its newest snapshot and the command that samples from it."""
+    snapshots = list_checkpoints(run_dir, "network-snapshot")
+    end = f"{'Stopped' if stopped else 'Finished'} at step {done}/{num_steps}"
+    if not snapshots:
+        return f"{end}; no network snapshot was written (the last steps were not finite)"
+    network, outdir, grid = (shlex.quote(str(p)) for p in (snapshots[-1], run_dir / "samples", run_dir / "samples.png"))
+    command = f"python -m dmd generate --network {network} --outdir {outdir} --seeds 0-63 --grid {grid}"
+    return f"{end}; snapshot {snapshots[-1]}; sample with: {command}"
 
 
 # ----------------------------------------------------------------------------
@@ -389,25 +430,35 @@ def train(cfg, dry_run=False):
     set_hyperparameters(opt_G, cfg.lr_gen, cfg)  # a change allowed on resume reaches the optimiser
     set_hyperparameters(opt_fake, cfg.lr_fake, cfg)
     best_fid = float("inf") if state is None else state["best_fid"]
-    logger = open_logger(cfg, run_dir, start)
-    if state is not None:
+    elapsed_before = 0.0 if state is None else recorded_elapsed(state, resume_path)
+    logger = open_logger(cfg, run_dir, start, n)
+    if logger is not None and state is not None:
         changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items() if k not in ("resume", "allow_change"))
-        dist.print0(f"Resuming from {resume_path} at step {start}" + (f"; changed: {changed}" if changed else ""))
-    elif cfg.resume == "auto":
-        dist.print0(f"No training state in {run_dir}: starting at step 0")
+        logger.echo(f"Resuming from {resume_path} at step {start}" + (f"; changed: {changed}" if changed else ""))
+    elif logger is not None and cfg.resume == "auto":
+        logger.echo(f"No training state in {run_dir}: starting at step 0")
     counts = BadSteps(device, total=0 if state is None else state["bad_steps"])
+
+    def elapsed():
+        """The run's training time: what the resumed state recorded plus this process's time in the loop."""
+        return elapsed_before + time.monotonic() - loop_start
 
     def checkpoint(step):
         run = dict(config=cfg.to_dict(), sigma_G=float(cfg.generator_sigmas[0]), bad_steps=counts.read()[1])
-        run.update(best_fid=float(best_fid), global_batch=batches, fingerprints=fingerprints)
+        run.update(best_fid=float(best_fid), global_batch=batches, fingerprints=fingerprints, elapsed_s=elapsed())
         write_checkpoint(run_dir, cfg, step, nets=nets, streams=streams, run=run)
 
     G_ddp, fake_ddp = wrap_ddp(G, device), wrap_ddp(mu_fake, device)
     beta_ema = 0.5 ** (n / (cfg.ema_halflife_kimg * 1000)) if G_ema is not None else None
     zero = torch.zeros((), device=device)
     use_dm, levels = cfg.lambda_dm > 0, len(cfg.generator_sigmas)
+    # The losses the run has switched off, left out of its console lines (stats.jsonl keeps them, at 0).
+    losses_off = ({"loss_reg"} if reg_loss is None else set()) | (set() if use_dm else {"loss_dm", "loss_fake"})
+    losses_off |= {"loss_gan", "loss_disc"} if gan_loss is None else set()
     window, done, saved = Window(device, STAT_NAMES), start, start
-    bar = tqdm(initial=start, total=num_steps, unit="step", disable=not dist.is_main(), dynamic_ncols=True)
+    show_bar = dist.is_main() and cfg.progress
+    bar = tqdm(initial=start, total=num_steps, unit="step", disable=not show_bar, dynamic_ncols=True)
+    loop_start = time.monotonic()
     try:
         with StopSignals(device) as stop:
             for step in range(start, num_steps):
@@ -503,9 +554,11 @@ def train(cfg, dry_run=False):
                     means = window.flush(n)  # on every rank: it all-reduces
                     streak, bad_total = counts.read()
                     if logger is not None:
-                        stats = dict(means, kimg=done * n / 1000, mem_gib=memory_gib(device), bad_steps=bad_total)
+                        stats = dict(means, **clock_fields(done, n, elapsed()), s_per_kimg=1000 / means["img_per_s"])
+                        stats.update(lr_gen=opt_G.param_groups[0]["lr"], lr_fake=opt_fake.param_groups[0]["lr"])
+                        stats.update(mem_gib=memory_gib(device), bad_steps=bad_total)
                         logger.log(done, stats)
-                        bar.write(format_stats(done, num_steps, stats))
+                        logger.echo(format_stats(done, num_steps, stats, hide=losses_off))
                     if streak >= cfg.max_bad_steps:
                         last = find_latest_state(run_dir)
                         raise TrainError(
@@ -527,8 +580,10 @@ def train(cfg, dry_run=False):
                 if fid is not None and done % cfg.fid_every == 0:
                     value = compute_fid(cfg, G_ema or G, fid, device)
                     if logger is not None:
-                        logger.log(done, {"fid": value})
-                        bar.write(f"step {done}: FID {value:.3f}" + (" (best)" if value < best_fid else ""))
+                        record = dict(fid=value, **clock_fields(done, n, elapsed()))
+                        logger.log(done, record)
+                        best = " (best)" if value < best_fid else ""
+                        logger.echo(f"{format_head(done, num_steps, record)} | FID {value:.3f}{best}")
                         if value < best_fid:
                             save_snapshot(run_dir / "network-snapshot-best.pt", G_ema or G, **snapshot_info(cfg, done))
                     best_fid = min(best_fid, value)
@@ -543,6 +598,14 @@ def train(cfg, dry_run=False):
         if done != saved and counts.read()[0] == 0 and dist.is_main():
             checkpoint(done)
         dist.barrier()
+        bar.close()  # before the last line, so that the line is the last the console shows
+        if logger is not None:
+            logger.echo(final_line(run_dir, done, num_steps, stopped))
+    except Exception as e:
+        if logger is not None:  # the CLI prints our errors as this line; unexpected ones keep their type
+            known = isinstance(e, (TrainError, LoggerError, OSError))
+            logger.echo(f"Error: {e}" if known else f"Error: {type(e).__name__}: {e}", console=False)
+        raise
     finally:
         bar.close()
         if logger is not None:

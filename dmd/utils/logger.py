@@ -1,19 +1,24 @@
-"""Training logs: `stats.jsonl` (one JSON record per logging step), a console line, and an optional Neptune run.
+"""Training logs: `stats.jsonl` (one JSON record per logging step), a console line also kept in `log.txt`, and
+optional TensorBoard event files and Neptune run.
 
-Neptune is imported lazily. Its credentials come from NEPTUNE_PROJECT / NEPTUNE_API_TOKEN or the `[credentials]`
-section (`project`, `token`) of `neptune.cfg`; the token is handed to Neptune only, never written or printed.
+TensorBoard and Neptune are imported lazily. Neptune's credentials come from NEPTUNE_PROJECT / NEPTUNE_API_TOKEN or
+the `[credentials]` section (`project`, `token`) of `neptune.cfg`; the token is handed to Neptune only, never written
+or printed.
 """
 
 import configparser
 import json
 import os
+import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 from dmd.utils.io import atomic_write_text
 
 
 class LoggerError(RuntimeError):
-    """Logging cannot start (missing Neptune package or credentials)."""
+    """Logging cannot start (a missing TensorBoard or Neptune package, missing Neptune credentials)."""
 
 
 def neptune_credentials(cfg_path="neptune.cfg"):
@@ -28,13 +33,38 @@ def neptune_credentials(cfg_path="neptune.cfg"):
     return os.environ.get("NEPTUNE_PROJECT", project), os.environ.get("NEPTUNE_API_TOKEN", token)
 
 
-def format_stats(step, total_steps, stats):
-    """One console line: step, losses, throughput, memory and skipped steps."""
-    losses = " ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.startswith("loss_"))
+def format_duration(seconds):
+    """A duration as EDM's console shows one: 45s, 3m 05s, 2h 03m 05s, 1d 02h 03m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s // 60 % 60:02d}m {s % 60:02d}s"
+    return f"{s // 86400}d {s // 3600 % 24:02d}h {s // 60 % 60:02d}m"
+
+
+def format_head(step, total_steps, stats):
+    """The start of every console line of a record: local time, step, kimg and the run's training time."""
+    clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stats["timestamp"]))
+    return f"{clock} | step {step}/{total_steps} | kimg {stats['kimg']:.3f} | {format_duration(stats['elapsed_s'])}"
+
+
+def format_stats(step, total_steps, stats, hide=()):
+    """One console line: time and progress, speed, the losses but those in `hide` (the ones a run has switched off),
+    learning rates, memory and skipped steps."""
+    losses = " ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.startswith("loss_") and k not in hide)
     return (
-        f"step {step}/{total_steps} | {losses} | {stats['img_per_s']:.1f} img/s | "
+        f"{format_head(step, total_steps, stats)} | {stats['s_per_kimg']:.1f} s/kimg | {losses} | "
+        f"lr_gen {stats['lr_gen']:.3g} lr_fake {stats['lr_fake']:.3g} | {stats['img_per_s']:.1f} img/s | "
         f"mem {stats['mem_gib']:.2f} GiB | bad {stats['bad_steps']}"
     )
+
+
+def metrics(stats):
+    """The numeric values of a record a tracker plots: all but its wall-clock `timestamp`, which it gets as time."""
+    return {k: v for k, v in stats.items() if k != "timestamp" and isinstance(v, (int, float))}
 
 
 # Neptune run that receives each metric once per logging step under `train/<name>`.
@@ -60,22 +90,53 @@ class NeptuneLogger:
 
     def log(self, step, stats):
         """Append every metric of one logging step."""
-        for name, value in stats.items():
-            self.run[f"train/{name}"].append(value, step=step)
+        for name, value in metrics(stats).items():
+            self.run[f"train/{name}"].append(value, step=step, timestamp=stats.get("timestamp"))
 
     def close(self):
         self.run.stop()
 
 
-# Rank-0 sink for training statistics: appends to `<run_dir>/stats.jsonl` and forwards to Neptune if given.
+# TensorBoard event files in the run folder, the tracker EDM writes to when it is installed. Every metric goes under
+# `train/<name>` at global step = images seen (the record's kimg x 1000): EDM's x axis is kimg, counted here in
+# images so that the logging steps within one kimg stay apart.
+class TensorBoardLogger:
+    def __init__(
+        self,
+        run_dir,  # folder of the event files (a resumed run adds a file beside the earlier ones)
+        purge_step=None,  # a resumed run: hide the earlier files' events from this global step on (steps it redoes)
+    ):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise LoggerError("--log-tensorboard needs the tensorboard package: pip install tensorboard") from e
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+
+    def log(self, step, stats):
+        """Add every metric of one record (it must hold `kimg`) and flush, so a crash loses no logged step."""
+        nimg = round(stats["kimg"] * 1000)
+        for name, value in metrics(stats).items():
+            self.writer.add_scalar(f"train/{name}", value, global_step=nimg, walltime=stats.get("timestamp"))
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+# Rank-0 sink for training statistics and console lines: records go to `<run_dir>/stats.jsonl` and the trackers
+# given, console lines to the console and `<run_dir>/log.txt`.
 class StatsLogger:
     def __init__(
         self,
-        run_dir,  # run folder holding stats.jsonl
+        run_dir,  # run folder holding stats.jsonl and log.txt
         neptune=None,  # a NeptuneLogger, or None
+        tensorboard=None,  # a TensorBoardLogger, or None
     ):
         self.path = Path(run_dir) / "stats.jsonl"
-        self.neptune = neptune
+        self.trackers = [t for t in (neptune, tensorboard) if t is not None]
+        # Appended to (a resumed run continues the log); line-buffered and flushed per line, so a crash loses at
+        # most the line being written.
+        self.console_log = open(Path(run_dir) / "log.txt", "a", encoding="utf-8", buffering=1)
 
     def truncate_after(self, step):
         """Drop records past `step` (and torn lines), so a resumed run does not log the steps it redoes twice."""
@@ -94,9 +155,19 @@ class StatsLogger:
         """Write one record `{"step": step, **stats}`."""
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **stats}) + "\n")
-        if self.neptune is not None:
-            self.neptune.log(step, stats)
+        for tracker in self.trackers:
+            tracker.log(step, stats)
+
+    def echo(self, text, console=True):
+        """Print `text` (above the progress bar, on stdout) and append it to log.txt; console=False: log.txt only,
+        for a line someone else prints (the CLI's error line)."""
+        text = text.rstrip("\n")
+        if console:
+            tqdm.write(text)
+        self.console_log.write(text + "\n")
+        self.console_log.flush()
 
     def close(self):
-        if self.neptune is not None:
-            self.neptune.close()
+        self.console_log.close()
+        for tracker in self.trackers:
+            tracker.close()
