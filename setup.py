@@ -28,8 +28,9 @@ setup(
     extras_require={
         "neptune": ["neptune>=1.0"],
         "tensorboard": ["tensorboard"],  # --log-tensorboard (torch.utils.tensorboard writes the event files)
+        "plot": ["matplotlib"],  # dmd plot
         "demo": ["scikit-learn"],
-        "test": ["pytest", "ruff==0.17.6", "scikit-learn", "neptune>=1.0", "tensorboard"],
+        "test": ["pytest", "ruff==0.17.6", "scikit-learn", "neptune>=1.0", "tensorboard", "matplotlib"],
     },
     entry_points={"console_scripts": ["dmd=dmd.cli:main"]},
 )

@@ -248,6 +248,21 @@ def train_command(ctx, lpips_random, dry_run, allow_change, recipe, generator_si
         ctx.exit(130)
 
 
+# Training curves (dmd/plot.py).
+@main.command("plot")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG to write.  [default: RUN_DIR/stats.png]")
+def plot_command(run_dir, out):
+    """Plot a training run's losses, gradient norms and FID over kimg from its stats.jsonl into one PNG."""
+    from dmd.plot import PlotError, plot_run
+
+    try:
+        path = plot_run(run_dir, out)
+    except (PlotError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{path}: curves of {run_dir}")
+
+
 # One-step generation and FID (dmd/generate.py, dmd/fid.py).
 @main.command("generate")
 @click.option("--network", required=True, help="Snapshot, training state, EDM pickle or port checkpoint: path or URL.")
