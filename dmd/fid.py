@@ -234,6 +234,7 @@ def calc_fid(
     seeds=None,  # Seeds for --network (a list); None: 0 .. repeats * num - 1.
     repeats=1,  # --network: disjoint seed ranges of `num` seeds each, scored separately.
     num_steps=None,  # --network: None = one step; N = edm_sampler in N steps (an EDM teacher).
+    sampler_kwargs=None,  # edm_sampler's other settings with num_steps (sigma_min, sigma_max, rho, S_churn, ...).
     detector=None,  # TorchScript detector path or URL; None: the protocol's Inception-v3.
     batch_size=256,  # Images per call, per process.
     device="auto",  # 'auto', 'cpu', 'cuda', 'cuda:1'; under torchrun CUDA ranks use their local device.
@@ -264,7 +265,7 @@ def calc_fid(
     generator = load_on_ranks(network, device=device, cache_dir=cache_dir)
 
     def generator_fn(batch, class_ids):
-        return generator.generate_batch(seeds=batch, class_ids=class_ids, num_steps=num_steps)
+        return generator.generate_batch(seeds=batch, class_ids=class_ids, num_steps=num_steps, **(sampler_kwargs or {}))
 
     scores = []
     for r in range(repeats):

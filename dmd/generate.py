@@ -253,7 +253,7 @@ class DMDGenerator:
             raise ValueError(f"class_ids must lie in [0, {self.label_dim}), got {ids.unique().tolist()}")
         return ids
 
-    def _sample(self, z, labels, randn_like, num_steps):
+    def _sample(self, z, labels, randn_like, num_steps, sampler_kwargs):
         """Images from unscaled noise z (B, C, R, R) and class indices (B,) or None, clamped to [-1, 1]; randn_like
         gives the fresh noise between the levels of a few-step generator (per seed, after the latent and label)."""
         c = None if labels is None else one_hot(labels, self.label_dim, self.device)
@@ -262,7 +262,7 @@ class DMDGenerator:
         else:
             from dmd.edm.sampler import edm_sampler
 
-            x = edm_sampler(self.net, z, c, randn_like=randn_like, num_steps=num_steps)
+            x = edm_sampler(self.net, z, c, randn_like=randn_like, num_steps=num_steps, **sampler_kwargs)
         return x.float().clamp(-1, 1)
 
     def generate_batch(
@@ -272,6 +272,7 @@ class DMDGenerator:
         latents: Optional[torch.Tensor] = None,
         batch_size: Optional[int] = None,
         num_steps: Optional[int] = None,
+        **sampler_kwargs: float,
     ) -> torch.Tensor:
         """Generate (N, C, R, R) float32 images in [-1, 1] on the device from seeds or from unscaled latents.
 
@@ -281,13 +282,16 @@ class DMDGenerator:
         further noise comes from torch's global RNG. `class_ids`: one class for every image (an int) or one per image
         (a list or tensor); None lets each seed draw its label, and latents on a class-conditional network need it.
         `batch_size`: images per network call (None: all at once). `num_steps`: None samples the generator at its
-        sigmas; N runs `edm_sampler` in N steps (2N - 1 network calls), as for a teacher. The network runs in eval
+        sigmas; N runs `edm_sampler` in N steps (2N - 1 network calls), as for a teacher, with `sampler_kwargs`
+        (sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise) as its other settings. The network runs in eval
         mode under torch.inference_mode(), and its training flag is restored afterwards.
         """
         from dmd.edm.sampler import StackedRandomGenerator
 
         if (seeds is None) == (latents is None):
             raise ValueError("generate_batch needs exactly one of seeds and latents")
+        if sampler_kwargs and num_steps is None:
+            raise ValueError(f"sampler settings {sorted(sampler_kwargs)} need num_steps (they set EDM's sampler)")
         shape = (self.img_channels, self.img_resolution, self.img_resolution)
         if latents is not None:
             latents = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
@@ -311,14 +315,14 @@ class DMDGenerator:
                     hi = min(lo + batch_size, n)
                     labels = None if ids is None else ids[lo:hi]
                     if latents is not None:
-                        out.append(self._sample(latents[lo:hi], labels, torch.randn_like, num_steps))
+                        out.append(self._sample(latents[lo:hi], labels, torch.randn_like, num_steps, sampler_kwargs))
                         continue
                     rnd = StackedRandomGenerator(self.device, seeds[lo:hi])
                     z = rnd.randn([hi - lo, *shape], device=self.device)
                     if self.label_dim > 0:
                         drawn = rnd.randint(self.label_dim, size=[hi - lo], device=self.device)  # keeps EDM's stream
                         labels = drawn if labels is None else labels
-                    out.append(self._sample(z, labels, rnd.randn_like, num_steps))
+                    out.append(self._sample(z, labels, rnd.randn_like, num_steps, sampler_kwargs))
                 images = torch.cat(out) if out else torch.empty(0, *shape, device=self.device)
         finally:
             self.net.train(was_training)
@@ -384,6 +388,7 @@ def generate_images(
     grid=None,  # Also write a grid of all images here: ceil(sqrt(n)) a row, or a multiple of the classes.
     batch_size=256,  # Images per network call, per process.
     num_steps=None,  # None: one step. N: sample with edm_sampler in N steps (an EDM teacher).
+    sampler_kwargs=None,  # edm_sampler's other settings with num_steps (sigma_min, sigma_max, rho, S_churn, ...).
     subdirs=False,  # One folder per 1000 seeds, as EDM's --subdirs.
     device="auto",  # 'auto', 'cpu', 'cuda', 'cuda:1'; under torchrun CUDA ranks use their local device.
     cache_dir=None,  # Download cache for URLs.
@@ -411,7 +416,9 @@ def generate_images(
         class_ids = class_idx
         if class_balanced:
             class_ids = torch.as_tensor(batch) % generator.label_dim
-        images = generator.generate_batch(seeds=batch, class_ids=class_ids, num_steps=num_steps)
+        images = generator.generate_batch(
+            seeds=batch, class_ids=class_ids, num_steps=num_steps, **(sampler_kwargs or {})
+        )
         for seed, pixels in zip(batch, to_uint8(images)):
             save_png(pixels, png_path(outdir, seed, subdirs))
     distributed.barrier()

@@ -66,22 +66,20 @@ def test_demo_config_errors_name_the_option(tmp_path):
         DemoConfig(num_pairs=8, batch_size=16)
     check_output_dir(DemoConfig(output_dir=str(tmp_path)), tmp_path)
     with pytest.raises(DemoError, match="--output-dir"):
-        check_output_dir(DemoConfig(output_dir=str(tmp_path), steps=7), tmp_path)
+        check_output_dir(DemoConfig(output_dir=str(tmp_path), max_steps=7), tmp_path)
     result = CliRunner().invoke(main, ["demo", "--teacher", str(tmp_path / "missing.pkl"), "--output-dir", "x"])
-    assert result.exit_code == 1 and "--teacher" in result.output
+    assert result.exit_code == 1 and "--network" in result.output  # --teacher: the old spelling of --network
 
 
 def test_short_demo_end_to_end(tmp_path):
-    # A minute on an idle 2-core CPU: 128 pairs, 30 steps per student with 2 fake-score steps each, 200 samples.
-    cfg = DemoConfig(
-        output_dir=str(tmp_path), num_pairs=128, steps=30, batch_size=16, fake_steps_per_gen=2, num_eval=200
-    )
+    # Under a minute on an idle 2-core CPU: 128 pairs, 30 steps per student, 200 samples.
+    cfg = DemoConfig(output_dir=str(tmp_path), num_pairs=128, max_steps=30, batch_size=16, num_eval=200, two_step=True)
     results = run_demo(cfg)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["format"] == "dmd-demo-results" and on_disk["config"] == cfg.to_dict()
-    keys = ["teacher_35nfe", "teacher_1step", "dmd", "regression", "dm"]
+    keys = ["teacher_35nfe", "teacher_1step", "dmd", "regression", "dm", "dmd2", "dmd2_2step"]
     assert [r["key"] for r in on_disk["rows"]] == keys
-    assert [r["nfe"] for r in on_disk["rows"]] == [35, 1, 1, 1, 1]
+    assert [r["nfe"] for r in on_disk["rows"]] == [35, 1, 1, 1, 1, 1, 2]
     for r in on_disk["rows"]:
         assert set(r) == {"key", "method", "nfe", "fid", "accuracy", "samples_per_s"}
         assert r["fid"] >= 0 and 0 <= r["accuracy"] <= 1 and r["samples_per_s"] > 0
@@ -99,9 +97,9 @@ def test_short_demo_end_to_end(tmp_path):
 def test_bad_teacher_file_is_one_line(tmp_path):
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(b"\x80\x04not a pickle at all")
-    result = CliRunner().invoke(main, ["demo", "--teacher", str(bad), "--output-dir", str(tmp_path / "out")])
+    result = CliRunner().invoke(main, ["demo", "--network", str(bad), "--output-dir", str(tmp_path / "out")])
     lines = result.output.strip().splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: --teacher:"), result.output
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: --network:"), result.output
     assert str(bad) in lines[0] and not (tmp_path / "out").exists()
 
 
@@ -112,10 +110,10 @@ def test_sigterm_stops_the_demo_and_the_same_command_continues(tmp_path):
     import time
     from pathlib import Path
 
-    from dmd.demo.run import distil
+    from dmd.demo.run import STUDENTS, distil
 
     out = tmp_path / "demo"
-    settings = dict(num_pairs=64, steps=20, batch_size=8, fake_steps_per_gen=2, num_eval=40)
+    settings = dict(num_pairs=64, max_steps=20, batch_size=8, num_eval=40)
     cmd = [sys.executable, "-m", "dmd", "demo", "--output-dir", str(out), "--threads", "1", "--no-progress"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     root = Path(__file__).resolve().parents[1]
@@ -123,21 +121,23 @@ def test_sigterm_stops_the_demo_and_the_same_command_continues(tmp_path):
     stats, deadline = out / "train" / "dm" / "stats.jsonl", time.monotonic() + 240
     while not stats.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # During the DM-only student, the last one to train.
+    proc.send_signal(signal.SIGTERM)  # During the DM-only student; the DMD2 students after it have not begun.
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "rerun the same command to continue" in err and "dm student" in err
     assert not (out / "results.json").exists() and not (out / "results.md").exists()
     interrupted_at = torch.load(next((out / "train" / "dm").glob("training-state-*.pt")), weights_only=True)["step"]
-    assert 0 < interrupted_at < settings["steps"]
+    assert 0 < interrupted_at < settings["max_steps"]
 
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    assert [r["key"] for r in results["rows"]] == ["teacher_35nfe", "teacher_1step", "dmd", "regression", "dm"]
+    assert [r["key"] for r in results["rows"]][2:] == ["dmd", "regression", "dm", "dmd2"]
     # The continued student is the one an uninterrupted run trains, bit for bit.
     cfg = DemoConfig(output_dir=str(tmp_path / "straight"), **settings)
-    straight = torch.load(distil(cfg, tmp_path / "straight", "dm", 0.0, 1.0, out / "pairs.h5"), weights_only=True)
+    losses = dict(next(losses for key, _, losses in STUDENTS if key == "dm"))
+    data = dict(pairs=out / "pairs.h5", real=out / "digits.zip")
+    straight = torch.load(distil(cfg, tmp_path / "straight", "dm", losses, data), weights_only=True)
     resumed = torch.load(sorted((out / "train" / "dm").glob("network-snapshot-*.pt"))[-1], weights_only=True)
-    assert resumed["step"] == straight["step"] == settings["steps"]
+    assert resumed["step"] == straight["step"] == settings["max_steps"]
     assert all(torch.equal(resumed["state_dict"][k], v) for k, v in straight["state_dict"].items())

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 import dmd.lpips
 from dmd.cli import main
+from dmd.config import ConfigError, TrainConfig
 from dmd.data import PairWriter, create_pair_file
 
 REAL_LPIPS = dmd.lpips.LPIPS  # Kept before the stand-in below replaces it in every test.
@@ -97,6 +98,7 @@ def test_three_step_run_writes_every_output(tmp_path, pairs):
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "grid-000003.png",
+        "log.txt",
         "network-snapshot-000003.pt",
         "stats.jsonl",
         "training-state-000003.pt",
@@ -283,6 +285,18 @@ def test_dry_run_checks_the_teacher_against_the_pairs(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_out_of_range_flags_are_refused_by_the_parser_naming_them(tmp_path, pairs):
+    # --help shows the range the command accepts (0<x<=1), and the parser refuses what lies outside it.
+    result = run_cli(train_args(tmp_path / "run", pairs, "--max-steps", 1, "--lr-gen", "1e39"), expect_ok=False)
+    assert (
+        result.exit_code == 2
+        and "Error: Invalid value for '--lr-gen': 1e+39 is not in the range 0<x<=1" in result.output
+    )
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="--lr-gen and --lr-fake must be at most 1"):  # the Python API's check
+        TrainConfig(model_path="m", output_dir="o", max_steps=1, lambda_reg=0, lr_gen=1e39)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -293,7 +307,6 @@ def test_dry_run_checks_the_teacher_against_the_pairs(tmp_path):
         (["--reg-batch-size", "7"], "--reg-batch-size: 6 pairs hold no batch of 7"),
         (["--batch-size", "7"], "--batch-size: 6 pairs hold no batch of 7"),
         (["--epochs", "1"], "give exactly one of --max-steps and --epochs"),
-        (["--lr-gen", "1e39"], "--lr-gen and --lr-fake must be at most 1"),
         (["--lr-fake", "nan"], "--lr-fake must be a finite number"),
     ],
 )

@@ -16,31 +16,39 @@ class DemoInterrupted(RuntimeError):
     """A signal stopped the demo; what it finished is kept, and the same command continues from there."""
 
 
-# Every setting of one demo run. The defaults fit an idle 2-core CPU in under 10 minutes.
+# Every setting of one demo run. The defaults fit an idle 2-core CPU in a few minutes (README: measured times);
+# `--full` (FULL below) trains longer and evaluates more samples.
 @dataclass(frozen=True)
 class DemoConfig:
-    output_dir: str = "runs/demo"  # pairs, the three training runs, grids, results.md / results.json
+    output_dir: str = "runs/demo"  # pairs, real digits, the students' training runs, grids, results.md/.json
     teacher: str = str(SHIPPED_TEACHER)  # EDM pickle of the digits teacher
     seed: int = 0  # seeds the judge and the training runs; the pair and evaluation seeds are fixed lists
     num_pairs: int = 1000  # teacher pairs (seeds 0..num_pairs-1, classes cycling) for the regression loss
-    steps: int = 250  # training steps of each student
-    batch_size: int = 32  # generated images per step (and pairs per step for the regression loss)
-    lr: float = 5e-4  # AdamW learning rate of G and mu_fake
-    fake_steps_per_gen: int = 5  # mu_fake steps per G step (DMD2's TTUR; 1:1 lets mu_fake lag G here)
+    max_steps: int = 300  # training steps (G updates) of each student
+    batch_size: int = 16  # generated images (and pairs, and real digits) per step
+    lr_gen: float = 5e-5  # AdamW learning rate of G (DMD's CIFAR-10 value)
+    lr_fake: float = 2e-3  # AdamW learning rate of mu_fake and the GAN head: fast, so mu_fake tracks G's samples
+    fake_steps_per_gen: int = 1  # mu_fake updates per G update
     lambda_reg: float = 2.0  # weight of the MSE regression loss in the DMD run (MSE is ~10x smaller than LPIPS)
     regression_distance: str = "mse"  # distance of G(z_ref) to y_ref (VGG LPIPS cannot run here: see the README)
+    gan_weight_gen: float = 0.03  # DMD2 students: weight of G's GAN loss (DMD2's 3e-3 is for 100k+ steps)
+    gan_weight_disc: float = 1.0  # DMD2 students: weight of the discriminator loss (DMD2's: 1e-2)
+    two_step: bool = False  # also distil DMD2's two-step generator (levels 80 and two_step_sigma)
+    two_step_sigma: float = 0.5  # the DMD2 two-step generator's second noise level
     num_eval: int = 1000  # samples per method for FID and accuracy (classes cycling)
-    progress: bool = True  # tqdm bar of the pair sampling (training always shows its own bar)
+    progress: bool = True  # progress bars of the pair sampling and of the students' training
 
     def __post_init__(self):
         checks = [
-            (self.steps >= 1, "--steps must be at least 1"),
+            (self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.fake_steps_per_gen >= 1, "--fake-steps-per-gen must be at least 1"),
             (self.num_pairs >= self.batch_size, "--num-pairs must be at least --batch-size"),
             (self.num_eval >= GRID_COLUMNS, f"--num-eval must be at least {GRID_COLUMNS}"),
-            (self.lr > 0, "--lr must be positive"),
+            (0 < self.lr_gen <= 1 and 0 < self.lr_fake <= 1, "--lr-gen and --lr-fake must be in (0, 1]"),
             (self.lambda_reg > 0, "--lambda-reg must be positive (the DMD run uses the regression loss)"),
+            (min(self.gan_weight_gen, self.gan_weight_disc) > 0, "--gan-weight-gen and --gan-weight-disc must be > 0"),
+            (0 < self.two_step_sigma < 80, "--two-step-sigma must be in (0, 80)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -49,6 +57,10 @@ class DemoConfig:
     def to_dict(self):
         """Return the config as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
+
+
+# What --full changes: longer training, the two-step student, twice the evaluation samples (see the README).
+FULL = dict(max_steps=1000, num_eval=2000, two_step=True)
 
 
 # How the shipped teacher was trained: EDM's recipe (Adam, lr warm-up, EMA with ramp-up) sized for 1,797 digits.

@@ -1,9 +1,11 @@
-"""The embedded demo: distil the shipped digits teacher into one-step generators on a CPU and measure them.
+"""The embedded demo: distil the shipped digits teacher into one-step (and two-step) generators on a CPU, measured.
 
-Stages: (1) train the judge, a small classifier of the real digits; (2) sample teacher pairs (18-step Heun, 35 NFE);
-(3) distil three one-step students with the real training loop (DMD; regression only; distribution matching only);
-(4) score the teacher at 35 NFE, the teacher in one step (one denoiser call at sigma 80), and the three students
-by digits FID, class accuracy and samples/s on the same seeds, and write results.md, results.json and grids.
+Stages: (1) train the judge, a small classifier of the real digits; (2) sample teacher pairs (18-step Heun, 35 NFE)
+and write the real digits in EDM's dataset format (the GAN's real data); (3) distil the students with the real
+training loop: DMD (DM + regression on pairs), regression only, DM only, DMD2 (DM + GAN on the real digits, no
+pairs), and with --two-step DMD2 in two steps; (4) score the teacher at 35 NFE, the teacher in one step (one
+denoiser call at sigma 80) and the students by digits FID, class accuracy and samples/s on the same seeds, and
+write results.md, results.json and grids.
 """
 
 import contextlib
@@ -23,11 +25,14 @@ EVAL_SEED0 = 1_000_000  # Evaluation seeds start here, far from the pair seeds 0
 RESULTS_FORMAT = "dmd-demo-results"
 
 
-# The three students: (key, title, lambda_reg multiplier, lambda_dm). DMD is the paper's loss, the others ablate it.
+# The students: (key, title, losses). DMD is the paper's loss and the next two ablate it; DMD2 replaces the pairs by
+# a GAN on real digits, and its second student (with --two-step, on in --full) samples in two steps.
 STUDENTS = (
-    ("dmd", "DMD (DM + regression)", 1.0, 1.0),
-    ("regression", "regression only", 1.0, 0.0),
-    ("dm", "DM only", 0.0, 1.0),
+    ("dmd", "DMD (DM + regression)", dict(dm=True, reg=True)),
+    ("regression", "regression only", dict(dm=False, reg=True)),
+    ("dm", "DM only", dict(dm=True, reg=False)),
+    ("dmd2", "DMD2 (DM + GAN on real digits)", dict(dm=True, reg=False, gan=True)),
+    ("dmd2_2step", "DMD2, two steps", dict(dm=True, reg=False, gan=True, two_step=True)),
 )
 
 
@@ -66,7 +71,19 @@ def feature_stats(classifier, images):
     return stats.mu_sigma()
 
 
-def distil(cfg, out, key, reg_scale, lambda_dm, pairs_path):
+def write_real_digits(path):
+    """The real digits as an EDM dataset ZIP (uint8 PNGs, labels), the DMD2 students' real data; kept if present."""
+    from dmd.demo.digits import load_digits
+    from dmd.images import write_image_dataset
+
+    if not path.is_file():
+        images, labels = load_digits()
+        pixels = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # EDM's quantisation
+        write_image_dataset(path, pixels, labels=labels.numpy())
+    return path
+
+
+def distil(cfg, out, key, losses, data):
     """Train one student with dmd.train and return its final network snapshot (resumes an interrupted run).
 
     A signal during training ends it with a checkpoint (dmd.train's own handling) and stops the demo here, so a
@@ -76,22 +93,27 @@ def distil(cfg, out, key, reg_scale, lambda_dm, pairs_path):
     from dmd.config import TrainConfig
     from dmd.train import train
 
-    lambda_reg = cfg.lambda_reg * reg_scale
+    gan = losses.get("gan", False)
     train_cfg = TrainConfig(
         model_path=cfg.teacher,
         output_dir=str(out / "train" / key),
-        data_path=str(pairs_path) if lambda_reg > 0 else None,
+        data_path=str(data["pairs"]) if losses["reg"] else None,
+        real_data=str(data["real"]) if gan else None,
         batch_size=cfg.batch_size,
-        max_steps=cfg.steps,
-        lr_gen=cfg.lr,
-        lr_fake=cfg.lr,
-        lambda_reg=lambda_reg,
-        fake_steps_per_gen=cfg.fake_steps_per_gen,
+        max_steps=cfg.max_steps,
+        lr_gen=cfg.lr_gen,
+        lr_fake=cfg.lr_fake,
+        lambda_dm=1.0 if losses["dm"] else 0.0,
+        lambda_reg=cfg.lambda_reg if losses["reg"] else 0.0,
         regression_distance=cfg.regression_distance,
-        lambda_dm=lambda_dm,
+        fake_steps_per_gen=cfg.fake_steps_per_gen,
+        gan_weight_gen=cfg.gan_weight_gen if gan else 0.0,
+        gan_weight_disc=cfg.gan_weight_disc if gan else 0.0,
+        generator_sigmas=(80.0, cfg.two_step_sigma) if losses.get("two_step") else (80.0,),
         seed=cfg.seed,
         device="cpu",
-        log_every=max(cfg.steps // 4, 1),
+        log_every=max(cfg.max_steps // 4, 1),
+        progress=cfg.progress,
         image_every=0,
         checkpoint_every=0,
         keep_last=1,
@@ -103,8 +125,8 @@ def distil(cfg, out, key, reg_scale, lambda_dm, pairs_path):
         raise DemoInterrupted(f"stopped by a signal at step {result['step']} of the {key} student")
     snapshot = list_checkpoints(train_cfg.output_dir, "network-snapshot")[-1]
     step = torch.load(snapshot, map_location="cpu", weights_only=True)["step"]
-    if step != cfg.steps:  # Only a finished student is ever evaluated.
-        raise DemoError(f"{snapshot} is at step {step}, not the {cfg.steps} --steps asks for")
+    if step != cfg.max_steps:  # Only a finished student is ever evaluated.
+        raise DemoError(f"{snapshot} is at step {step}, not the {cfg.max_steps} --max-steps asks for")
     return snapshot
 
 
@@ -127,7 +149,10 @@ def score(images, class_ids, classifier, ref_stats):
 
 
 def evaluate(cfg, methods, classifier, ref_stats, out):
-    """Sample every method on the evaluation seeds; return result rows and write the grids."""
+    """Sample every method on the evaluation seeds; return result rows and write the grids.
+
+    `methods` are (key, title, network file, teacher sampler steps or None for the network's own sigmas).
+    """
     from dmd.generate import DMDGenerator
     from dmd.utils.common import make_grid
     from dmd.utils.io import atomic_save_image
@@ -142,14 +167,22 @@ def evaluate(cfg, methods, classifier, ref_stats, out):
         seconds = time.perf_counter() - start
         images = quantise(images)
         fid, accuracy = score(images, class_ids, classifier, ref_stats)
-        nfe = 1 if num_steps is None else 2 * num_steps - 1
+        nfe = len(generator.sigmas) if num_steps is None else 2 * num_steps - 1
         speed = len(seeds) / seconds
         rows.append(dict(key=key, method=title, nfe=nfe, fid=fid, accuracy=accuracy, samples_per_s=speed))
-        print(f"  {title:<28} NFE {nfe:>2}  FID {fid:8.3f}  accuracy {accuracy:6.1%}  {speed:.0f} samples/s")
-        atomic_save_image(make_grid(images[:100], nrow=10), out / f"samples-{key}.png")  # column k = class k
+        print(f"  {title:<32} NFE {nfe:>2}  FID {fid:8.3f}  accuracy {accuracy:6.1%}  {speed:.0f} samples/s")
+        sheet = make_grid(images[:100], nrow=10, class_ids=class_ids[:100], title=f"{title} ({nfe} NFE)")
+        atomic_save_image(sheet, out / f"samples-{key}.png")  # column k = class k
         grid_rows.append(images[:GRID_COLUMNS])
     titles = [f"{r['method']} ({r['nfe']} NFE)" for r in rows]
-    atomic_save_image(make_grid(torch.cat(grid_rows), nrow=GRID_COLUMNS, row_labels=titles), out / "grid.png")
+    grid = make_grid(
+        torch.cat(grid_rows),
+        nrow=GRID_COLUMNS,
+        row_labels=titles,
+        class_ids=class_ids[:GRID_COLUMNS].repeat(len(rows)),
+        title=f"the same {GRID_COLUMNS} seeds for every method",
+    )
+    atomic_save_image(grid, out / "grid.png")
     return rows
 
 
@@ -168,14 +201,17 @@ def machine():
 def results_markdown(results):
     """Render results.json as the Markdown report (settings, table, timings)."""
     cfg, rows = results["config"], results["rows"]
+    two_step = f", the two-step student at levels 80 and {cfg['two_step_sigma']}" if cfg["two_step"] else ""
     lines = [
         "# DMD demo: digits 16x16, class-conditional",
         "",
         f"Teacher `{Path(cfg['teacher']).name}`; {cfg['num_pairs']} pairs (18-step Heun, 35 NFE); each student "
-        f"trained {cfg['steps']} steps at batch {cfg['batch_size']}, lr {cfg['lr']}, "
-        f"{cfg['fake_steps_per_gen']} fake-score steps per generator step, seed {cfg['seed']}; "
-        f"regression distance `{cfg['regression_distance']}` (lambda_reg {cfg['lambda_reg']}). "
-        f"{cfg['num_eval']} samples per method (classes cycling, seeds {EVAL_SEED0}+).",
+        f"trained {cfg['max_steps']} steps at batch {cfg['batch_size']}, AdamW lr {cfg['lr_gen']} (G) and "
+        f"{cfg['lr_fake']} (mu_fake, GAN head), {cfg['fake_steps_per_gen']} fake-score step(s) per generator step, "
+        f"seed {cfg['seed']}; regression distance `{cfg['regression_distance']}` (lambda_reg {cfg['lambda_reg']}); "
+        f"DMD2: GAN weights {cfg['gan_weight_gen']} (G) and {cfg['gan_weight_disc']} (discriminator) on the 1,797 "
+        f"real digits{two_step}. {cfg['num_eval']} samples per method "
+        f"(classes cycling, seeds {EVAL_SEED0}+).",
         "",
         "| method | NFE | digits FID (lower is better) | class accuracy | samples/s |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -223,15 +259,15 @@ def check_teacher(path):
     from dmd.edm.persistence import NetworkLoadError, load_network
 
     if not Path(path).is_file():
-        raise DemoError(f"--teacher: {path} does not exist (retrain one with `python -m dmd demo train-teacher`)")
+        raise DemoError(f"--network: {path} does not exist (retrain one with `python -m dmd demo train-teacher`)")
     try:
         net = load_network(path)
     except NetworkLoadError as e:
-        raise DemoError(f"--teacher: {e}") from e
+        raise DemoError(f"--network: {e}") from e
     wanted = dict(img_resolution=16, img_channels=1, label_dim=10)
     found = {k: getattr(net, k) for k in wanted}
     if found != wanted:
-        raise DemoError(f"--teacher: {path} is a network for {found}, the digits need {wanted}")
+        raise DemoError(f"--network: {path} is a network for {found}, the digits need {wanted}")
 
 
 def run_demo(cfg):
@@ -249,10 +285,12 @@ def _run_demo(cfg):
     from dmd.utils.io import atomic_write_text
 
     check_teacher(cfg.teacher)
+    print(f"torch CPU threads: {torch.get_num_threads()} of {os.cpu_count()} cores", flush=True)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_output_dir(cfg, out)
-    total, timings, start = 3 + len(STUDENTS), {}, time.perf_counter()
+    students = [s for s in STUDENTS if cfg.two_step or not s[2].get("two_step")]
+    total, timings, start = 3 + len(students), {}, time.perf_counter()
 
     def lap(name, since):
         timings[name] = time.perf_counter() - since
@@ -264,23 +302,24 @@ def _run_demo(cfg):
     print(f"  held-out accuracy {holdout_accuracy:.1%}")
     t = lap("judge", t)
 
-    stage(2, total, f"sampling {cfg.num_pairs} teacher pairs (18-step Heun, 35 NFE)")
+    stage(2, total, f"sampling {cfg.num_pairs} teacher pairs (18-step Heun, 35 NFE); the real digits as a ZIP")
     pairs_path = make_pairs(
         cfg.teacher, out / "pairs.h5", cfg.num_pairs, class_balanced=True, batch_size=250, progress=cfg.progress
     )
+    data = dict(pairs=pairs_path, real=write_real_digits(out / "digits.zip"))
     t = lap("pairs", t)
 
     snapshots = {}
-    for i, (key, title, reg_scale, lambda_dm) in enumerate(STUDENTS):
-        stage(3 + i, total, f"distilling the {title} student ({cfg.steps} steps)")
-        snapshots[key] = distil(cfg, out, key, reg_scale, lambda_dm, pairs_path)
+    for i, (key, title, losses) in enumerate(students):
+        stage(3 + i, total, f"distilling the {title} student ({cfg.max_steps} steps)")
+        snapshots[key] = distil(cfg, out, key, losses, data)
         t = lap(f"train_{key}", t)
 
     stage(total, total, f"evaluating {cfg.num_eval} samples per method")
     methods = [
         ("teacher_35nfe", "teacher", cfg.teacher, 18),
         ("teacher_1step", "teacher, one step", cfg.teacher, None),
-        *[(key, title, snapshots[key], None) for key, title, _, _ in STUDENTS],
+        *[(key, title, snapshots[key], None) for key, title, _ in students],
     ]
     rows = evaluate(cfg, methods, classifier, ref_stats, out)
     lap("evaluate", t)

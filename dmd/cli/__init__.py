@@ -1,0 +1,21 @@
+"""Command-line interface: `python -m dmd <command> --help` (also `dmd <command>` once installed).
+
+Each command parses and validates its options, builds a config and calls into the module that does the work; one
+file per family of commands (pairs, train, sample, demo), the shared option parts in options.py. Options follow
+EDM's conventions: one name per idea across commands (--network, --output-dir, --batch-size, --steps for sampler
+steps), old spellings kept as hidden aliases, help texts from the config dataclasses' comments.
+"""
+
+import click
+
+from dmd import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 118})
+@click.version_option(__version__, prog_name="dmd")
+def main():
+    """Distill an EDM diffusion model into a one-step (or few-step) generator with DMD or DMD2."""
+
+
+# The commands register themselves on `main` when their modules are imported.
+from dmd.cli import demo, pairs, sample, train  # noqa: E402, F401

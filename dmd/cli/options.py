@@ -1,0 +1,227 @@
+"""The parts every command's --help is made of: options in titled sections, one visible name per option (old
+spellings accepted as hidden aliases), help texts taken from the config dataclasses' own comments, Examples blocks,
+and the option families several commands share (device, cache, EDM's sampler settings).
+"""
+
+import inspect
+import io
+import tokenize
+
+import click
+
+
+def field_comments(config):
+    """{field: its inline comment} of a dataclass written as `name: type = default  # comment` lines."""
+    source = inspect.getsource(config)
+    comments, line_tokens = {}, []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type in (tokenize.NEWLINE, tokenize.NL):
+            if len(line_tokens) >= 2 and line_tokens[0].type == tokenize.NAME and line_tokens[1].string == ":":
+                comment = next((t.string for t in line_tokens if t.type == tokenize.COMMENT), None)
+                if comment is not None and line_tokens[0].start[1] == 4:  # a field of the class body
+                    comments[line_tokens[0].string] = comment.lstrip("# ").strip()
+            line_tokens = []
+        elif token.type not in (tokenize.INDENT, tokenize.DEDENT):
+            line_tokens.append(token)
+    return comments
+
+
+# An option of a titled --help section; only its first long name is shown, the others are hidden aliases (the old
+# spellings, kept so that no script breaks).
+class Option(click.Option):
+    def __init__(self, *args, section="Options", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.section = section
+
+    def get_help_record(self, ctx):
+        opts = self.opts
+        self.opts = opts[:1]  # show the first name alone
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = opts
+
+
+def option(*decls, section="Options", **kwargs):
+    """click.option with a --help section."""
+    return click.option(*decls, cls=Option, section=section, **kwargs)
+
+
+# --help that lists options by section, in the order the sections first appear, then the examples.
+class _Sectioned:
+    def __init__(self, *args, examples=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.examples = examples
+
+    def format_options(self, ctx, formatter):
+        sections = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections.setdefault(getattr(param, "section", "Other options"), []).append(record)
+        for title, records in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
+        if isinstance(self, click.Group):
+            self.format_commands(ctx, formatter)
+
+    def format_epilog(self, ctx, formatter):
+        if self.examples:
+            with formatter.section("Examples"):
+                for line in self.examples.strip("\n").splitlines():  # as written: commands must not be rewrapped
+                    formatter.write(f"{' ' * formatter.current_indent}{line}\n" if line else "\n")
+        super().format_epilog(ctx, formatter)
+
+
+class Command(_Sectioned, click.Command):
+    """A click command with sectioned --help and an Examples block (`examples=`)."""
+
+
+class Group(_Sectioned, click.Group):
+    """A click group (a command with subcommands) with sectioned --help and an Examples block."""
+
+
+POSITIVE = click.FloatRange(min=0, min_open=True)
+COUNT = click.IntRange(min=1)
+
+
+def sentence(text):
+    """A config comment as a help sentence: capitalised (unless it starts with a symbol like mu_fake), one period."""
+    text = text if "_" in text.split(" ", 1)[0] else text[:1].upper() + text[1:]
+    return text if text.endswith((".", "]")) else text + "."
+
+
+def default_of(config, name):
+    """The default of a config dataclass field, so --help shows the value the config really uses."""
+    return config.__dataclass_fields__[name].default
+
+
+def config_option(config, flag, *aliases, field=None, section, help=None, **kwargs):
+    """An option for the `config` field named like `flag` (--lr-gen -> lr_gen, or `field`), in a --help section: its
+    default is the field's, its help text the field's comment in config.py unless `help` is given."""
+    name = field or flag[2:].replace("-", "_")
+    text = help or field_comments(config)[name]
+    kwargs.setdefault("default", default_of(config, name))
+    return option(flag, *aliases, name, section=section, help=sentence(text), **kwargs)
+
+
+def float_list(ctx, param, value):
+    """Parse '80' or '80,1.5' into a tuple of floats (None stays None)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from e
+
+
+def device_option(section="Performance"):
+    return option(
+        "--device",
+        default="auto",
+        section=section,
+        metavar="auto|cpu|cuda[:N]",
+        help="Where to run; torchrun ranks use their local GPU.",
+    )
+
+
+def cache_option():
+    return option(
+        "--cache-dir",
+        type=click.Path(file_okay=False),
+        section="I/O",
+        metavar="DIR",
+        help="Download cache for URLs.  [default: $DMD_CACHE_DIR or ~/.cache/dmd]",
+        show_default=False,
+    )
+
+
+def sampler_options(stepsdefault_of, steps_help):
+    """EDM's sampler settings (its generate.py's flags), shared by make-pairs, generate and fid calc."""
+    section = "EDM sampler"
+    decorators = [
+        option(
+            "--steps",
+            "num_steps",
+            default=stepsdefault_of,
+            type=click.IntRange(min=2),
+            section=section,
+            metavar="INT",
+            help=steps_help,
+        ),
+        option(
+            "--sigma-min",
+            default=0.002,
+            type=POSITIVE,
+            section=section,
+            metavar="FLOAT",
+            help="Lowest noise level (raised to the network's own).",
+        ),
+        option(
+            "--sigma-max",
+            default=80.0,
+            type=POSITIVE,
+            section=section,
+            metavar="FLOAT",
+            help="Highest noise level (lowered to the network's own).",
+        ),
+        option("--rho", default=7.0, type=POSITIVE, section=section, metavar="FLOAT", help="Time step exponent."),
+        option(
+            "--S-churn",
+            "S_churn",
+            default=0.0,
+            type=click.FloatRange(min=0),
+            section=section,
+            metavar="FLOAT",
+            help="Stochasticity strength (0: the deterministic sampler).",
+        ),
+        option(
+            "--S-min",
+            "S_min",
+            default=0.0,
+            type=click.FloatRange(min=0),
+            section=section,
+            metavar="FLOAT",
+            help="Stochasticity: lowest sigma.",
+        ),
+        option(
+            "--S-max",
+            "S_max",
+            default=float("inf"),
+            type=click.FloatRange(min=0),
+            section=section,
+            metavar="FLOAT",
+            help="Stochasticity: highest sigma.",
+        ),
+        option(
+            "--S-noise",
+            "S_noise",
+            default=1.0,
+            type=float,
+            section=section,
+            metavar="FLOAT",
+            help="Stochasticity: noise inflation.",
+        ),
+    ]
+
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
+
+
+SAMPLER_DEFAULTS = dict(
+    sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0
+)
+
+
+def sampler_kwargs_of(num_steps, sampler):
+    """EDM sampler kwargs for generate / fid calc: none for one-step sampling, where they would be ignored."""
+    if num_steps is None:
+        changed = [f"--{k.replace('_', '-')}" for k, v in sampler.items() if v != SAMPLER_DEFAULTS[k]]
+        if changed:
+            raise click.UsageError(f"{', '.join(changed)} set EDM's sampler: give --steps N to sample with it")
+        return {}
+    return sampler

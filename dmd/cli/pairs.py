@@ -1,0 +1,98 @@
+"""`make-pairs` and `convert-pairs`: teacher noise-image pairs (the work: dmd/pairs.py, dmd/data.py)."""
+
+import click
+
+from dmd.cli import main
+from dmd.cli.options import COUNT, Command, cache_option, device_option, option, sampler_options
+
+
+@main.command(
+    "make-pairs",
+    cls=Command,
+    examples="""
+# 100k pairs from EDM's conditional CIFAR-10 teacher, 10k per class, one seed per pair; rerun to resume
+python -m dmd make-pairs --network https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl \\
+    --out data/cifar10-pairs.h5 --num 100000 --class-balanced
+# The same file on 8 GPUs ("--" keeps torchrun from parsing --num)
+torchrun --nproc_per_node 8 -m dmd -- make-pairs --network edm.pkl --out data/cifar10-pairs.h5 --num 100000
+""",
+)
+@option("--network", "network", required=True, metavar="PATH|URL", section="Main", help="Teacher EDM network pickle.")
+@option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    section="Main",
+    help="Pair file to write, or to resume.",
+)
+@option("--num", required=True, type=COUNT, metavar="INT", section="Main", help="Number of pairs.")
+@option(
+    "--seeds",
+    default=None,
+    metavar="LIST",
+    section="Main",
+    show_default=False,
+    help="Seeds like 0-99999; the first --num are used.  [default: 0 to --num - 1]",
+)
+@option("--class-balanced", is_flag=True, section="Main", help="Pair i gets class i % label_dim, not a drawn label.")
+@sampler_options(18, "Sampler steps (2 x steps - 1 network calls).")
+@option(
+    "--batch-size",
+    "--batch",
+    "batch_size",
+    default=256,
+    type=COUNT,
+    metavar="INT",
+    section="Performance",
+    help="Pairs per sampler call, per process.",
+)
+@device_option()
+@cache_option()
+def make_pairs_command(network, out, num, seeds, **options):
+    """Sample teacher noise-image pairs into an HDF5 pair file (resumes an interrupted file)."""
+    from dmd.data import PairFileError
+    from dmd.edm.persistence import NetworkLoadError
+    from dmd.pairs import make_pairs
+    from dmd.utils import distributed
+    from dmd.utils.download import DownloadError
+
+    try:
+        make_pairs(network, out, num, seeds=seeds, **options)
+    except (PairFileError, NetworkLoadError, DownloadError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        distributed.shutdown()
+
+
+@main.command(
+    "convert-pairs",
+    cls=Command,
+    examples="""
+python -m dmd convert-pairs data/cifar.hdf5 data/cifar-port.h5    # the port's released pairs, read ~25x faster
+""",
+)
+@click.argument("old", type=click.Path(dir_okay=False))
+@click.argument("new", type=click.Path(dir_okay=False))
+@option(
+    "--label-dim",
+    default=None,
+    type=click.IntRange(min=0),
+    metavar="INT",
+    section="Main",
+    show_default=False,
+    help="Classes.  [default: max class_idx + 1]",
+)
+def convert_pairs_command(old, new, label_dim):
+    """Rewrite a pair file of the port's layout (/data/{i}) in our fast layout."""
+    from pathlib import Path
+
+    from dmd.data import PairFileError, convert_port_file
+
+    if Path(new).exists():
+        raise click.ClickException(f"{new} exists; remove it or choose another output path")
+    try:
+        num = convert_port_file(old, new, label_dim=label_dim)
+    except PairFileError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{new}: {num} pairs converted from {old}")

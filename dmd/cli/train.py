@@ -1,0 +1,262 @@
+"""`train` and `plot`: DMD and DMD2 training and its curves (the work: dmd/train.py, dmd/config.py, dmd/plot.py)."""
+
+import click
+
+from dmd.cli import main
+from dmd.cli.options import (
+    COUNT,
+    POSITIVE,
+    Command,
+    cache_option,
+    config_option,
+    default_of,
+    device_option,
+    field_comments,
+    float_list,
+    option,
+    sentence,
+)
+from dmd.config import RECIPES, ConfigError, TrainConfig, resolve_recipe
+
+
+def _train(flag, *aliases, section, **kwargs):
+    return config_option(TrainConfig, flag, *aliases, section=section, **kwargs)
+
+
+def _recipe(flag, section, **kwargs):
+    """A train option a --recipe may set: unset it is None, and the recipe's value or else the default applies."""
+    name = flag[2:].replace("-", "_")
+    by_recipe = "".join(f"; --recipe {r}: {values[name]}" for r, values in RECIPES.items() if name in values)
+    text = field_comments(TrainConfig)[name]
+    text = f"{sentence(text)}  [default: {default_of(TrainConfig, name)}{by_recipe}]"
+    return option(flag, default=None, section=section, help=text, show_default=False, **kwargs)
+
+
+MAIN, HYPER, DMD2, PERF, IO = "Main", "Hyperparameters", "DMD2", "Performance", "I/O"
+TRAIN_EXAMPLES = """
+# DMD on EDM's CIFAR-10 teacher (the paper's settings), on 7 GPUs: global batch 56 x 7 = 392
+torchrun --nproc_per_node 7 -m dmd train --network edm-cifar10-32x32-cond-vp.pkl --data-path cifar10-pairs.h5 \\
+    --output-dir runs/dmd-cifar10 --precision bf16 --max-steps 200000
+# DMD2: no pairs, 5 fake-score steps per G step, GAN on the real images; a two-step generator
+python -m dmd train --recipe dmd2 --network edm.pkl --real-data cifar10-32x32.zip --output-dir runs/dmd2 \\
+    --generator-sigmas 80,1.5 --max-steps 100000
+# Continue a stopped run bit for bit; lower its learning rates from here on
+python -m dmd train ... --output-dir runs/dmd-cifar10 --resume auto --allow-change lr-gen,lr-fake --lr-gen 1e-5
+# A CPU smoke run on a test fixture, no downloads
+python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /tmp/smoke --device cpu \\
+    --lambda-reg 0 --max-steps 20 --batch-size 4 --workers 0
+"""
+
+
+@main.command("train", cls=Command, examples=TRAIN_EXAMPLES)
+@_train(
+    "--network",
+    "--model-path",
+    field="model_path",
+    section=MAIN,
+    required=True,
+    metavar="PATH|URL",
+    help="the teacher: an EDM network pickle (path, file:// or http(s):// URL)",
+)
+@_train("--output-dir", section=MAIN, required=True, type=click.Path(file_okay=False), metavar="DIR")
+@option(
+    "--recipe",
+    section=MAIN,
+    default="dmd",
+    type=click.Choice(sorted(RECIPES)),
+    help="Defaults for the settings left unset: dmd (the DMD paper's) or dmd2 (DMD2's: no pairs, 5 "
+    "fake-score steps per G step, GAN on --real-data, lr 2e-6). Explicit flags override it; config.json "
+    "records the result.",
+)
+@_train(
+    "--data-path",
+    section=MAIN,
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    show_default=False,
+    help="teacher pair file (make-pairs) for the regression loss",
+)
+@_train(
+    "--real-data",
+    section=MAIN,
+    type=click.Path(exists=True),
+    metavar="PATH",
+    show_default=False,
+    help="real images for DMD2's GAN: a folder or ZIP in EDM's dataset format (dataset_tool.py), e.g. "
+    "cifar10-32x32.zip, matching the teacher's resolution, channels and classes",
+)
+@_train(
+    "--max-steps",
+    section=MAIN,
+    type=COUNT,
+    metavar="INT",
+    show_default=False,
+    help="duration in steps (one G update with its fake-score updates); or give --epochs",
+)
+@_train(
+    "--epochs", section=MAIN, type=COUNT, metavar="INT", show_default=False, help="duration in passes over --data-path"
+)
+@_train(
+    "--batch-size",
+    "--batch",
+    section=MAIN,
+    type=COUNT,
+    metavar="INT",
+    help="generated images per process and step; the global batch is this x processes",
+)
+@_train("--seed", section=MAIN, type=int, metavar="INT")
+@_train(
+    "--resume",
+    section=MAIN,
+    metavar="auto|FILE",
+    show_default=False,
+    help="'auto' (the newest training state in --output-dir, if any) or a training-state file",
+)
+@option(
+    "--allow-change",
+    default="",
+    section=MAIN,
+    metavar="LIST",
+    show_default=False,
+    help="Settings a resumed run may change from the run's, e.g. lr-gen,lr-fake to lower the learning rates "
+    "of a diverging run.",
+)
+@option(
+    "--dry-run",
+    is_flag=True,
+    section=MAIN,
+    help="Check the teacher, the data and the run folder against each other, print the config, exit.",
+)
+@_recipe("--lr-gen", HYPER, type=click.FloatRange(0, 1, min_open=True), metavar="FLOAT")
+@_recipe("--lr-fake", HYPER, type=click.FloatRange(0, 1, min_open=True), metavar="FLOAT")
+@_train("--weight-decay", section=HYPER, type=click.FloatRange(min=0), metavar="FLOAT")
+@_train("--grad-clip", section=HYPER, type=POSITIVE, metavar="FLOAT")
+@_train("--lambda-dm", section=HYPER, type=click.FloatRange(min=0), metavar="FLOAT")
+@_recipe("--lambda-reg", HYPER, type=click.FloatRange(min=0), metavar="FLOAT")
+@_train("--regression-distance", section=HYPER, type=click.Choice(["lpips", "mse"]))
+@_train(
+    "--reg-batch-size",
+    section=HYPER,
+    type=COUNT,
+    metavar="INT",
+    show_default=False,
+    help="pairs per process and step for the regression loss  [default: --batch-size]",
+)
+@_recipe("--fake-steps-per-gen", HYPER, type=COUNT, metavar="INT")
+@option(
+    "--generator-sigmas",
+    callback=float_list,
+    section=HYPER,
+    metavar="LIST",
+    show_default=False,
+    help="G's noise levels: 80 is the one-step G(z) = D(80 z; 80); a decreasing list such as 80,1.5 makes a "
+    "few-step generator, trained with backward simulation.  [default: 80]",
+)
+@option("--generator-sigma", type=POSITIVE, hidden=True, help="One-step sigma_G (the old spelling).")
+@_train("--dropout", section=HYPER, type=click.FloatRange(0, 1, max_open=True), metavar="FLOAT")
+@_train("--t-min", section=HYPER, type=click.FloatRange(0, 1, max_open=True), metavar="FLOAT")
+@_train(
+    "--t-max",
+    section=HYPER,
+    type=click.FloatRange(0, 1, min_open=True),
+    metavar="FLOAT",
+    help="upper end (exclusive) of the DM loss's t range, a fraction of T",
+)
+@_train("--fake-sigma-sampling", section=HYPER, type=click.Choice(["karras", "lognormal"]))
+@_train("--ema-halflife-kimg", section=HYPER, type=click.FloatRange(min=0), metavar="KIMG")
+@_train("--xflip", section=DMD2, is_flag=True)
+@_recipe("--gan-weight-gen", DMD2, type=click.FloatRange(min=0), metavar="FLOAT")
+@_recipe("--gan-weight-disc", DMD2, type=click.FloatRange(min=0), metavar="FLOAT")
+@_train("--gan-t-max", section=DMD2, type=click.FloatRange(0, 1, min_open=True), metavar="FLOAT")
+@_train(
+    "--precision",
+    section=PERF,
+    type=click.Choice(["fp32", "bf16"]),
+    help="'fp32', or 'bf16': the U-Nets compute in bf16 with fp32 weights, losses and optimisers, as DMD2 does "
+    "(works on CPU too, slowly)",
+)
+@_train("--channels-last", section=PERF, is_flag=True)
+@_train(
+    "--compile", section=PERF, is_flag=True, help="compile the U-Nets with torch.compile (slow start, faster steps)"
+)
+@device_option()
+@_train(
+    "--workers",
+    section=PERF,
+    type=click.IntRange(min=0),
+    metavar="INT",
+    help="DataLoader worker processes reading the pairs and real images",
+)
+@_train("--log-every", section=IO, type=COUNT, metavar="INT")
+@_train("--image-every", section=IO, type=click.IntRange(min=0), metavar="INT")
+@_train("--checkpoint-every", section=IO, type=click.IntRange(min=0), metavar="INT")
+@_train("--keep-last", section=IO, type=click.IntRange(min=0), metavar="INT")
+@_train("--max-bad-steps", section=IO, type=COUNT, metavar="INT")
+@_train("--progress/--no-progress", field="progress", section=IO)
+@_train("--log-neptune", section=IO, is_flag=True)
+@_train("--log-tensorboard", section=IO, is_flag=True)
+@_train("--fid-every", section=IO, type=click.IntRange(min=0), metavar="INT")
+@_train("--fid-num", section=IO, type=click.IntRange(min=2), metavar="INT")
+@_train("--fid-ref", section=IO, metavar="PATH|URL", show_default=False)
+@_train("--fid-detector", section=IO, metavar="PATH|URL", show_default=False)
+@_train("--lpips-vgg", section=IO, metavar="PATH|URL", show_default=False)
+@_train("--lpips-lin", section=IO, metavar="PATH|URL", show_default=False)
+@option("--lpips-random", is_flag=True, section=IO, help="Random LPIPS weights: tests and smoke runs only.")
+@cache_option()
+@click.pass_context
+def train_command(ctx, lpips_random, dry_run, allow_change, recipe, generator_sigma, **options):
+    """Distill a teacher into a one-step (or few-step) generator with DMD or DMD2 (torchrun for several GPUs)."""
+    from dmd.checkpoint import CheckpointError
+    from dmd.train import TrainError, train
+    from dmd.utils.logger import LoggerError
+
+    try:
+        if generator_sigma is not None:
+            if options["generator_sigmas"] is not None:
+                raise ConfigError("give --generator-sigmas or its old spelling --generator-sigma, not both")
+            options["generator_sigmas"] = (generator_sigma,)
+        if options["generator_sigmas"] is None:
+            del options["generator_sigmas"]
+        changeable = tuple(name for name in allow_change.split(",") if name.strip())
+        options = resolve_recipe(recipe, options)
+        cfg = TrainConfig(**options, lpips_pretrained=not lpips_random, allow_change=changeable)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from e
+    try:
+        result = train(cfg, dry_run=dry_run)
+    except (TrainError, CheckpointError, LoggerError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    if dry_run:
+        click.echo(cfg.to_json(), nl=False)
+        return
+    if result["stopped"]:
+        click.echo(f"Stopped by a signal at step {result['step']}; continue with --resume auto", err=True)
+        ctx.exit(130)
+
+
+# Training curves (dmd/plot.py).
+@main.command(
+    "plot",
+    cls=Command,
+    examples="""
+python -m dmd plot runs/dmd-cifar10                  # writes runs/dmd-cifar10/stats.png
+""",
+)
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    section="Main",
+    show_default=False,
+    help="PNG to write.  [default: RUN_DIR/stats.png]",
+)
+def plot_command(run_dir, out):
+    """Plot a training run's losses, gradient norms and FID over kimg from its stats.jsonl into one PNG."""
+    from dmd.plot import PlotError, plot_run
+
+    try:
+        path = plot_run(run_dir, out)
+    except (PlotError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{path}: curves of {run_dir}")
