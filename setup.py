@@ -3,7 +3,7 @@
 from setuptools import find_packages, setup
 
 setup(
-    name="dmd",
+    name="dmd-distill",  # "dmd" on PyPI is an unrelated package; the import name and the command stay dmd
     version="0.1.0",
     description="One-step image generation by Distribution Matching Distillation (DMD) of EDM diffusion models",
     long_description=open("README.md", encoding="utf-8").read(),
