@@ -9,17 +9,34 @@ from dmd.demo.config import DemoConfig, DemoError, DemoInterrupted, TeacherConfi
 
 
 # Embedded demo (dmd/demo/).
+def _busy_cores():
+    """How many cores other processes keep busy: the larger of the 1-minute load average and the processes running
+    right now besides this one (/proc/loadavg's runnable count, sampled a few times: the average lags a new load)."""
+    import os
+    import time
+
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    try:
+        for _ in range(5):
+            with open("/proc/loadavg", encoding="ascii") as f:
+                running = int(f.read().split()[3].split("/")[0])
+            busy = max(busy, running - 1)
+            time.sleep(0.02)
+    except (OSError, ValueError, IndexError):
+        pass
+    return busy
+
+
 def _set_threads(threads):
-    """Use `threads` torch CPU threads; 0: one per core that is free now (the cores less the 1-minute load
-    average, at least one), since threads fighting other processes for a core slow each other down 10-50x."""
+    """Use `threads` torch CPU threads; 0: one per core that is free now (at least one), since threads fighting
+    other processes for a core slow each other down 10-50x."""
     import os
 
     import torch
 
     if threads == 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        threads = max(1, min(cores, round(cores - busy)))
+        threads = max(1, min(cores, round(cores - _busy_cores())))
     torch.set_num_threads(threads)
     return threads
 
