@@ -125,6 +125,25 @@ def device_option(section="Performance"):
     )
 
 
+def batch_option(help, default=256):
+    """--batch-size (old spelling --batch): items per network call or step, per process."""
+    return option(
+        "--batch-size", "--batch", "batch_size", default=default, type=COUNT, metavar="INT", section="Performance",
+        help=help,
+    )  # fmt: skip
+
+
+def detector_option():
+    return option(
+        "--detector",
+        default=None,
+        metavar="PATH|URL",
+        section="Main",
+        show_default=False,
+        help="TorchScript feature detector.  [default: EDM's Inception-v3]",
+    )
+
+
 def cache_option():
     return option(
         "--cache-dir",

@@ -3,7 +3,7 @@
 import click
 
 from dmd.cli import main
-from dmd.cli.options import COUNT, Command, cache_option, device_option, option, sampler_options
+from dmd.cli.options import COUNT, Command, batch_option, cache_option, device_option, option, sampler_options
 
 
 @main.command(
@@ -37,16 +37,7 @@ torchrun --nproc_per_node 8 -m dmd -- make-pairs --network edm.pkl --out data/ci
 )
 @option("--class-balanced", is_flag=True, section="Main", help="Pair i gets class i % label_dim, not a drawn label.")
 @sampler_options(18, "Sampler steps (2 x steps - 1 network calls).")
-@option(
-    "--batch-size",
-    "--batch",
-    "batch_size",
-    default=256,
-    type=COUNT,
-    metavar="INT",
-    section="Performance",
-    help="Pairs per sampler call, per process.",
-)
+@batch_option("Pairs per sampler call, per process.")
 @device_option()
 @cache_option()
 def make_pairs_command(network, out, num, seeds, **options):

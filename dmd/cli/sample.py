@@ -3,7 +3,17 @@
 import click
 
 from dmd.cli import main
-from dmd.cli.options import COUNT, Command, cache_option, device_option, option, sampler_kwargs_of, sampler_options
+from dmd.cli.options import (
+    COUNT,
+    Command,
+    batch_option,
+    cache_option,
+    detector_option,
+    device_option,
+    option,
+    sampler_kwargs_of,
+    sampler_options,
+)
 
 _NETWORK_HELP = "A snapshot or training state of `train`, an EDM network pickle, or the port's checkpoint."
 
@@ -58,16 +68,7 @@ torchrun --standalone --nproc_per_node 8 -m dmd generate --network model.pt --ou
     "Sample with EDM's sampler in this many steps (a teacher) instead of the generator's own "
     "sigmas.  [default: the generator]",
 )
-@option(
-    "--batch-size",
-    "--batch",
-    "batch_size",
-    default=256,
-    type=COUNT,
-    metavar="INT",
-    section="Performance",
-    help="Images per network call, per process.",
-)
+@batch_option("Images per network call, per process.")
 @device_option()
 @option("--subdirs", is_flag=True, section="I/O", help="One folder per 1000 seeds, as EDM's --subdirs.")
 @cache_option()
@@ -144,24 +145,8 @@ python -m dmd fid ref --data cifar10-32x32.zip --dest cifar10-32x32.npz    # a Z
     section="Main",
     help="Statistics file to write (.npz with mu, sigma).",
 )
-@option(
-    "--detector",
-    default=None,
-    metavar="PATH|URL",
-    section="Main",
-    show_default=False,
-    help="TorchScript feature detector.  [default: EDM's Inception-v3]",
-)
-@option(
-    "--batch-size",
-    "--batch",
-    "batch_size",
-    default=256,
-    type=COUNT,
-    metavar="INT",
-    section="Performance",
-    help="Images per detector call, per process.",
-)
+@detector_option()
+@batch_option("Images per detector call, per process.")
 @device_option()
 @cache_option()
 def fid_ref_command(data, dest, detector, batch_size, device, cache_dir):
@@ -230,27 +215,11 @@ python -m dmd fid calc --images fid-out --ref $REF --num-images 50000
 @option(
     "--repeats", default=1, type=COUNT, metavar="INT", section="Main", help="--network: disjoint seed ranges to score."
 )
-@option(
-    "--detector",
-    default=None,
-    metavar="PATH|URL",
-    section="Main",
-    show_default=False,
-    help="TorchScript feature detector.  [default: EDM's Inception-v3]",
-)
+@detector_option()
 @sampler_options(
     None, "--network: sample with EDM's sampler in this many steps (a teacher).  [default: the generator's own sigmas]"
 )
-@option(
-    "--batch-size",
-    "--batch",
-    "batch_size",
-    default=256,
-    type=COUNT,
-    metavar="INT",
-    section="Performance",
-    help="Images per call, per process.",
-)
+@batch_option("Images per call, per process.")
 @device_option()
 @cache_option()
 def fid_calc_command(
