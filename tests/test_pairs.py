@@ -64,7 +64,9 @@ def test_pairs_equal_edm_reference(tmp_path):
     out = _make(tmp_path / "pairs.h5", 4, seeds=ref["sampler_seeds"].tolist(), batch_size=2)
     latents, images, labels, seeds = PairDataset(out).read_rows(0, 4)
     assert seeds.tolist() == ref["sampler_seeds"].tolist()
-    torch.testing.assert_close(latents, torch.from_numpy(ref["sampler_latents"]).float(), rtol=0, atol=0)
+    # Bit-exact on CPUs with AVX2 and up; torch's scalar normal sampler (ATEN_CPU_CAPABILITY=default) rounds
+    # differently, by up to 1.1e-6 measured (tests/test_sampler.py says more).
+    torch.testing.assert_close(latents, torch.from_numpy(ref["sampler_latents"]).float(), rtol=0, atol=2e-6)
     assert labels.tolist() == ref["sampler_class_idx"].tolist()
     scale = np.abs(ref["sampler_out"]).max()
     np.testing.assert_allclose(images.numpy(), ref["sampler_out"], rtol=0, atol=1e-4 * scale)

@@ -58,7 +58,10 @@ def _draw(net, seeds):
 def test_seeded_draws_match_edm(nets, name):
     ref = np.load(FIXTURES / f"{name}.npz")
     latents, class_idx, _ = _draw(nets[name], ref["sampler_seeds"].tolist())
-    assert torch.equal(latents, torch.from_numpy(ref["sampler_latents"]))
+    # Bit-exact where torch's vectorised normal sampler runs (AVX2 and up, as where EDM made the fixture); its scalar
+    # fallback (ATEN_CPU_CAPABILITY=default) rounds the Box-Muller transform differently, by up to 9.2e-7 measured.
+    # Another seed, stream or draw order would differ by O(1).
+    torch.testing.assert_close(latents, torch.from_numpy(ref["sampler_latents"]), rtol=0, atol=2e-6)
     assert torch.equal(class_idx, torch.from_numpy(ref["sampler_class_idx"]).long())
     assert torch.equal(one_hot(class_idx, 10), torch.from_numpy(ref["sampler_labels"]))
 
