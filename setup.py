@@ -16,7 +16,7 @@ setup(
     # torch is left unpinned on purpose: install the build that fits your machine first
     # (the README's CPU instructions do `pip install torch==2.13.0`).
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.4",  # fused AdamW on CPU (the loop skips a non-finite step inside it)
         "numpy",
         "click>=8.0",
         "h5py",
