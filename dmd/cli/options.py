@@ -3,6 +3,7 @@ spellings accepted as hidden aliases), help texts taken from the config dataclas
 and the option families several commands share (device, cache, EDM's sampler settings).
 """
 
+import dataclasses
 import inspect
 import io
 import tokenize
@@ -40,6 +41,9 @@ class Option(click.Option):
             return super().get_help_record(ctx)
         finally:
             self.opts = opts
+
+    def get_error_hint(self, ctx):
+        return f"'{self.opts[0]}'"  # errors name the option as --help shows it
 
 
 def option(*decls, section="Options", **kwargs):
@@ -101,7 +105,8 @@ def config_option(config, flag, *aliases, field=None, section, help=None, **kwar
     default is the field's, its help text the field's comment in config.py unless `help` is given."""
     name = field or flag[2:].replace("-", "_")
     text = help or field_comments(config)[name]
-    kwargs.setdefault("default", default_of(config, name))
+    if default_of(config, name) is not dataclasses.MISSING:  # a field without one (the run folder) is required
+        kwargs.setdefault("default", default_of(config, name))
     return option(flag, *aliases, name, section=section, help=sentence(text), **kwargs)
 
 

@@ -1,0 +1,53 @@
+"""The command line's own behaviour: every command's --help, and usage errors as one `Error:` line."""
+
+import pytest
+from click.testing import CliRunner
+
+from dmd.cli import main
+
+COMMANDS = ["make-pairs", "convert-pairs", "train", "generate", "fid calc", "fid ref", "plot", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command(command):
+    result = CliRunner().invoke(main, [*command.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage: ") and "Examples:" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        # `train` alone used to end in a TypeError traceback (the required --output-dir got a dataclass sentinel).
+        ([], "Missing option '--network'. (see 'main train --help')"),
+        (["--network", "t.pkl"], "Missing option '--output-dir'. (see 'main train --help')"),
+        (
+            ["--network", "t.pkl", "--output-dir", "run", "--lr-gen", "1e39"],
+            "Invalid value for '--lr-gen': 1e+39 is not in the range 0<x<=1. (see 'main train --help')",
+        ),
+        (["--bogus"], "No such option '--bogus'. (see 'main train --help')"),
+    ],
+)
+def test_train_usage_errors_are_one_line(args, message):
+    result = CliRunner().invoke(main, ["train", *args])
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert result.output == f"Error: {message}\n"
+
+
+def test_hidden_alias_missing_is_named_as_help_shows_it():
+    result = CliRunner().invoke(main, ["generate"])
+    assert result.exit_code == 2
+    assert result.output == "Error: Missing option '--network'. (see 'main generate --help')\n"
+
+
+def test_unknown_command_is_one_line_with_a_suggestion():
+    result = CliRunner().invoke(main, ["trian"])
+    assert result.exit_code == 2
+    assert result.output == "Error: No such command 'trian'. Did you mean 'train'? (see 'main --help')\n"
+
+
+@pytest.mark.parametrize("group, command", [([], "train"), (["fid"], "calc")])
+def test_no_command_shows_the_help(group, command):
+    result = CliRunner().invoke(main, group)
+    assert result.output.startswith("Usage: ") and "Commands:" in result.output and command in result.output
