@@ -272,7 +272,7 @@ def check_same_run(state, path, cfg, *, global_batch, fingerprints):
             )
     for name, value in fingerprints.items():
         if state["fingerprints"].get(name) != value:
-            flag = {"teacher": "--model-path", "pairs": "--data-path", "real": "--real-data"}[name]
+            flag = {"teacher": "--network", "pairs": "--data-path", "real": "--real-data"}[name]
             raise CheckpointError(
                 f"--resume: {path} was trained with another {name} file than {flag} gives (the file's fingerprint "
                 "differs); resume with the run's own file"
@@ -288,7 +288,7 @@ def restore(state, path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, streams):
     to the run's data streams (or None). CheckpointError naming `path` if the state does not fit (another network,
     weights of other shapes, an optimiser state of another layout)."""
     if state["class_name"] != type(G).__name__ or state["init_kwargs"] != G.init_kwargs:
-        raise CheckpointError(f"--resume: {path} holds a different network than --model-path and --dropout build")
+        raise CheckpointError(f"--resume: {path} holds a different network than --network and --dropout build")
     if (state.get("G_ema") is None) != (G_ema is None):
         raise CheckpointError(f"--resume: {path} and --ema-halflife-kimg disagree on whether G has an EMA")
     if (state.get("head") is None) != (head is None):

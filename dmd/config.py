@@ -216,14 +216,19 @@ def resolve_recipe(recipe, options):
 RECIPE_FIELDS = {name for recipe in RECIPES.values() for name in recipe}
 
 
+# The fields whose flag is not their name (the field keeps the port's name, the flag is the one all commands share).
+FLAGS = {"model_path": "--network"}
+
+
 def flag_name(field):
-    """The command-line flag of a config field: lr_gen -> --lr-gen."""
-    return "--" + field.replace("_", "-")
+    """The command-line flag of a config field: lr_gen -> --lr-gen, model_path -> --network."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def field_name(flag):
     """The config field of a flag name as a user writes it: --lr-gen, lr-gen or lr_gen -> lr_gen."""
-    return flag.strip().lstrip("-").replace("-", "_")
+    name = "--" + flag.strip().lstrip("-")
+    return next((field for field, known in FLAGS.items() if known == name), name[2:].replace("-", "_"))
 
 
 def resume_changes(old, new):

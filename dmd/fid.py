@@ -167,7 +167,7 @@ def image_stats(path, detector, *, num=None, seed=0, batch_size=256, device="cpu
     indices = np.arange(len(files))
     if num is not None:
         if len(files) < num:
-            raise FIDError(f"{path}: {len(files)} images, fewer than --num {num}")
+            raise FIDError(f"{path}: {len(files)} images, fewer than --num-images {num}")
         if len(files) > num:  # EDM's ImageFolderDataset(max_size=num, random_seed=seed): shuffle, keep num, sort
             np.random.RandomState(seed).shuffle(indices)
             indices = np.sort(indices[:num])
@@ -253,7 +253,9 @@ def calc_fid(
     if network is not None:
         seeds = list(range(repeats * num)) if seeds is None else list(seeds)
         if len(seeds) < repeats * num:
-            raise FIDError(f"--seeds gives {len(seeds)} seeds; --num {num} x --repeats {repeats} needs {repeats * num}")
+            raise FIDError(
+                f"--seeds gives {len(seeds)} seeds; --num-images {num} x --repeats {repeats} needs {repeats * num}"
+            )
     device = distributed.setup_device(device)
     mu_ref, sigma_ref = distributed.main_first(partial(load_ref, ref, cache_dir=cache_dir))
     detector = distributed.main_first(partial(load_detector, detector, cache_dir=cache_dir, device=device))

@@ -114,7 +114,7 @@ def next_batch(stream, flag, device):
 
 
 def load_teacher(cfg, device):
-    """Load mu_real from --model-path (frozen, in eval mode, on `device`); return it and the file's sha256."""
+    """Load mu_real from --network (frozen, in eval mode, on `device`); return it and the file's sha256."""
     from dmd.edm.persistence import NetworkLoadError, load_network
     from dmd.utils.download import DownloadError, open_url, sha256_file
 
@@ -123,7 +123,7 @@ def load_teacher(cfg, device):
         local = dist.main_first(partial(open_url, cfg.model_path, cache_dir=cfg.cache_dir, progress=dist.is_main()))
         net = load_network(local, key="ema", device=device)
     except (OSError, NetworkLoadError, DownloadError) as e:
-        raise TrainError(f"--model-path: cannot load a teacher from {cfg.model_path} ({e})") from e
+        raise TrainError(f"--network: cannot load a teacher from {cfg.model_path} ({e})") from e
     return net.eval().requires_grad_(False), sha256_file(local)
 
 
@@ -349,7 +349,7 @@ def final_line(run_dir, done, num_steps, stopped):
     if not snapshots:
         return f"{end}; no network snapshot was written (the last steps were not finite)"
     network, outdir, grid = (shlex.quote(str(p)) for p in (snapshots[-1], run_dir / "samples", run_dir / "samples.png"))
-    command = f"python -m dmd generate --network {network} --outdir {outdir} --seeds 0-63 --grid {grid}"
+    command = f"python -m dmd generate --network {network} --output-dir {outdir} --seeds 0-63 --grid {grid}"
     return f"{end}; snapshot {snapshots[-1]}; sample with: {command}"
 
 

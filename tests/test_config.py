@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from dmd.config import ConfigError, TrainConfig
+from dmd.config import ConfigError, TrainConfig, field_name, flag_name
 
 BASE = dict(model_path="teacher.pkl", output_dir="run", data_path="pairs.h5", max_steps=10)
 
@@ -64,3 +64,18 @@ def test_regression_off_needs_no_pairs():
 def test_unknown_keys_are_rejected():
     with pytest.raises(ConfigError, match="unknown config keys: lr"):
         TrainConfig.from_dict({**TrainConfig(**BASE).to_dict(), "lr": 1.0})
+
+
+def test_flag_names_are_the_commands_flags():
+    """Errors name the flag a user types: --network for the teacher (the field keeps the name model_path)."""
+    from click.testing import CliRunner
+
+    from dmd.cli import main
+
+    help_text = CliRunner().invoke(main, ["train", "--help"]).output
+    for field in dataclasses.fields(TrainConfig):
+        flag = flag_name(field.name)
+        assert field_name(flag) == field.name and field_name(flag[2:]) == field.name
+        if field.name not in ("betas", "num_timesteps", "lpips_pretrained"):  # Python API only (--lpips-random)
+            assert f"  {flag} " in help_text or f"  {flag}\n" in help_text, flag
+    assert flag_name("model_path") == "--network" and field_name("lr-gen") == "lr_gen"

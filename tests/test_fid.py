@@ -189,7 +189,7 @@ def test_errors(pngs, detector_path, tmp_path):
     det = ["--detector", str(detector_path), "--device", "cpu"]
     ref = ["--ref", str(tmp_path / "ref.npz")]
     cases = [
-        (["--images", str(pngs), *ref, "--num", "41"], "40 images, fewer than --num 41"),
+        (["--images", str(pngs), *ref, "--num", "41"], "40 images, fewer than --num-images 41"),
         (["--images", str(pngs), "--ref", str(tmp_path / "bad_ref.npz")], "missing key(s) ['sigma']"),
         (["--images", str(pngs), "--ref", str(tmp_path / "nope.npz")], "nope.npz"),
         (["--images", str(pngs), "--network", str(PKL), *ref], "exactly one of --images and --network"),

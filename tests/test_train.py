@@ -314,7 +314,7 @@ def test_out_of_range_flags_are_refused_by_the_parser_naming_them(tmp_path, pair
 @pytest.mark.parametrize(
     "change, message",
     [
-        (["--model-path", "missing.pkl"], "--model-path"),
+        (["--model-path", "missing.pkl"], "--network"),
         (["--data-path", "missing.h5"], "--data-path"),
         (["--data-path", "WRONG_RES"], "--data-path: pair file"),
         (["--resume", "missing-state.pt"], "--resume: missing-state.pt does not exist"),
@@ -561,7 +561,7 @@ def test_resume_refuses_another_teacher_or_pair_file(tmp_path, pairs):
     resume = ["--max-steps", 2, "--batch-size", 2, "--resume", "auto"]
     args = train_args(out, pairs, *resume)
     args[args.index("--model-path") + 1] = str(other_teacher)
-    one_error_line(run_cli(args, expect_ok=False), "another teacher file than --model-path gives")
+    one_error_line(run_cli(args, expect_ok=False), "another teacher file than --network gives")
     one_error_line(run_cli(train_args(out, other_pairs, *resume), False), "another pairs file than --data-path")
     # A copy of the same teacher elsewhere is the same teacher.
     copy = tmp_path / "copy.pkl"

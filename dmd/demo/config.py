@@ -76,7 +76,7 @@ class TeacherConfig:
 
     def __post_init__(self):
         if min(self.kimg, self.batch_size, self.lr) <= 0:
-            raise DemoError("--kimg, --batch and --lr must be positive")
+            raise DemoError("--kimg, --batch-size and --lr must be positive")
 
     def to_dict(self):
         """Return the config as a JSON-serialisable dict."""

@@ -255,7 +255,7 @@ def sigterm_interrupts():
 
 
 def check_teacher(path):
-    """Load the teacher once up front, so a bad --teacher file is one clear line before any work."""
+    """Load the teacher once up front, so a bad --network file is one clear line before any work."""
     from dmd.edm.persistence import NetworkLoadError, load_network
 
     if not Path(path).is_file():
