@@ -51,3 +51,22 @@ def test_unknown_command_is_one_line_with_a_suggestion():
 def test_no_command_shows_the_help(group, command):
     result = CliRunner().invoke(main, group)
     assert result.output.startswith("Usage: ") and "Commands:" in result.output and command in result.output
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["fid", "ref", "--data", ".", "--dest"], "'--dest'"),
+        (["demo", "train-teacher", "--out"], "'--out'"),
+        (["convert-pairs", "MINE"], "'NEW'"),  # OLD may be any file,
+    ],
+)
+def test_commands_never_overwrite_an_existing_output_file(tmp_path, args, flag):
+    """fid ref and demo train-teacher used to overwrite the file after their work (a downloaded reference, a
+    teacher); each now refuses before any work and leaves the file as it was."""
+    mine = tmp_path / "mine.bin"
+    mine.write_bytes(b"a person's file")
+    result = CliRunner().invoke(main, [str(mine) if a == "MINE" else a for a in args] + [str(mine)])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"Error: Invalid value for {flag}: {mine} exists; remove it or choose another")
+    assert result.output.count("\n") == 1 and mine.read_bytes() == b"a person's file"

@@ -3,7 +3,18 @@
 import click
 
 from dmd.cli import main
-from dmd.cli.options import COUNT, POSITIVE, Command, Group, config_option, default_of, field_comments, option, sentence
+from dmd.cli.options import (
+    COUNT,
+    POSITIVE,
+    Command,
+    Group,
+    config_option,
+    default_of,
+    field_comments,
+    new_file,
+    option,
+    sentence,
+)
 from dmd.config import ConfigError
 from dmd.demo.config import DemoConfig, DemoError, DemoInterrupted, TeacherConfig
 
@@ -152,6 +163,7 @@ python -m dmd demo train-teacher --threads 1 --out demo_teacher.pkl   # the ship
     "--out",
     default="demo_teacher.pkl",
     type=click.Path(dir_okay=False),
+    callback=new_file,
     metavar="FILE",
     section="Main",
     help="EDM pickle to write.",

@@ -6,6 +6,7 @@ and the option families several commands share (device, cache, EDM's sampler set
 import dataclasses
 import inspect
 import io
+import os
 import tokenize
 
 import click
@@ -83,6 +84,14 @@ class Command(_Sectioned, click.Command):
 
 class Group(_Sectioned, click.Group):
     """A click group (a command with subcommands) with sectioned --help and an Examples block."""
+
+
+def new_file(ctx, param, value):
+    """Callback of an option or argument naming a file to create: refuse one that exists, before any work, so that
+    a file a person made (a downloaded reference, a teacher) is never overwritten."""
+    if value is not None and os.path.lexists(value):
+        raise click.BadParameter(f"{value} exists; remove it or choose another path")
+    return value
 
 
 POSITIVE = click.FloatRange(min=0, min_open=True)

@@ -3,7 +3,7 @@
 import click
 
 from dmd.cli import main
-from dmd.cli.options import COUNT, Command, batch_option, cache_option, device_option, option, sampler_options
+from dmd.cli.options import COUNT, Command, batch_option, cache_option, device_option, new_file, option, sampler_options
 
 
 @main.command(
@@ -64,7 +64,7 @@ python -m dmd convert-pairs data/cifar.hdf5 data/cifar-port.h5    # the port's r
 """,
 )
 @click.argument("old", type=click.Path(dir_okay=False))
-@click.argument("new", type=click.Path(dir_okay=False))
+@click.argument("new", type=click.Path(dir_okay=False), callback=new_file)
 @option(
     "--label-dim",
     default=None,
@@ -76,12 +76,8 @@ python -m dmd convert-pairs data/cifar.hdf5 data/cifar-port.h5    # the port's r
 )
 def convert_pairs_command(old, new, label_dim):
     """Rewrite a pair file of the port's layout (/data/{i}) in our fast layout."""
-    from pathlib import Path
-
     from dmd.data import PairFileError, convert_port_file
 
-    if Path(new).exists():
-        raise click.ClickException(f"{new} exists; remove it or choose another output path")
     try:
         num = convert_port_file(old, new, label_dim=label_dim)
     except PairFileError as e:
