@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 LABELS_FILE = "dataset.json"
+MAX_PIXELS = 4096 * 4096  # far above EDM's datasets (32-512 px a side); bounds what one PNG header may ask to allocate
 
 
 class ImageDatasetError(ValueError):
@@ -83,21 +84,40 @@ class ImageFolder:
             self._zip.close()
         self._zip = self._pid = None
 
-    def read(self, index):
-        """Return image `index` as (H, W, C) uint8 (C = 1 or 3)."""
+    def read(self, index, shape=None):
+        """Return image `index` as (H, W, C) uint8 (C = 1 or 3); with `shape` (H, W, C), an error naming both files
+        if its size or mode differs. The size a PNG declares is checked before it is decoded, so a small file cannot
+        ask for gigabytes."""
         import PIL.Image
 
         name = self.names[index]
         try:
             with self._open(name) as f:
                 image = PIL.Image.open(f)
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise self.error(
+                        f"{self.path}/{name}: declares {width}x{height} pixels, more than the {MAX_PIXELS:,} an "
+                        "image may have here"
+                    )
+                if shape is not None and (height, width) != shape[:2]:
+                    self._mismatch(index, (height, width, len(image.getbands())), shape)
                 image.load()
-        except (OSError, zipfile.BadZipFile, PIL.UnidentifiedImageError) as e:
+        except (OSError, zipfile.BadZipFile, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as e:
             raise self.error(f"{self.path}/{name}: not a readable image ({e})") from e
         if image.mode not in ("L", "RGB"):
             raise self.error(f"{self.path}/{name}: mode {image.mode}; expected RGB or L (grayscale)")
         pixels = np.asarray(image)
-        return pixels[:, :, None] if pixels.ndim == 2 else pixels
+        pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+        if shape is not None and pixels.shape != shape:
+            self._mismatch(index, pixels.shape, shape)
+        return pixels
+
+    def _mismatch(self, index, found, shape):
+        raise self.error(
+            f"{self.path}/{self.names[index]}: a {_describe(found)} image, but the first image {self.names[0]} is "
+            f"{_describe(shape)}; all images must share one size and mode"
+        )
 
     @property
     def shape(self):
@@ -108,13 +128,7 @@ class ImageFolder:
 
     def read_same_shape(self, index):
         """Return image `index` as `read` does, raising an error naming both files if its size or mode differs."""
-        pixels = self.read(index)
-        if pixels.shape != self.shape:
-            raise self.error(
-                f"{self.path}/{self.names[index]}: a {_describe(pixels.shape)} image, but the first image "
-                f"{self.names[0]} is {_describe(self.shape)}; all images must share one size and mode"
-            )
-        return pixels
+        return self.read(index, self.shape)
 
     def read_labels(self):
         """Return the class index of every image (N,) int64 from dataset.json, or None if it gives no labels."""

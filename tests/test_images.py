@@ -212,3 +212,37 @@ def test_bad_paths_and_images(tmp_path):
         write_image_dataset(tmp_path / "x.zip", np.zeros((2, 8, 8), dtype=np.uint8))
     with pytest.raises(ImageDatasetError, match="3 labels for 2 images"):
         write_image_dataset(tmp_path / "x.zip", np.zeros((2, 8, 8, 3), dtype=np.uint8), labels=[0, 1, 2])
+
+
+def _png_header_only(path, width, height):
+    """A PNG of a few dozen bytes that declares width x height grayscale pixels (its pixel data missing)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def test_declared_sizes_are_checked_before_decoding(tmp_path):
+    """A PNG of a few dozen bytes declaring 8000x8000 pixels is refused from its header (it used to be decoded), one
+    declaring 20000x20000 is an error naming it (PIL's DecompressionBombError used to escape as a traceback), and an
+    image of another size is named before it is decoded."""
+    _png_header_only(tmp_path / "bomb" / "a.png", 8000, 8000)
+    assert (tmp_path / "bomb" / "a.png").stat().st_size < 100
+    with pytest.raises(ImageDatasetError, match=r"bomb/a.png: declares 8000x8000 pixels, more than the 16,777,216"):
+        ImageDataset(tmp_path / "bomb")
+    with pytest.raises(FIDError, match=r"bomb/a.png: declares 8000x8000 pixels"):
+        ImageFiles(tmp_path / "bomb").read_same_shape(0)
+    _png_header_only(tmp_path / "huge" / "a.png", 20000, 20000)
+    with pytest.raises(ImageDatasetError, match=r"huge/a.png: not a readable image \(Image size \(400000000 pixels"):
+        ImageDataset(tmp_path / "huge")
+    _png(tmp_path / "late" / "a.png", _images(n=1)[0, :, :, :1].repeat(3, axis=2)[:, :, 0])
+    _png_header_only(tmp_path / "late" / "b.png", 3000, 3000)  # no pixel data: decoding it would fail otherwise
+    with pytest.raises(ImageDatasetError, match=r"late/b.png: a 3000x3000 grayscale image, but .* a.png is 8x8"):
+        ImageDataset(tmp_path / "late")[1]
