@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 LABELS_FILE = "dataset.json"
+LABEL_BYTES_PER_IMAGE = 1024  # dataset.json's bound: EDM writes ~40 bytes per [path, class] entry
 MAX_PIXELS = 4096 * 4096  # far above EDM's datasets (32-512 px a side); bounds what one PNG header may ask to allocate
 
 
@@ -135,11 +136,15 @@ class ImageFolder:
         if not self.has_labels_file:
             return None
         where = f"{self.path}/{LABELS_FILE}"
+        limit = LABEL_BYTES_PER_IMAGE * len(self.names) + (1 << 20)
         try:
             with self._open(LABELS_FILE) as f:
-                meta = json.load(f)
+                text = f.read(limit + 1)  # bounded: a ZIP entry may inflate to far more than it declares
+            meta = None if len(text) > limit else json.loads(text)
         except (OSError, zipfile.BadZipFile, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
             raise self.error(f"{where}: not readable JSON ({e})") from e
+        if len(text) > limit:
+            raise self.error(f"{where}: more than {limit:,} bytes for {len(self.names)} images; not a label file")
         if not isinstance(meta, dict) or "labels" not in meta:
             raise self.error(f"{where}: no 'labels' entry (expected {{\"labels\": [[path, class], ...] or null}})")
         pairs = meta["labels"]

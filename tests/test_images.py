@@ -246,3 +246,25 @@ def test_declared_sizes_are_checked_before_decoding(tmp_path):
     _png_header_only(tmp_path / "late" / "b.png", 3000, 3000)  # no pixel data: decoding it would fail otherwise
     with pytest.raises(ImageDatasetError, match=r"late/b.png: a 3000x3000 grayscale image, but .* a.png is 8x8"):
         ImageDataset(tmp_path / "late")[1]
+
+
+def test_a_label_file_inflating_to_256_mib_is_refused_after_a_bounded_read(tmp_path):
+    """A ZIP entry of 0.25 MB that inflates to 256 MiB of JSON (it used to be read whole) is refused after ~1 MB."""
+    dest = tmp_path / "bomb.zip"
+    write_image_dataset(dest, _images(n=2), labels=[0, 1])
+    with zipfile.ZipFile(dest) as z:
+        members = {name: z.read(name) for name in z.namelist() if name != "dataset.json"}
+    with zipfile.ZipFile(dest, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        info = zipfile.ZipInfo("dataset.json")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with z.open(info, "w", force_zip64=True) as f:  # streamed: never 256 MiB in memory here
+            f.write(b'{"labels": null, "pad": "')
+            block = b" " * (1 << 24)
+            for _ in range(16):
+                f.write(block)
+            f.write(b'"}')
+    assert dest.stat().st_size < 1 << 20
+    with pytest.raises(ImageDatasetError, match=r"bomb.zip/dataset.json: more than 1,050,624 bytes for 2 images"):
+        ImageDataset(dest)
