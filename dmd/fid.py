@@ -40,21 +40,46 @@ def load_detector(source=None, *, cache_dir=None, device="cpu"):
         raise FIDError(f"detector {source}: not a TorchScript module ({' '.join(str(e).split())[:200]})") from e
 
 
+MAX_FEATURES = 8192  # reference statistics of more features are refused before loading (Inception's: 2048)
+
+
+def _read_npz_stats(path):
+    """Return {'mu', 'sigma'} (those present in the npz at `path`) and the names of all its arrays.
+
+    Every header is checked first (floats, at most two axes of at most MAX_FEATURES) and only then are the two arrays
+    read, so a small file cannot ask for gigabytes; other arrays are never read.
+    """
+    fmt = np.lib.format
+    with zipfile.ZipFile(path) as z:
+        keys = [key for key in ("mu", "sigma") if f"{key}.npy" in z.namelist()]
+        for key in keys:
+            with z.open(f"{key}.npy") as f:
+                version = fmt.read_magic(f)
+                read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+            if dtype.kind != "f" or len(shape) > 2 or any(n > MAX_FEATURES for n in shape):
+                raise ValueError(f"'{key}' is declared {dtype} {shape}; expected floats of at most {MAX_FEATURES}")
+        stats = {}
+        for key in keys:
+            with z.open(f"{key}.npy") as f:
+                stats[key] = fmt.read_array(f, allow_pickle=False)
+        return stats, sorted(name.removesuffix(".npy") for name in z.namelist())
+
+
 def load_ref(ref, *, cache_dir=None):
     """Read reference statistics (npz with keys 'mu' (D,) and 'sigma' (D, D), path or URL) as float64 arrays."""
     from dmd.utils.download import DownloadError, open_url
 
     try:
         path = open_url(ref, cache_dir=cache_dir)
-        with np.load(path) as data:
-            stats = {key: data[key] for key in data.files}
+        stats, names = _read_npz_stats(path)
     except (DownloadError, FileNotFoundError) as e:
         raise FIDError(f"--ref: {e}") from e
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise FIDError(f"--ref {ref}: not a readable npz file ({e})") from e
     missing = [key for key in ("mu", "sigma") if key not in stats]
     if missing:
-        raise FIDError(f"--ref {ref}: missing key(s) {missing}; found {sorted(stats)}")
+        raise FIDError(f"--ref {ref}: missing key(s) {missing}; found {names}")
     mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
     if mu.ndim != 1 or mu.shape[0] == 0 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise FIDError(f"--ref {ref}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")

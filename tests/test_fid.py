@@ -1,5 +1,6 @@
 """FID: statistics and the Frechet distance against numpy/scipy, `fid ref`/`fid calc` on PNGs, ZIPs and networks."""
 
+import io
 import re
 import zipfile
 from pathlib import Path
@@ -234,3 +235,37 @@ def test_reference_of_another_feature_size_is_refused_at_the_first_batch(pngs, d
     np.savez(tmp_path / "empty.npz", mu=np.zeros(0), sigma=np.zeros((0, 0)))
     with pytest.raises(FIDError, match=r"empty.npz: mu \(0,\) and sigma \(0, 0\) are not \(D,\) and \(D, D\)"):
         load_ref(tmp_path / "empty.npz")
+
+
+def _npz_declaring(path, arrays):
+    """An npz whose members are .npy headers declaring {name: (dtype, shape)} with no data behind them."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name, (dtype, shape) in arrays.items():
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False, "shape": shape})
+            z.writestr(f"{name}.npy", header.getvalue())
+
+
+def test_hostile_references_are_refused_from_their_headers(tmp_path):
+    """A 300-byte npz declaring a 200000^2 sigma used to raise MemoryError (298 GiB) as a traceback; an object
+    array, an .npy instead of an npz and a reference whose extra arrays are huge are one line or ignored."""
+    _npz_declaring(tmp_path / "huge.npz", {"mu": ("<f8", (4,)), "sigma": ("<f8", (200000, 200000))})
+    _npz_declaring(tmp_path / "objects.npz", {"mu": ("|O", (2,))})
+    np.save(tmp_path / "plain.npy", np.zeros(4))
+    cases = [
+        ("huge.npz", r"'sigma' is declared float64 \(200000, 200000\); expected floats of at most 8192"),
+        ("objects.npz", r"'mu' is declared object \(2,\)"),
+        ("plain.npy", r"plain.npy: not a readable npz file \(File is not a zip file\)"),
+    ]
+    for name, message in cases:
+        with pytest.raises(FIDError, match=message):
+            load_ref(str(tmp_path / name))
+    with zipfile.ZipFile(tmp_path / "extra.npz", "w") as z:  # arrays other than mu and sigma are never read
+        for key, value in (("mu", np.arange(3.0)), ("sigma", np.eye(3))):
+            with z.open(f"{key}.npy", "w") as f:
+                np.lib.format.write_array(f, value)
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**6, 10**6)})
+        z.writestr("features.npy", header.getvalue())
+    mu, sigma = load_ref(str(tmp_path / "extra.npz"))
+    assert mu.tolist() == [0.0, 1.0, 2.0] and sigma.tolist() == np.eye(3).tolist()
