@@ -232,7 +232,7 @@ def test_log_txt_holds_the_console_and_no_progress_shows_no_bar(tmp_path):
     snapshot = out / "network-snapshot-000003.pt"
     assert lines[-1] == (
         f"Finished at step 3/3; snapshot {snapshot}; sample with: python -m dmd generate --network {snapshot} "
-        f"--outdir {out / 'samples'} --seeds 0-63 --grid {out / 'samples.png'}"
+        f"--output-dir {out / 'samples'} --seeds 0-63 --grid {out / 'samples.png'}"
     )
 
 
