@@ -673,3 +673,66 @@ if __name__ == "__main__":  # Entry point of the DDP test's torchrun workers, wi
 
     dmd.lpips.LPIPS = MeanAbsDistance
     main(sys.argv[1:])
+
+
+def test_few_step_training_feeds_G_its_own_backward_simulated_input(tmp_path, monkeypatch):
+    """With --generator-sigmas 80,1.5 each G step trains at its drawn level: at level 0 on sigma_0 z, at level 1 on
+    the input G made itself without gradients (G's one-step output re-noised to 1.5), and G is called at that
+    level's sigma with that very input."""
+    import dmd.train as loop
+    from dmd.batches import draw_index, draw_noise
+    from dmd.generator import denoise_at
+
+    made, seen = {}, []
+
+    def spy_generated(G, z, c, cfg, step, stream, level, rows, n):
+        x, sigma = original(G, z, c, cfg, step, stream, level, rows, n)
+        if stream == "G":
+            with torch.no_grad():  # level 1's input, rebuilt: the trained G's one-step output now
+                one_step = denoise_at(wrapped[0], z * 80.0, 80.0, c)
+            made[step] = (level, x, sigma, z, one_step)
+        return x, sigma
+
+    class Recorder(torch.nn.Module):  # stands in for the DDP wrapper of G (the first network wrapped)
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, sigma, c=None):
+            seen.append((x, sigma))
+            return self.net(x, sigma, c)
+
+    wrapped = []
+
+    def wrap(net, device):
+        wrapped.append(net)
+        return Recorder(net) if len(wrapped) == 1 else net
+
+    original = loop.generated
+    monkeypatch.setattr(loop, "generated", spy_generated)
+    monkeypatch.setattr(loop, "wrap_ddp", wrap)
+    run_cli(
+        train_args(
+            tmp_path / "run",
+            None,
+            "--max-steps",
+            8,
+            "--batch-size",
+            2,
+            "--generator-sigmas",
+            "80,1.5",
+            "--lr-gen",
+            "1e-3",
+        )
+    )
+    levels = [draw_index(0, step, "level", 2) for step in range(8)]
+    assert sorted(made) == list(range(8)) and len(seen) == 8 and 0 < sum(levels) < 8  # both levels were trained
+    for step, (level, x, sigma, z, one_step) in made.items():
+        assert level == levels[step] and torch.equal(sigma, torch.full((2,), (80.0, 1.5)[level]))
+        assert seen[step][0] is x and torch.equal(seen[step][1], sigma)  # G trained on exactly this input
+        if level == 0:
+            assert torch.equal(x, z * 80.0)
+        else:  # G's own output plus the step's fresh noise (a teacher- or EMA-made input would differ by ~lr)
+            noise = draw_noise(0, step, "G-noise0", tuple(z.shape), slice(None), z.device)
+            assert not x.requires_grad
+            torch.testing.assert_close(x, one_step + 1.5 * noise, rtol=0, atol=1e-6)
