@@ -110,6 +110,7 @@ def make_pairs(
     from tqdm import tqdm
 
     from dmd.edm.persistence import network_fingerprint
+    from dmd.edm.sampler import check_schedule
 
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}")
@@ -122,6 +123,7 @@ def make_pairs(
     seeds = seeds[:num]  # Still ranges: the file's check of the disk space comes before any list of num seeds.
     device = distributed.setup_device(device)
     net, local = _load_teacher(network, cache_dir, device)
+    check_schedule(net, num_steps, sigma_min, sigma_max, rho)  # before the file is made
     sampler_kwargs = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     sampler_kwargs.update(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
     settings = {

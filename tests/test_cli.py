@@ -35,6 +35,13 @@ def test_train_usage_errors_are_one_line(args, message):
     assert result.output == f"Error: {message}\n"
 
 
+def test_sampler_range_is_checked_before_any_work(tmp_path):
+    args = ["generate", "--network", "n.pkl", "--output-dir", str(tmp_path / "out"), "--steps", "4"]
+    result = CliRunner().invoke(main, [*args, "--sigma-min", "90", "--sigma-max", "80"])
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    assert result.output == "Error: --sigma-min 90.0 must be below --sigma-max 80.0 (see 'main generate --help')\n"
+
+
 def test_hidden_alias_missing_is_named_as_help_shows_it():
     result = CliRunner().invoke(main, ["generate"])
     assert result.exit_code == 2

@@ -316,3 +316,9 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     _make(one, 5, batch_size=2, num_steps=3)
     _assert_same_file(two, one)
+
+
+def test_a_schedule_that_cannot_run_is_refused_before_the_file_is_made(tmp_path):
+    with pytest.raises(ValueError, match="--sigma-min 100.0 must be positive and below --sigma-max 80.0"):
+        _make(tmp_path / "p.h5", 4, sigma_min=100.0)
+    assert not (tmp_path / "p.h5").exists()  # it used to be written, with pairs sampled upwards in noise

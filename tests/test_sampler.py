@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dmd.edm.persistence import load_network
-from dmd.edm.sampler import StackedRandomGenerator, edm_sampler
+from dmd.edm.sampler import StackedRandomGenerator, check_schedule, edm_sampler
 from dmd.utils.common import one_hot, to_uint8
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -134,3 +134,24 @@ def test_sigma_range_is_clamped_to_the_network():
     assert recording.sigmas[0] == pytest.approx(10.0, rel=1e-12)
     assert recording.sigmas[-1] == pytest.approx(0.01, rel=1e-12)
     assert recording.sigmas[1:-1:2] == recording.sigmas[2::2]  # the Heun call at t_{i+1} and the next Euler call
+
+
+def test_schedules_that_cannot_run_are_refused_and_the_range_is_clamped_as_edm_does():
+    """sigma_min at or above sigma_max sampled upwards in noise (make-pairs wrote such pairs), and one step divided
+    by zero in the time steps; both are ValueErrors naming the flags. A range inside the net's is kept, one beyond
+    it is clamped to it, as EDM clamps."""
+    edm, vp = load_network(FIXTURES / "edm_ddpmpp_cond.pkl"), load_network(FIXTURES / "vp_ddpmpp_cond.pkl")
+    assert check_schedule(edm, 18, 0.002, 80, 7) == (0.002, 80)
+    assert check_schedule(vp, 18, 0.0001, 500, 7) == (vp.sigma_min, vp.sigma_max)
+    latents = torch.zeros(1, edm.img_channels, edm.img_resolution, edm.img_resolution)
+    cases = [
+        (dict(sigma_min=100), r"--sigma-min 100 must be positive and below --sigma-max 80$"),
+        (dict(sigma_min=0), r"--sigma-min 0 must be positive"),
+        (dict(num_steps=1), r"--steps must be an integer of at least 2, got 1"),
+        (dict(rho=0), r"--rho must be positive, got 0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            edm_sampler(edm, latents, torch.eye(10)[:1], **kwargs)
+    with pytest.raises(ValueError, match=r"within the network's range \[0.00\d+, 152.\d+\] \(they give \[200, 152"):
+        check_schedule(vp, 18, 200, 300, 7)

@@ -257,4 +257,6 @@ def sampler_kwargs_of(num_steps, sampler):
         if changed:
             raise click.UsageError(f"{', '.join(changed)} set EDM's sampler: give --steps N to sample with it")
         return {}
+    if not sampler["sigma_min"] < sampler["sigma_max"]:
+        raise click.UsageError(f"--sigma-min {sampler['sigma_min']} must be below --sigma-max {sampler['sigma_max']}")
     return sampler

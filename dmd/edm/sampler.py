@@ -41,6 +41,25 @@ class StackedRandomGenerator:
         return size[1:]
 
 
+def check_schedule(net, num_steps, sigma_min, sigma_max, rho):
+    """Return the sampler's (sigma_min, sigma_max) clamped to the network's range, as EDM clamps them; ValueError
+    if the schedule cannot run (fewer than 2 steps divide by zero in the time steps; sigma_min at or above sigma_max
+    would sample upwards in noise)."""
+    if int(num_steps) != num_steps or num_steps < 2:
+        raise ValueError(f"--steps must be an integer of at least 2, got {num_steps}")
+    if not rho > 0:
+        raise ValueError(f"--rho must be positive, got {rho}")
+    low, high = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
+    if not 0 < low < high:
+        message = f"--sigma-min {sigma_min} must be positive and below --sigma-max {sigma_max}"
+        if (low, high) != (sigma_min, sigma_max):
+            message += (
+                f" within the network's range [{net.sigma_min:g}, {net.sigma_max:g}] (they give [{low:g}, {high:g}])"
+            )
+        raise ValueError(message)
+    return low, high
+
+
 def edm_sampler(
     net: torch.nn.Module,  # Denoiser D(x; sigma, class_labels) with sigma_min, sigma_max and round_sigma.
     latents: torch.Tensor,  # Unit-variance noise, (N, C, H, W).
@@ -71,8 +90,7 @@ def edm_sampler(
         labels = torch.eye(net.label_dim)[rnd.randint(net.label_dim, size=[8])]  # one-hot, drawn as EDM does
         images = edm_sampler(net, latents, labels, randn_like=rnd.randn_like)  # EDM's images of seeds 0-7
     """
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
+    sigma_min, sigma_max = check_schedule(net, num_steps, sigma_min, sigma_max, rho)
 
     # Time steps t_0 > ... > t_{N-1} evenly spaced in sigma^(1/rho), snapped by round_sigma, then t_N = 0.
     i = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
