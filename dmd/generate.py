@@ -11,6 +11,7 @@ Seeds work as in EDM's generate.py: each image has its own `StackedRandomGenerat
 gives the same image whatever the batch it is in, and with `num_steps` an EDM teacher gives EDM's own samples.
 """
 
+import operator
 import os
 import zipfile
 from functools import partial
@@ -167,6 +168,15 @@ def load_generator(
     return net.eval().requires_grad_(False).to(device), sigmas
 
 
+def _seed(value):
+    """A seed as an int: an int, a NumPy integer or a 0-d integer tensor; a float (0.5 used to become seed 0) is a
+    ValueError."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"seeds must be integers, got {value!r}") from None
+
+
 # Sampling of a loaded generator (one step, or its own few-step sigma list), per-seed reproducible; also samples an
 # EDM teacher with `num_steps`.
 class DMDGenerator:
@@ -301,7 +311,7 @@ class DMDGenerator:
             if self.label_dim > 0 and class_ids is None:
                 raise ValueError("class_ids are needed with latents on a class-conditional network")
         else:
-            seeds = parse_int_list(seeds) if isinstance(seeds, str) else [int(s) for s in seeds]
+            seeds = parse_int_list(seeds) if isinstance(seeds, str) else [_seed(s) for s in seeds]
             n = len(seeds)
         ids = self._class_ids(class_ids, n)
         batch_size = batch_size or max(n, 1)

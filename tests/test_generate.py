@@ -274,6 +274,11 @@ def test_generate_batch_errors(generator):
         generator.generate_batch(seeds=[0], class_ids=10)
     with pytest.raises(ValueError, match="3 entries for 2 images"):
         generator.generate_batch(seeds=[0, 1], class_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"seeds must be integers, got 0.5"):  # it used to be seed 0
+        generator.generate_batch(seeds=[0.5])
+    as_ints = generator.generate_batch(seeds=[3, 4])
+    for seeds in (np.array([3, 4]), torch.tensor([3, 4]), [np.int64(3), torch.tensor(4)]):
+        assert torch.equal(generator.generate_batch(seeds=seeds), as_ints)
 
 
 def test_generate_cli_errors(tmp_path):
