@@ -7,14 +7,12 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from test_train import TEACHER, load, read_stats, run_cli  # the training tests' fixture teacher and helpers
 
-from dmd.cli import main
 from dmd.utils.logger import (
     LoggerError,
     NeptuneLogger,
@@ -27,7 +25,6 @@ from dmd.utils.logger import (
 
 TOKEN = "tok-7f3e-do-not-leak"
 STATS = dict(loss_G=0.5, loss_fake=2.25, img_per_s=123.45, mem_gib=1.5, bad_steps=0)
-TEACHER = Path(__file__).parent / "fixtures" / "edm_ddpmpp_cond.pkl"  # EDMPrecond + SongUNet, 8x8, label_dim 10
 
 
 def test_credentials_from_file_and_env(tmp_path, monkeypatch):
@@ -157,18 +154,7 @@ def test_missing_tensorboard_names_the_pip_command(tmp_path, monkeypatch):
 def train(out, *extra, ok=True):
     args = ["train", "--model-path", str(TEACHER), "--output-dir", str(out), "--device", "cpu", "--workers", "0"]
     args += ["--lambda-reg", "0", "--batch-size", "2", "--log-every", "1", "--image-every", "0"]
-    result = CliRunner().invoke(main, args + [str(a) for a in extra])
-    if ok and result.exit_code != 0:
-        raise AssertionError(f"exit {result.exit_code}: {result.output}") from result.exception
-    return result
-
-
-def read_stats(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "stats.jsonl").read_text().splitlines()]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return run_cli(args + [str(a) for a in extra], expect_ok=ok)
 
 
 def test_records_carry_clock_speed_and_learning_rates_across_a_resume(tmp_path):
