@@ -77,3 +77,15 @@ def test_commands_never_overwrite_an_existing_output_file(tmp_path, args, flag):
     assert result.exit_code == 2
     assert result.output.startswith(f"Error: Invalid value for {flag}: {mine} exists; remove it or choose another")
     assert result.output.count("\n") == 1 and mine.read_bytes() == b"a person's file"
+
+
+def test_sampler_option_defaults_are_edm_samplers():
+    import inspect
+
+    from dmd.cli.options import SAMPLER_DEFAULTS
+    from dmd.edm.sampler import edm_sampler
+
+    signature = inspect.signature(edm_sampler).parameters
+    assert SAMPLER_DEFAULTS == {name: signature[name].default for name in SAMPLER_DEFAULTS}
+    help_text = CliRunner().invoke(main, ["generate", "--help"]).output
+    assert "[default: 0.002; x>0]" in help_text and "[default: inf; x>=0]" in help_text

@@ -169,14 +169,20 @@ def cache_option():
     )
 
 
-def sampler_options(stepsdefault_of, steps_help):
+# EDM's sampler defaults (those of dmd.edm.sampler.edm_sampler, which a test compares), the options' defaults.
+SAMPLER_DEFAULTS = dict(
+    sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0
+)
+
+
+def sampler_options(steps_default, steps_help):
     """EDM's sampler settings (its generate.py's flags), shared by make-pairs, generate and fid calc."""
     section = "EDM sampler"
     decorators = [
         option(
             "--steps",
             "num_steps",
-            default=stepsdefault_of,
+            default=steps_default,
             type=click.IntRange(min=2),
             section=section,
             metavar="INT",
@@ -184,7 +190,7 @@ def sampler_options(stepsdefault_of, steps_help):
         ),
         option(
             "--sigma-min",
-            default=0.002,
+            default=SAMPLER_DEFAULTS["sigma_min"],
             type=POSITIVE,
             section=section,
             metavar="FLOAT",
@@ -192,17 +198,24 @@ def sampler_options(stepsdefault_of, steps_help):
         ),
         option(
             "--sigma-max",
-            default=80.0,
+            default=SAMPLER_DEFAULTS["sigma_max"],
             type=POSITIVE,
             section=section,
             metavar="FLOAT",
             help="Highest noise level (lowered to the network's own).",
         ),
-        option("--rho", default=7.0, type=POSITIVE, section=section, metavar="FLOAT", help="Time step exponent."),
+        option(
+            "--rho",
+            default=SAMPLER_DEFAULTS["rho"],
+            type=POSITIVE,
+            section=section,
+            metavar="FLOAT",
+            help="Time step exponent.",
+        ),
         option(
             "--S-churn",
             "S_churn",
-            default=0.0,
+            default=SAMPLER_DEFAULTS["S_churn"],
             type=click.FloatRange(min=0),
             section=section,
             metavar="FLOAT",
@@ -211,7 +224,7 @@ def sampler_options(stepsdefault_of, steps_help):
         option(
             "--S-min",
             "S_min",
-            default=0.0,
+            default=SAMPLER_DEFAULTS["S_min"],
             type=click.FloatRange(min=0),
             section=section,
             metavar="FLOAT",
@@ -220,7 +233,7 @@ def sampler_options(stepsdefault_of, steps_help):
         option(
             "--S-max",
             "S_max",
-            default=float("inf"),
+            default=SAMPLER_DEFAULTS["S_max"],
             type=click.FloatRange(min=0),
             section=section,
             metavar="FLOAT",
@@ -229,7 +242,7 @@ def sampler_options(stepsdefault_of, steps_help):
         option(
             "--S-noise",
             "S_noise",
-            default=1.0,
+            default=SAMPLER_DEFAULTS["S_noise"],
             type=float,
             section=section,
             metavar="FLOAT",
@@ -243,11 +256,6 @@ def sampler_options(stepsdefault_of, steps_help):
         return fn
 
     return apply
-
-
-SAMPLER_DEFAULTS = dict(
-    sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0
-)
 
 
 def sampler_kwargs_of(num_steps, sampler):
