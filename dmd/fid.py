@@ -51,7 +51,8 @@ def _read_npz_stats(path):
     """
     fmt = np.lib.format
     with zipfile.ZipFile(path) as z:
-        keys = [key for key in ("mu", "sigma") if f"{key}.npy" in z.namelist()]
+        names = z.namelist()
+        keys = [key for key in ("mu", "sigma") if f"{key}.npy" in names]
         for key in keys:
             with z.open(f"{key}.npy") as f:
                 version = fmt.read_magic(f)
@@ -63,7 +64,7 @@ def _read_npz_stats(path):
         for key in keys:
             with z.open(f"{key}.npy") as f:
                 stats[key] = fmt.read_array(f, allow_pickle=False)
-        return stats, sorted(name.removesuffix(".npy") for name in z.namelist())
+    return stats, sorted(name.removesuffix(".npy") for name in names)
 
 
 def load_ref(ref, *, cache_dir=None):

@@ -140,11 +140,14 @@ class ImageFolder:
         try:
             with self._open(LABELS_FILE) as f:
                 text = f.read(limit + 1)  # bounded: a ZIP entry may inflate to far more than it declares
-            meta = None if len(text) > limit else json.loads(text)
-        except (OSError, zipfile.BadZipFile, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+        except (OSError, zipfile.BadZipFile) as e:
             raise self.error(f"{where}: not readable JSON ({e})") from e
         if len(text) > limit:
             raise self.error(f"{where}: more than {limit:,} bytes for {len(self.names)} images; not a label file")
+        try:
+            meta = json.loads(text)
+        except ValueError as e:  # JSON and UTF-8 errors
+            raise self.error(f"{where}: not readable JSON ({e})") from e
         if not isinstance(meta, dict) or "labels" not in meta:
             raise self.error(f"{where}: no 'labels' entry (expected {{\"labels\": [[path, class], ...] or null}})")
         pairs = meta["labels"]
