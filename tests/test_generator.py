@@ -1,13 +1,15 @@
 """The generator of dmd.generator: one step, the N-step sampler over a sigma list, and backward simulation."""
 
+import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from dmd.edm.persistence import load_network
 from dmd.edm.sampler import StackedRandomGenerator
 from dmd.generate import DMDGenerator
-from dmd.generator import denoise_at, one_step, sample, simulate_input
+from dmd.generator import SigmaError, check_sigmas, denoise_at, one_step, sample, simulate_input
 from dmd.utils.common import one_hot
 
 PKL = Path(__file__).parent / "fixtures" / "edm_ddpmpp_cond.pkl"
@@ -80,3 +82,34 @@ def test_dmd_generator_samples_with_the_snapshots_sigma_list_per_seed(tmp_path):
     one = DMDGenerator(path, device="cpu", sigma_G=80.0).generate_batch(seeds=seeds, class_ids=[1, 2, 3])
     with torch.no_grad():
         torch.testing.assert_close(one, one_step(net, z, one_hot(torch.tensor([1, 2, 3]), 10)).clamp(-1, 1))
+
+
+@pytest.mark.parametrize(
+    "sigmas, message",
+    [
+        ([float("nan")], "finite and positive"),
+        ([float("inf")], "finite and positive"),
+        ([1e308], "above 10000"),
+        ([80.0, -1.0], "finite and positive"),
+        ([1.5, 80.0], "strictly decreasing"),
+        ([80.0, 80.0], "strictly decreasing"),
+        ([], "0 noise levels"),
+        (list(range(100, 0, -1)), "100 noise levels"),
+        ("80", "a str, not a list"),
+        ([True], "not a number"),
+        (["80"], "not a number"),
+        ({"a": 1}, "a dict, not a list"),
+    ],
+)
+def test_check_sigmas_refuses_what_cannot_be_sampled(sigmas, message):
+    with pytest.raises(SigmaError, match=re.escape(message)) as info:
+        check_sigmas(sigmas, "somewhere")
+    assert str(info.value).startswith("somewhere: ") and "\n" not in str(info.value)
+
+
+def test_check_sigmas_keeps_a_network_inside_its_range():
+    assert check_sigmas((80, 1.5), "x") == [80.0, 1.5]
+    net = load_network(Path(__file__).parent / "fixtures" / "vp_ddpmpp_cond.pkl")  # VP: sigma in [~0.001, ~152]
+    assert check_sigmas([80.0], "x", net) == [80.0]
+    with pytest.raises(SigmaError, match=r"leave the network's range \[0\.00\d+, 15\d\.\d+\]"):
+        check_sigmas([500.0], "x", net)

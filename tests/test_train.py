@@ -461,7 +461,7 @@ def test_dmd2_two_process_ddp_matches_one_process(tmp_path, real):
     [
         (["--gan-weight-gen", "0"], "--gan-weight-gen and --gan-weight-disc: both > 0 (GAN on) or both 0"),
         (["--lambda-dm", "0", "--lambda-reg", "1", "--data-path", "PAIRS"], "the GAN trains in the fake-score step"),
-        (["--generator-sigmas", "1.5,80"], "--generator-sigmas must be positive and strictly decreasing"),
+        (["--generator-sigmas", "1.5,80"], "--generator-sigmas: noise levels must be strictly decreasing"),
         (["--generator-sigmas", "80,x"], "is not a comma-separated list of numbers"),
     ],
 )
