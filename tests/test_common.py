@@ -10,6 +10,7 @@ from dmd.utils.common import (
     make_grid,
     one_hot,
     parse_int_list,
+    parse_json,
     to_uint8,
 )
 
@@ -155,3 +156,20 @@ def test_make_grid_text_with_old_pillow(monkeypatch):
     monkeypatch.setattr(ImageFont, "load_default", load_default)
     old = make_grid(images, nrow=2, row_labels=["row"], class_ids=[4, 7], title="step 1")
     assert old.height == new.height and ink(old.crop((0, 0, old.width, 2 * GRID_LINE))) > 20
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+        ("1" * 5000, "digits"),
+        ('{"labels": ', "Expecting value"),
+        (b'["\x80"]', "can't decode"),
+    ],
+)
+def test_parse_json_is_one_line_for_anything_a_file_holds(text, reason):
+    with pytest.raises(ValueError) as info:
+        parse_json(text, "d/dataset.json")
+    message = str(info.value)
+    assert message.startswith("d/dataset.json: not readable JSON (") and reason in message and "\n" not in message
+    assert parse_json('{"labels": [["a.png", 1]]}', "x") == {"labels": [["a.png", 1]]}

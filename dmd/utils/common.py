@@ -1,6 +1,7 @@
 """Small helpers shared by the commands: seed ranges, one-hot labels, devices, EDM's image quantisation, grids."""
 
 import itertools
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -86,6 +87,16 @@ def parse_int_list(s, limit=None):
     if len(values) > MAX_INT_LIST:
         raise ValueError(f"{len(values)} values, more than the {MAX_INT_LIST} one command takes; split the work")
     return list(values)
+
+
+def parse_json(text, where):
+    """json.loads(text), or ValueError "<where>: not readable JSON (...)" in one line for anything a file can hold:
+    bad syntax or UTF-8, integers of more digits than Python converts, or nesting deeper than the parser recurses."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limits are ValueErrors
+        reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:200]
+        raise ValueError(f"{where}: not readable JSON ({reason})") from None
 
 
 def one_hot(idx, label_dim, device=None):
