@@ -157,3 +157,24 @@ def test_disk_full_on_a_real_tiny_filesystem(tmp_path):
     report = json.loads(result.stdout)
     expected = f"{mount}/state.pt: no space left on device while writing; the previous file, if any, is untouched"
     assert report == {"message": expected, "intact": True, "files": ["state.pt"]}
+
+
+def test_a_name_at_the_filesystem_limit_is_written_and_one_past_it_is_refused_first(tmp_path):
+    longest = tmp_path / ("g" * 251 + ".png")  # 255 bytes: the temporary file beside it must fit too
+    atomic_save_image(PIL.Image.new("RGB", (4, 4)), longest)
+    assert longest.is_file() and [p.name for p in tmp_path.iterdir()] == [longest.name]
+    io.check_name_length(longest)
+    with pytest.raises(ValueError, match="is 256 bytes; its filesystem takes 255"):
+        io.check_name_length(tmp_path / "new" / ("g" * 252 + ".png"))
+
+
+def test_long_output_names_are_refused_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from dmd.cli import main
+
+    grid = tmp_path / ("g" * 300 + ".png")
+    args = ["generate", "--network", "missing.pkl", "--output-dir", str(tmp_path / "out"), "--grid", str(grid)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "is 304 bytes; its filesystem takes 255" in result.output
+    assert not (tmp_path / "out").exists()

@@ -52,10 +52,29 @@ def atomic_path(path, fsync=True):
             os.remove(tmp)
 
 
+def check_name_length(path):
+    """Raise ValueError if a component of `path` is longer than its filesystem takes (NAME_MAX, 255 bytes on most),
+    so that a write can be refused before the work instead of failing after it."""
+    path = Path(path)
+    folder = next((p for p in path.parents if os.path.isdir(p)), Path("."))  # isdir: False, not OSError, if too long
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer: the common limit
+        limit = 255
+    for part in path.parts:
+        if len(os.fsencode(part)) > limit:
+            raise ValueError(f"the name {part[:40]}... is {len(os.fsencode(part))} bytes; its filesystem takes {limit}")
+
+
 def _create_temp(path):
-    """Create an empty, uniquely named file beside `path` with mode 0o666 less the umask; return its Path."""
+    """Create an empty, uniquely named file beside `path` with mode 0o666 less the umask; return its Path.
+
+    The name keeps at most the first 40 characters of `path`'s name, so that it is never longer than `path`'s by more
+    than a few characters and a name the filesystem takes (up to 255 bytes) never fails at the temporary file, after
+    the work.
+    """
     for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        tmp = path.parent / f".{path.name[:40]}.{secrets.token_hex(6)}.tmp"
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
