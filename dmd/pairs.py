@@ -83,7 +83,9 @@ def _load_teacher(network, cache_dir, device):
     from dmd.edm.persistence import load_network
     from dmd.utils.download import open_url
 
-    local = distributed.main_first(partial(open_url, network, cache_dir=cache_dir, progress=distributed.is_main()))
+    local = distributed.main_first(
+        partial(open_url, network, cache_dir=cache_dir, progress=None if distributed.is_main() else False)
+    )
     return load_network(local, device=device), local
 
 

@@ -120,7 +120,9 @@ def load_teacher(cfg, device):
 
     try:
         # Rank 0 downloads a URL teacher, the others then read the cache.
-        local = dist.main_first(partial(open_url, cfg.model_path, cache_dir=cfg.cache_dir, progress=dist.is_main()))
+        local = dist.main_first(
+            partial(open_url, cfg.model_path, cache_dir=cfg.cache_dir, progress=cfg.progress and dist.is_main())
+        )
         net = load_network(local, key="ema", device=device)
     except (OSError, NetworkLoadError, DownloadError) as e:
         raise TrainError(f"--network: cannot load a teacher from {cfg.model_path} ({e})") from e

@@ -89,9 +89,12 @@ def test_download_then_cache_hit(tmp_path):
 
 def test_progress_bar_download(tmp_path, capsys):
     with _Server() as server:
-        path = open_url(f"{server.url}/a.pkl", cache_dir=tmp_path, retry_delay=0.01)
+        path = open_url(f"{server.url}/a.pkl", cache_dir=tmp_path, retry_delay=0.01, progress=True)
     assert path.read_bytes() == PAYLOAD
     assert "1.00M" in capsys.readouterr().err
+    with _Server() as server:  # stderr is no terminal here: by default no bar, as in a job's log
+        open_url(f"{server.url}/b.pkl", cache_dir=tmp_path, retry_delay=0.01)
+    assert capsys.readouterr().err == ""
 
 
 def test_dropped_connection_is_retried(tmp_path):

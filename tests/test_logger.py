@@ -205,7 +205,7 @@ def test_a_state_with_a_bad_training_time_is_one_error_line(tmp_path):
 
 def test_log_txt_holds_the_console_and_no_progress_shows_no_bar(tmp_path):
     out = tmp_path / "run"
-    first = train(out, "--max-steps", 2)
+    first = train(out, "--max-steps", 2, "--progress")
     assert "step/s" in first.stderr  # the bar, on stderr, stays out of log.txt
     log = (out / "log.txt").read_text()
     assert log == first.stdout and log.startswith("Training config:\n{")

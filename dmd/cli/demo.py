@@ -13,6 +13,7 @@ from dmd.cli.options import (
     field_comments,
     new_file,
     option,
+    progress_option,
     sentence,
 )
 from dmd.config import ConfigError
@@ -113,12 +114,7 @@ python -m dmd demo train-teacher --out teacher.pkl && python -m dmd demo --netwo
 @_demo("--num-eval", type=click.IntRange(min=20), metavar="INT")
 @_demo("--seed", type=int, metavar="INT")
 @_threads_option()
-@option(
-    "--progress/--no-progress",
-    default=True,
-    section="I/O",
-    help="Progress bars of the pair sampling and the training (--no-progress for logs).",
-)
+@progress_option("Progress bars of the pair sampling and the training")
 @click.pass_context
 def demo_group(ctx, teacher, full, lr, two_step, threads, progress, **options):
     """Distil the shipped digits teacher into one-step generators on a CPU and measure them (minutes)."""
@@ -182,14 +178,15 @@ python -m dmd demo train-teacher --threads 1 --out demo_teacher.pkl   # the ship
 )
 @config_option(TeacherConfig, "--lr", section="Main", type=POSITIVE, metavar="FLOAT")
 @_threads_option()
-def demo_train_teacher_command(out, threads, **options):
+@progress_option()
+def demo_train_teacher_command(out, threads, progress, **options):
     """Train the demo's digits teacher with EDM's loss and save it as an EDM pickle (reproducible from --seed)."""
     from dmd.demo.digits import DigitsUnavailableError
     from dmd.demo.teacher import train_teacher
 
     _set_threads(threads)
     try:
-        train_teacher(out, TeacherConfig(**options))
+        train_teacher(out, TeacherConfig(**options), progress=progress)
     except (DemoError, DigitsUnavailableError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"{out}: teacher written; distil it with `python -m dmd demo --network {out}`")

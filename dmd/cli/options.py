@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import io
 import os
+import sys
 import tokenize
 
 import click
@@ -87,11 +88,42 @@ class Group(_Sectioned, click.Group):
 
 
 def new_file(ctx, param, value):
-    """Callback of an option or argument naming a file to create: refuse one that exists, before any work, so that
-    a file a person made (a downloaded reference, a teacher) is never overwritten."""
+    """Callback of an option or argument naming a file to create: refuse one that exists, or a name the filesystem
+    cannot hold, before any work, so that a file a person made (a downloaded reference, a teacher) is never
+    overwritten and hours of work never end in a name that cannot be written."""
     if value is not None and os.path.lexists(value):
         raise click.BadParameter(f"{value} exists; remove it or choose another path")
+    return output_path(ctx, param, value)
+
+
+def output_path(ctx, param, value):
+    """Callback of an option naming a file or folder to write: refuse, before any work, a name longer than its
+    filesystem takes (255 bytes on most)."""
+    from dmd.utils.io import check_name_length
+
+    if value is not None:
+        try:
+            check_name_length(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
     return value
+
+
+def resolve_progress(ctx, param, value):
+    """--progress/--no-progress left unset: bars only when stderr is a terminal, so that logs of batch jobs and
+    redirected runs hold no bar updates."""
+    return sys.stderr.isatty() if value is None else value
+
+
+def progress_option(what="Progress bars"):
+    return option(
+        "--progress/--no-progress",
+        default=None,
+        callback=resolve_progress,
+        section="I/O",
+        show_default=False,
+        help=f"{what} on stderr.  [default: on when stderr is a terminal]",
+    )
 
 
 POSITIVE = click.FloatRange(min=0, min_open=True)

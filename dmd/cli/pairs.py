@@ -3,7 +3,18 @@
 import click
 
 from dmd.cli import main
-from dmd.cli.options import COUNT, Command, batch_option, cache_option, device_option, new_file, option, sampler_options
+from dmd.cli.options import (
+    COUNT,
+    Command,
+    batch_option,
+    cache_option,
+    device_option,
+    new_file,
+    option,
+    output_path,
+    progress_option,
+    sampler_options,
+)
 
 
 @main.command(
@@ -22,6 +33,7 @@ torchrun --nproc_per_node 8 -m dmd -- make-pairs --network edm.pkl --out data/ci
     "--out",
     required=True,
     type=click.Path(dir_okay=False),
+    callback=output_path,
     metavar="FILE",
     section="Main",
     help="Pair file to write, or to resume.",
@@ -40,6 +52,7 @@ torchrun --nproc_per_node 8 -m dmd -- make-pairs --network edm.pkl --out data/ci
 @batch_option("Pairs per sampler call, per process.")
 @device_option()
 @cache_option()
+@progress_option()
 def make_pairs_command(network, out, num, seeds, **options):
     """Sample teacher noise-image pairs into an HDF5 pair file (resumes an interrupted file)."""
     from dmd.data import PairFileError
@@ -74,12 +87,13 @@ python -m dmd convert-pairs data/cifar.hdf5 data/cifar-port.h5    # the port's r
     show_default=False,
     help="Classes.  [default: max class_idx + 1]",
 )
-def convert_pairs_command(old, new, label_dim):
+@progress_option()
+def convert_pairs_command(old, new, label_dim, progress):
     """Rewrite a pair file of the port's layout (/data/{i}) in our fast layout."""
     from dmd.data import PairFileError, convert_port_file
 
     try:
-        num = convert_port_file(old, new, label_dim=label_dim)
+        num = convert_port_file(old, new, label_dim=label_dim, progress=progress)
     except PairFileError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"{new}: {num} pairs converted from {old}")

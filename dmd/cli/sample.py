@@ -12,6 +12,8 @@ from dmd.cli.options import (
     device_option,
     new_file,
     option,
+    output_path,
+    progress_option,
     sampler_kwargs_of,
     sampler_options,
 )
@@ -39,6 +41,7 @@ torchrun --standalone --nproc_per_node 8 -m dmd generate --network model.pt --ou
     "outdir",
     required=True,
     type=click.Path(file_okay=False),
+    callback=output_path,
     metavar="DIR",
     section="Main",
     help="Folder for the PNGs.",
@@ -59,6 +62,7 @@ torchrun --standalone --nproc_per_node 8 -m dmd generate --network model.pt --ou
     "--grid",
     default=None,
     type=click.Path(dir_okay=False),
+    callback=output_path,
     metavar="FILE",
     section="Main",
     show_default=False,
@@ -73,6 +77,7 @@ torchrun --standalone --nproc_per_node 8 -m dmd generate --network model.pt --ou
 @device_option()
 @option("--subdirs", is_flag=True, section="I/O", help="One folder per 1000 seeds, as EDM's --subdirs.")
 @cache_option()
+@progress_option()
 def generate_command(
     network,
     outdir,
@@ -85,6 +90,7 @@ def generate_command(
     subdirs,
     device,
     cache_dir,
+    progress,
     **sampler,
 ):
     """Write one PNG per seed from a trained generator (or, with --steps, from an EDM teacher)."""
@@ -111,6 +117,7 @@ def generate_command(
             subdirs=subdirs,
             device=device,
             cache_dir=cache_dir,
+            progress=progress,
         )
     except (GeneratorLoadError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
@@ -151,13 +158,16 @@ python -m dmd fid ref --data cifar10-32x32.zip --dest cifar10-32x32.npz    # a Z
 @batch_option("Images per detector call, per process.")
 @device_option()
 @cache_option()
-def fid_ref_command(data, dest, detector, batch_size, device, cache_dir):
+@progress_option()
+def fid_ref_command(data, dest, detector, batch_size, device, cache_dir, progress):
     """Compute reference statistics (mu, sigma) of every image in a dataset."""
     from dmd.fid import FIDError, make_ref
     from dmd.utils import distributed
 
     try:
-        mu, _ = make_ref(data, dest, detector=detector, batch_size=batch_size, device=device, cache_dir=cache_dir)
+        mu, _ = make_ref(
+            data, dest, detector=detector, batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress
+        )
         is_main = distributed.is_main()
     except (FIDError, OSError) as e:
         raise click.ClickException(str(e)) from e
@@ -224,8 +234,9 @@ python -m dmd fid calc --images fid-out --ref $REF --num-images 50000
 @batch_option("Images per call, per process.")
 @device_option()
 @cache_option()
+@progress_option()
 def fid_calc_command(
-    images, network, ref, num, seeds, repeats, num_steps, detector, batch_size, device, cache_dir, **sampler
+    images, network, ref, num, seeds, repeats, num_steps, detector, batch_size, device, cache_dir, progress, **sampler
 ):
     """Score images (or a generator's samples, labels cycling over classes) against reference statistics."""
     import numpy as np
@@ -254,6 +265,7 @@ def fid_calc_command(
             batch_size=batch_size,
             device=device,
             cache_dir=cache_dir,
+            progress=progress,
         )
         is_main = distributed.is_main()
     except (FIDError, GeneratorLoadError, ValueError, OSError) as e:

@@ -14,6 +14,8 @@ from dmd.cli.options import (
     field_comments,
     float_list,
     option,
+    output_path,
+    resolve_progress,
     sentence,
 )
 from dmd.config import RECIPES, ConfigError, TrainConfig, resolve_recipe
@@ -58,7 +60,9 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     metavar="PATH|URL",
     help="the teacher: an EDM network pickle (path, file:// or http(s):// URL)",
 )
-@_train("--output-dir", section=MAIN, required=True, type=click.Path(file_okay=False), metavar="DIR")
+@_train(
+    "--output-dir", section=MAIN, required=True, type=click.Path(file_okay=False), callback=output_path, metavar="DIR"
+)
 @option(
     "--recipe",
     section=MAIN,
@@ -192,7 +196,15 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
 @_train("--checkpoint-every", section=IO, type=click.IntRange(min=0), metavar="INT")
 @_train("--keep-last", section=IO, type=click.IntRange(min=0), metavar="INT")
 @_train("--max-bad-steps", section=IO, type=COUNT, metavar="INT")
-@_train("--progress/--no-progress", field="progress", section=IO)
+@_train(
+    "--progress/--no-progress",
+    field="progress",
+    section=IO,
+    default=None,
+    callback=resolve_progress,
+    show_default=False,
+    help="tqdm bar on stderr  [default: on when stderr is a terminal]",
+)
 @_train("--log-neptune", section=IO, is_flag=True)
 @_train("--log-tensorboard", section=IO, is_flag=True)
 @_train("--fid-every", section=IO, type=click.IntRange(min=0), metavar="INT")
@@ -247,6 +259,7 @@ python -m dmd plot runs/dmd-cifar10                  # writes runs/dmd-cifar10/s
     "--out",
     type=click.Path(dir_okay=False),
     metavar="FILE",
+    callback=output_path,
     section="Main",
     show_default=False,
     help="PNG to write.  [default: RUN_DIR/stats.png]",

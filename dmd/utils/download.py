@@ -13,6 +13,7 @@ import hashlib
 import os
 import posixpath
 import re
+import sys
 import time
 import urllib.parse
 import warnings
@@ -70,7 +71,7 @@ def open_url(
     sha256=None,  # Expected hex digest; a mismatching download is an error and is not cached.
     size=None,  # Expected size in bytes; a download of another size is an error and is not cached.
     num_attempts=5,  # Tries before giving up on dropped connections, short bodies and 5xx/429 answers.
-    progress=True,  # Show a tqdm progress bar while downloading.
+    progress=None,  # tqdm bar while downloading: True, False, or None = when stderr is a terminal (not in logs).
     retry_delay=1.0,  # Seconds before the second try, doubled before each further one.
     timeout=60.0,  # Seconds to wait for the server to connect or to send more bytes.
 ):
@@ -114,6 +115,8 @@ def _download(url, target, *, sha256, size, progress, timeout):
     """Stream `url` into a temp file, prove it complete, move it into place; return where it went (module docstring)."""
     import requests
     from tqdm import tqdm
+
+    progress = sys.stderr.isatty() if progress is None else progress
 
     try:
         # identity encoding: the byte count we check against Content-Length is then the count on the wire.
