@@ -1,12 +1,13 @@
 """DMD and DMD2 training: a one-step (or few-step) generator G distilled from a frozen EDM teacher mu_real with a
 learned fake score mu_fake.
 
-One step = a generator step (lambda_dm * distribution matching + lambda_reg * regression on teacher pairs + the GAN
-loss of DMD2 on mu_fake's bottleneck), then `fake_steps_per_gen` fake-score steps (denoising loss on generated images,
-plus the discriminator loss on real images when the GAN is on), then maintenance (EMA, logs, grids, checkpoints).
-Every random draw of step s is a function of (seed, s) alone (dmd/batches.py), so a resumed run repeats an
-uninterrupted one bit for bit and K processes reproduce one process at the same global batch (dropout, off by
-default, draws per rank). SIGINT/SIGTERM end the run after the current step with a checkpoint.
+`train(cfg)` reads as setup (run folder, teacher, data, students, losses), the loop and its maintenance. One step = a
+generator step (lambda_dm * distribution matching + lambda_reg * regression on teacher pairs + the GAN loss of DMD2
+on mu_fake's bottleneck), then `fake_steps_per_gen` fake-score steps (denoising loss on generated images, plus the
+discriminator loss on real images when the GAN is on), both in dmd/steps.py, then maintenance (EMA, logs, grids, FID,
+checkpoints). Every random draw of step s is a function of (seed, s) alone (dmd/batches.py), so a resumed run
+repeats an uninterrupted one bit for bit and K processes reproduce one process at the same global batch (dropout,
+off by default, draws per rank). SIGINT/SIGTERM end the run after the current step with a checkpoint.
 """
 
 import errno
@@ -20,18 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dmd.batches import (
-    BatchStream,
-    RankRows,
-    draw_generator_inputs,
-    draw_index,
-    draw_noise,
-    rank_rows,
-    spread,
-    step_generator,
-    step_seed,
-    take,
-)
+from dmd.batches import BatchStream, RankRows, rank_rows, step_seed, take
 from dmd.checkpoint import (
     check_same_run,
     data_fingerprint,
@@ -46,20 +36,12 @@ from dmd.checkpoint import (
     snapshot_path,
     state_path,
 )
+from dmd.steps import STAT_NAMES, BatchError, StepParts, fake_score_step, generated, generator_step
 from dmd.utils import distributed as dist
-from dmd.utils.common import make_grid, one_hot
+from dmd.utils.common import make_grid
 from dmd.utils.io import atomic_save_image, atomic_write_text
 from dmd.utils.logger import LoggerError, NeptuneLogger, StatsLogger, TensorBoardLogger, format_head, format_stats
-from dmd.utils.training import (
-    STOP_CHECK_STEPS,
-    BadSteps,
-    StopSignals,
-    Window,
-    average_gradients,
-    clip_and_step,
-    memory_gib,
-    update_ema,
-)
+from dmd.utils.training import STOP_CHECK_STEPS, BadSteps, StopSignals, Window, memory_gib, update_ema
 
 
 class TrainError(RuntimeError):
@@ -100,17 +82,6 @@ def open_stream(dataset, batch_size, flag, what, cfg, device):
     if stream.steps_per_epoch == 0:
         raise TrainError(f"{flag}: {len(dataset)} {what} hold no batch of {batch_size} per process")
     return stream
-
-
-def next_batch(stream, flag, device):
-    """The next batch of a stream; TrainError naming the flag for a bad row (a NaN, found as it is read)."""
-    from dmd.data import PairFileError
-    from dmd.images import ImageDatasetError
-
-    try:
-        return stream.next(device)
-    except (PairFileError, ImageDatasetError) as e:
-        raise TrainError(f"{flag}: {e}") from e
 
 
 def load_teacher(cfg, device):
@@ -193,8 +164,8 @@ def wrap_ddp(net, device):
 
 
 def build_losses(cfg, mu_real, mu_fake, rows, device):
-    """The losses: distribution matching and fake-score on this rank's `rows`, regression (or None), and DMD2's GAN
-    (None when off) with its discriminator head."""
+    """The losses: distribution matching and fake-score on this rank's `rows`, and DMD2's GAN (None when off) with
+    its discriminator head."""
     from dmd.losses import DistributionMatchingLoss, FakeScoreLoss, KarrasGrid
 
     grid = KarrasGrid(T=cfg.num_timesteps).to(device)  # on the device once, not copied at every lookup
@@ -208,7 +179,7 @@ def build_losses(cfg, mu_real, mu_fake, rows, device):
             torch.manual_seed(step_seed(cfg.seed, 0, "head"))
             head = DiscriminatorHead.for_network(mu_fake).to(device)
         gan_loss = GANLoss(mu_fake, head, grid, max_index=max(1, round(cfg.gan_t_max * grid.T)))
-    return dm_loss, fake_loss, build_regression(cfg, device), gan_loss
+    return dm_loss, fake_loss, gan_loss
 
 
 def build_regression(cfg, device):
@@ -358,10 +329,6 @@ def final_line(run_dir, done, num_steps, stopped):
 # ----------------------------------------------------------------------------
 # The loop.
 
-# The per-step statistics, averaged over each --log-every window into stats.jsonl (loss_fake and loss_disc: means
-# over the fake-score steps of a step).
-STAT_NAMES = ("loss_G", "loss_dm", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "grad_norm_G", "grad_norm_fake")
-
 
 def set_hyperparameters(opt, lr, cfg):
     """Give every parameter group of an AdamW the run's settings (a restored optimiser state brings its own)."""
@@ -369,16 +336,65 @@ def set_hyperparameters(opt, lr, cfg):
         group.update(lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def generated(G, z, c, cfg, step, stream, level, rows, n):
-    """G's input at `level` for this rank's rows z (B, C, H, W): sigma_0 z, or, past level 0, made by G itself
-    without gradients (backward simulation) with the step's noise between levels; and that level's sigmas (B,)."""
-    from dmd.generator import simulate_input
+def build_parts(cfg, mu_real, pair_stream, real_stream, device):
+    """The students G and mu_fake (copies of the teacher; all three U-Nets in the run's precision, not the pickle's
+    fp16), their losses and optimisers as the StepParts of the two updates, and the EMA of G (or None)."""
+    from dmd.edm.precond import copy_network
 
-    def noise(k):
-        return draw_noise(cfg.seed, step, f"{stream}-noise{k}", (n, *z.shape[1:]), rows, z.device)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    G, mu_fake = student_copy(mu_real, cfg.dropout, device), student_copy(mu_real, cfg.dropout, device)
+    for net in (mu_real, G, mu_fake):
+        prepare_network(net, dtype, cfg)
+    G_ema = copy_network(G).to(device).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None
+    rows, n = rank_rows(cfg.batch_size), cfg.batch_size * dist.get_world_size()
+    dm_loss, fake_loss, gan_loss = build_losses(cfg, mu_real, mu_fake, rows, device)
+    head = None if gan_loss is None else gan_loss.head
+    fake_params = list(mu_fake.parameters()) + ([] if head is None else list(head.parameters()))  # DMD2: one AdamW
+    adamw = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)  # fused: skips a bad step on the device
+    opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.lr_gen, **adamw)
+    opt_fake = torch.optim.AdamW(fake_params, lr=cfg.lr_fake, **adamw)
+    parts = StepParts(
+        cfg=cfg,
+        mu_real=mu_real,
+        G=G,
+        G_ddp=G,
+        mu_fake=mu_fake,
+        fake_ddp=mu_fake,
+        head=head,
+        opt_G=opt_G,
+        opt_fake=opt_fake,
+        fake_params=fake_params,
+        dm_loss=dm_loss,
+        fake_loss=fake_loss,
+        reg_loss=build_regression(cfg, device),
+        gan_loss=gan_loss,
+        pair_stream=pair_stream,
+        real_stream=real_stream,
+        rows=rows,
+        n=n,
+        device=device,
+    )
+    return parts, G_ema
 
-    x = simulate_input(G, z, c, cfg.generator_sigmas, level, noise)
-    return x, torch.full((x.shape[0],), cfg.generator_sigmas[level], device=x.device)
+
+def grid_rows(parts, gen, step):
+    """The rows of a training grid ({name: this rank's images}) and their labels ({name: one-hot or None}): G's
+    samples, mu_real and mu_fake at the DM loss's noised samples, and G(z_ref) beside y_ref when it regresses."""
+    cfg, rows, G = parts.cfg, parts.rows, parts.G
+    c = take(gen.c, rows)
+    x = gen.x
+    if cfg.lambda_dm == 0:  # regression only: G's samples of the step's z were not made; make them now
+        with torch.no_grad():
+            x = G(*generated(G, gen.z, c, cfg, step, "G", gen.level, rows, parts.n), c)
+    images, labels = {"G(z)": x}, {"G(z)": c}
+    if gen.aux is not None:
+        images.update({"mu_real(x_t)": gen.aux["p_real"][rows], "mu_fake(x_t)": gen.aux["p_fake"][rows]})
+        labels.update({"mu_real(x_t)": c, "mu_fake(x_t)": c})
+    if gen.pairs is not None:
+        x_ref, y_ref, c_ref = gen.pairs
+        images.update({"G(z_ref)": x_ref, "y_ref": y_ref})
+        labels.update({"G(z_ref)": c_ref, "y_ref": c_ref})
+    return images, labels
 
 
 def train(cfg, dry_run=False):
@@ -387,8 +403,6 @@ def train(cfg, dry_run=False):
     With `dry_run`, check the inputs (run folder, resume source, teacher, pairs, real images and that they fit) and
     return before any training work or any file is written.
     """
-    from dmd.edm.precond import copy_network
-
     # Setup: the run folder, the resume source, the teacher and the data are checked before any work.
     device = setup_device(cfg)
     run_dir = Path(cfg.output_dir)
@@ -402,7 +416,7 @@ def train(cfg, dry_run=False):
     real_stream = open_stream(real, B, "--batch-size", "real images", cfg, device)
     streams = {"data_position": pair_stream, "real_position": real_stream}  # by their keys in a training state
     num_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * pair_stream.steps_per_epoch
-    n, rows = B * dist.get_world_size(), rank_rows(B)
+    n = B * dist.get_world_size()
     batches = {"batch_size": n, "reg_batch_size": B_reg * dist.get_world_size()}  # global batches, fixed in a run
     fingerprints = {"teacher": teacher_sha256}
     for key, path in (("pairs", cfg.data_path), ("real", cfg.real_data)):
@@ -414,23 +428,14 @@ def train(cfg, dry_run=False):
     if dry_run:
         return {"step": 0 if state is None else state["step"], "stopped": False}
 
-    # The students: copies of the teacher, all three U-Nets in the run's precision (not the pickle's fp16).
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    G, mu_fake = student_copy(mu_real, cfg.dropout, device), student_copy(mu_real, cfg.dropout, device)
-    for net in (mu_real, G, mu_fake):
-        prepare_network(net, dtype, cfg)
-    G_ema = copy_network(G).to(device).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None
-    dm_loss, fake_loss, reg_loss, gan_loss = build_losses(cfg, mu_real, mu_fake, rows, device)
-    head = None if gan_loss is None else gan_loss.head
-    fake_params = list(mu_fake.parameters()) + ([] if head is None else list(head.parameters()))  # DMD2: one AdamW
-    adamw = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)  # fused: skips a bad step on the device
-    opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.lr_gen, **adamw)
-    opt_fake = torch.optim.AdamW(fake_params, lr=cfg.lr_fake, **adamw)
+    # The students, their losses and optimisers, restored from the training state if the run resumes.
+    parts, G_ema = build_parts(cfg, mu_real, pair_stream, real_stream, device)
     fid = setup_fid(cfg, device)
-    nets = dict(G=G, mu_fake=mu_fake, G_ema=G_ema, head=head, opt_G=opt_G, opt_fake=opt_fake)
+    nets = dict(G=parts.G, mu_fake=parts.mu_fake, G_ema=G_ema, head=parts.head)
+    nets.update(opt_G=parts.opt_G, opt_fake=parts.opt_fake)
     start = 0 if state is None else restore(state, resume_path, **nets, streams=streams)
-    set_hyperparameters(opt_G, cfg.lr_gen, cfg)  # a change allowed on resume reaches the optimiser
-    set_hyperparameters(opt_fake, cfg.lr_fake, cfg)
+    set_hyperparameters(parts.opt_G, cfg.lr_gen, cfg)  # a change allowed on resume reaches the optimiser
+    set_hyperparameters(parts.opt_fake, cfg.lr_fake, cfg)
     best_fid = float("inf") if state is None else state["best_fid"]
     elapsed_before = 0.0 if state is None else recorded_elapsed(state, resume_path)
     logger = open_logger(cfg, run_dir, start, n)
@@ -450,13 +455,13 @@ def train(cfg, dry_run=False):
         run.update(best_fid=float(best_fid), global_batch=batches, fingerprints=fingerprints, elapsed_s=elapsed())
         write_checkpoint(run_dir, cfg, step, nets=nets, streams=streams, run=run)
 
-    G_ddp, fake_ddp = wrap_ddp(G, device), wrap_ddp(mu_fake, device)
+    parts.G_ddp, parts.fake_ddp = wrap_ddp(parts.G, device), wrap_ddp(parts.mu_fake, device)
     beta_ema = 0.5 ** (n / (cfg.ema_halflife_kimg * 1000)) if G_ema is not None else None
     zero = torch.zeros((), device=device)
-    use_dm, levels = cfg.lambda_dm > 0, len(cfg.generator_sigmas)
+    use_dm = cfg.lambda_dm > 0
     # The losses the run has switched off, left out of its console lines (stats.jsonl keeps them, at 0).
-    losses_off = ({"loss_reg"} if reg_loss is None else set()) | (set() if use_dm else {"loss_dm", "loss_fake"})
-    losses_off |= {"loss_gan", "loss_disc"} if gan_loss is None else set()
+    losses_off = ({"loss_reg"} if parts.reg_loss is None else set()) | (set() if use_dm else {"loss_dm", "loss_fake"})
+    losses_off |= {"loss_gan", "loss_disc"} if parts.gan_loss is None else set()
     window, done, saved = Window(device, STAT_NAMES), start, start
     show_bar = dist.is_main() and cfg.progress
     bar = tqdm(initial=start, total=num_steps, unit="step", disable=not show_bar, dynamic_ncols=True)
@@ -466,98 +471,30 @@ def train(cfg, dry_run=False):
             for step in range(start, num_steps):
                 torch.manual_seed(step_seed(cfg.seed, step, f"rank{dist.get_rank()}"))  # dropout, if any
 
-                # Generator step: distribution matching (+ DMD2's GAN loss) on G's samples at this step's level,
-                # plus regression of the one-step G(z_ref) onto y_ref. Regression only (lambda_dm 0) runs G on the
-                # pairs alone. One G call covers both parts, each row at its own sigma.
-                level = draw_index(cfg.seed, step, "level", levels) if levels > 1 else 0  # shared by all ranks
-                z, c = draw_generator_inputs(mu_real, cfg.seed, step, "G", n, device)  # global batch (n, ...)
-                z_dm, c_dm = (z[rows], take(c, rows)) if use_dm else (z[:0], take(c, slice(0)))
-                x_in, sigma_in = generated(G, z_dm, c_dm, cfg, step, "G", level, rows, n)
-                c_in = c_dm
-                if reg_loss is not None:
-                    z_ref, y_ref, k_ref = next_batch(pair_stream, "--data-path", device)
-                    c_ref = one_hot(k_ref, mu_real.label_dim, device=device)
-                    x_ref_in, sigma_ref = generated(G, z_ref, c_ref, cfg, step, "ref", 0, slice(None), None)
-                    x_in, sigma_in = torch.cat([x_in, x_ref_in]), torch.cat([sigma_in, sigma_ref])
-                    c_in = None if c is None else torch.cat([c_dm, c_ref])
-                x_all = G_ddp(x_in, sigma_in, c_in)  # (B_dm + B_reg or B_reg, C, H, W)
-                x, x_ref = x_all[: z_dm.shape[0]], x_all[z_dm.shape[0] :]
-                loss_dm = loss_gan = zero
-                aux = None
-                if use_dm:
-                    loss_dm, aux = dm_loss(
-                        spread(x, rows, n), c, generator=step_generator(cfg.seed, step, "dm", device)
-                    )
-                    loss_dm = loss_dm[rows].mean()
-                if gan_loss is not None:
-                    gan_gen = step_generator(cfg.seed, step, "gan", device)
-                    loss_gan = gan_loss.generator(x, c_dm, generator=gan_gen, rows=rows, n=n)[0].mean()
-                loss_reg = zero if reg_loss is None else reg_loss(x_ref, y_ref).mean()
-                loss_G = cfg.lambda_dm * loss_dm + cfg.lambda_reg * loss_reg + cfg.gan_weight_gen * loss_gan
-                loss_G.backward()
-                norm_G, bad = clip_and_step(opt_G, G.parameters(), cfg.grad_clip, loss_G)
+                # Generator step.
+                gen = generator_step(parts, step)
 
-                # Fake-score step: mu_fake denoises G's samples, x first, then fresh batches from the updated G; with
-                # the GAN, the head and mu_fake also learn to tell G's samples from real images.
-                # Regression-only training (lambda_dm 0) has no use for mu_fake and skips it.
-                x_fake = spread(x.detach(), rows, n) if use_dm else None
-                c_fake, loss_fake_sum, loss_disc_sum, norm_fake = c, zero, zero, zero
-                for k in range(cfg.fake_steps_per_gen if use_dm else 0):
-                    if k > 0:
-                        z, c_fake = draw_generator_inputs(mu_real, cfg.seed, step, f"fake{k}", n, device)
-                        level_k = draw_index(cfg.seed, step, f"fake-level{k}", levels) if levels > 1 else 0
-                        with torch.no_grad():
-                            x_k, sigma_k = generated(
-                                G, z[rows], take(c_fake, rows), cfg, step, f"fake{k}", level_k, rows, n
-                            )
-                            x_fake = spread(G(x_k, sigma_k, take(c_fake, rows)), rows, n)
-                    fake_gen = step_generator(cfg.seed, step, f"fake-loss{k}", device)
-                    loss_fake = fake_loss(RankRows(fake_ddp, rows), x_fake, c_fake, generator=fake_gen)[rows].mean()
-                    loss_disc = zero
-                    if gan_loss is not None:
-                        x_real, k_real = next_batch(real_stream, "--real-data", device)
-                        c_real = one_hot(k_real, mu_real.label_dim, device=device)
-                        disc_gen = step_generator(cfg.seed, step, f"disc{k}", device)
-                        loss_disc = gan_loss.discriminator(
-                            x_fake[rows], take(c_fake, rows), x_real, c_real, generator=disc_gen, rows=rows, n=n
-                        )[0].mean()
-                    loss = loss_fake + cfg.gan_weight_disc * loss_disc
-                    loss.backward()
-                    if head is not None:
-                        average_gradients(head)  # DDP reduces mu_fake's gradients, not the head's
-                    norm_fake, bad_fake = clip_and_step(opt_fake, fake_params, cfg.grad_clip, loss)
-                    bad = torch.maximum(bad, bad_fake)
-                    loss_fake_sum, loss_disc_sum = (
-                        loss_fake_sum + loss_fake.detach(),
-                        loss_disc_sum + loss_disc.detach(),
-                    )
-
-                # Maintenance: EMA, statistics, grid, checkpoint, stop conditions. The statistics stay on the device
-                # and are read (one transfer, one all-reduce) at logging steps only.
-                done = step + 1
-                counts.add(bad)
-                if G_ema is not None:
-                    update_ema(G_ema, G, beta_ema)
-                k_fake = cfg.fake_steps_per_gen
-                window.add(
-                    [
-                        loss_G,
-                        loss_dm,
-                        loss_reg,
-                        loss_gan,
-                        loss_fake_sum / k_fake,
-                        loss_disc_sum / k_fake,
-                        norm_G,
-                        norm_fake,
-                    ]
+                # Fake-score step (regression-only training, lambda_dm 0, has no use for mu_fake and skips it).
+                loss_fake, loss_disc, norm_fake, bad_fake = (
+                    fake_score_step(parts, step, gen.x, gen.c) if use_dm else (zero, zero, zero, zero)
                 )
+
+                # Maintenance: EMA, statistics, grid, FID, checkpoint, stop conditions. The statistics stay on the
+                # device and are read (one transfer, one all-reduce) at logging steps only.
+                done = step + 1
+                counts.add(torch.maximum(gen.bad, bad_fake))
+                if G_ema is not None:
+                    update_ema(G_ema, parts.G, beta_ema)
+                window.add([*gen.losses.values(), loss_fake, loss_disc, gen.norm, norm_fake])
                 log_now = done % cfg.log_every == 0 or done == num_steps
                 if log_now:
                     means = window.flush(n)  # on every rank: it all-reduces
                     streak, bad_total = counts.read()
                     if logger is not None:
                         stats = dict(means, **clock_fields(done, n, elapsed()), s_per_kimg=1000 / means["img_per_s"])
-                        stats.update(lr_gen=opt_G.param_groups[0]["lr"], lr_fake=opt_fake.param_groups[0]["lr"])
+                        stats.update(
+                            lr_gen=parts.opt_G.param_groups[0]["lr"], lr_fake=parts.opt_fake.param_groups[0]["lr"]
+                        )
                         stats.update(mem_gib=memory_gib(device), bad_steps=bad_total)
                         logger.log(done, stats)
                         logger.echo(format_stats(done, num_steps, stats, hide=losses_off))
@@ -568,26 +505,19 @@ def train(cfg, dry_run=False):
                             f"(--max-bad-steps {cfg.max_bad_steps}); last good checkpoint: {last or 'none'}"
                         )
                 if logger is not None and cfg.image_every and done % cfg.image_every == 0:
-                    if not use_dm:
-                        with torch.no_grad():
-                            x = G(*generated(G, z[rows], take(c, rows), cfg, step, "G", level, rows, n), take(c, rows))
-                    rows_out = {"G(z)": x}
-                    if aux is not None:
-                        rows_out.update({"mu_real(x_t)": aux["p_real"][rows], "mu_fake(x_t)": aux["p_fake"][rows]})
-                    if reg_loss is not None:
-                        rows_out.update({"G(z_ref)": x_ref, "y_ref": y_ref})
-                    labels = {k: c_ref if k in ("G(z_ref)", "y_ref") else take(c, rows) for k in rows_out}
+                    images, labels = grid_rows(parts, gen, step)
                     grid_path, kimg = run_dir / f"grid-{done:06d}.png", done * n / 1000
-                    save_grid(grid_path, rows_out, min(B, 8), step=done, kimg=kimg, labels=labels)
+                    save_grid(grid_path, images, min(B, 8), step=done, kimg=kimg, labels=labels)
                 if fid is not None and done % cfg.fid_every == 0:
-                    value = compute_fid(cfg, G_ema or G, fid, device)
+                    value = compute_fid(cfg, G_ema or parts.G, fid, device)
                     if logger is not None:
                         record = dict(fid=value, **clock_fields(done, n, elapsed()))
                         logger.log(done, record)
                         best = " (best)" if value < best_fid else ""
                         logger.echo(f"{format_head(done, num_steps, record)} | FID {value:.3f}{best}")
                         if value < best_fid:
-                            save_snapshot(run_dir / "network-snapshot-best.pt", G_ema or G, **snapshot_info(cfg, done))
+                            snapshot = run_dir / "network-snapshot-best.pt"
+                            save_snapshot(snapshot, G_ema or parts.G, **snapshot_info(cfg, done))
                     best_fid = min(best_fid, value)
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and counts.read()[0] == 0:
                     if dist.is_main():
@@ -605,7 +535,7 @@ def train(cfg, dry_run=False):
             logger.echo(final_line(run_dir, done, num_steps, stopped))
     except Exception as e:
         if logger is not None:  # the CLI prints our errors as this line; unexpected ones keep their type
-            known = isinstance(e, (TrainError, LoggerError, OSError))
+            known = isinstance(e, (TrainError, BatchError, LoggerError, OSError))
             logger.echo(f"Error: {e}" if known else f"Error: {type(e).__name__}: {e}", console=False)
         raise
     finally:

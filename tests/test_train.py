@@ -679,6 +679,7 @@ def test_few_step_training_feeds_G_its_own_backward_simulated_input(tmp_path, mo
     """With --generator-sigmas 80,1.5 each G step trains at its drawn level: at level 0 on sigma_0 z, at level 1 on
     the input G made itself without gradients (G's one-step output re-noised to 1.5), and G is called at that
     level's sigma with that very input."""
+    import dmd.steps as steps
     import dmd.train as loop
     from dmd.batches import draw_index, draw_noise
     from dmd.generator import denoise_at
@@ -708,8 +709,8 @@ def test_few_step_training_feeds_G_its_own_backward_simulated_input(tmp_path, mo
         wrapped.append(net)
         return Recorder(net) if len(wrapped) == 1 else net
 
-    original = loop.generated
-    monkeypatch.setattr(loop, "generated", spy_generated)
+    original = steps.generated
+    monkeypatch.setattr(steps, "generated", spy_generated)
     monkeypatch.setattr(loop, "wrap_ddp", wrap)
     run_cli(
         train_args(

@@ -219,6 +219,7 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
 def train_command(ctx, lpips_random, dry_run, allow_change, recipe, generator_sigma, **options):
     """Distill a teacher into a one-step (or few-step) generator with DMD or DMD2 (torchrun for several GPUs)."""
     from dmd.checkpoint import CheckpointError
+    from dmd.steps import BatchError
     from dmd.train import TrainError, train
     from dmd.utils.logger import LoggerError
 
@@ -236,7 +237,7 @@ def train_command(ctx, lpips_random, dry_run, allow_change, recipe, generator_si
         raise click.ClickException(str(e)) from e
     try:
         result = train(cfg, dry_run=dry_run)
-    except (TrainError, CheckpointError, LoggerError, OSError) as e:
+    except (TrainError, BatchError, CheckpointError, LoggerError, OSError) as e:
         raise click.ClickException(str(e)) from e
     if dry_run:
         click.echo(cfg.to_json(), nl=False)

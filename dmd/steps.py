@@ -1,0 +1,166 @@
+"""The two updates of one DMD / DMD2 training step: the generator step and the fake-score step.
+
+Generator step: distribution matching (+ DMD2's GAN loss) on G's samples at the step's level, plus regression of the
+one-step G(z_ref) onto the teacher's y_ref; one G call covers both parts, each row at its own sigma. Fake-score step
+(`fake_steps_per_gen` times): mu_fake denoises G's samples, the generator step's batch first and then fresh batches of
+the updated G; with the GAN, the head and mu_fake also learn to tell G's samples from real images. Every random draw
+of step s is a function of (seed, s, stream name) alone (dmd/batches.py), so a resumed run and K processes repeat a
+single uninterrupted process. The loop (dmd/train.py) owns logging, checkpoints and the order of the steps.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from dmd.batches import RankRows, draw_generator_inputs, draw_index, draw_noise, spread, step_generator, take
+from dmd.utils.common import one_hot
+from dmd.utils.training import average_gradients, clip_and_step
+
+# The per-step statistics, averaged over each --log-every window into stats.jsonl (loss_fake and loss_disc: means
+# over the fake-score steps of a step).
+STAT_NAMES = ("loss_G", "loss_dm", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "grad_norm_G", "grad_norm_fake")
+
+
+class BatchError(RuntimeError):
+    """A dataset row that cannot be used (a NaN pair, an unreadable image), found as it is read; names the flag."""
+
+
+# What the two updates work on, built once by train(): the networks (G_ddp / fake_ddp: their DDP wrappers under
+# torchrun, else the networks themselves), losses, optimisers, data streams, and this rank's share of the batch.
+@dataclass
+class StepParts:
+    cfg: Any  # TrainConfig
+    mu_real: torch.nn.Module
+    G: torch.nn.Module
+    G_ddp: torch.nn.Module
+    mu_fake: torch.nn.Module
+    fake_ddp: torch.nn.Module
+    head: Optional[torch.nn.Module]  # DMD2's discriminator head, or None without the GAN
+    opt_G: torch.optim.Optimizer
+    opt_fake: torch.optim.Optimizer
+    fake_params: list  # mu_fake's and the head's parameters: one AdamW, as DMD2 has
+    dm_loss: Any  # DistributionMatchingLoss, on this rank's rows
+    fake_loss: Any  # FakeScoreLoss
+    reg_loss: Any  # RegressionLoss / MSERegressionLoss, or None at --lambda-reg 0
+    gan_loss: Any  # GANLoss, or None
+    pair_stream: Any  # BatchStream of teacher pairs, or None
+    real_stream: Any  # BatchStream of real images, or None
+    rows: slice  # this rank's rows of the global batch
+    n: int  # global batch
+    device: torch.device
+
+
+# What the generator step leaves for the fake-score step and the grids: G's samples x (B, C, H, W) for the global
+# batch's labels c, the teacher pairs it regressed on, and mu_real / mu_fake at the DM loss's noised samples.
+@dataclass
+class GeneratorOutputs:
+    losses: dict  # loss_G, loss_dm, loss_reg, loss_gan (0-d device tensors)
+    norm: torch.Tensor  # G's gradient norm before clipping
+    bad: torch.Tensor  # 1.0 if the step was skipped (non-finite), else 0.0
+    z: torch.Tensor  # this rank's z (B, C, H, W) at level `level`
+    c: Optional[torch.Tensor]  # the global batch's one-hot labels (n, label_dim) or None
+    level: int
+    x: torch.Tensor  # G's samples of the DM part, this rank's rows (empty at --lambda-dm 0)
+    aux: Optional[dict]  # the DM loss's p_real / p_fake (global batch), or None
+    pairs: Optional[tuple]  # (G(z_ref), y_ref, c_ref) of the regression part, or None
+
+
+def next_batch(stream, flag, device):
+    """The next batch of a stream; BatchError naming the flag for a bad row (a NaN, found as it is read)."""
+    from dmd.data import PairFileError
+    from dmd.images import ImageDatasetError
+
+    try:
+        return stream.next(device)
+    except (PairFileError, ImageDatasetError) as e:
+        raise BatchError(f"{flag}: {e}") from e
+
+
+def generated(G, z, c, cfg, step, stream, level, rows, n):
+    """G's input at `level` for this rank's rows z (B, C, H, W): sigma_0 z, or, past level 0, made by G itself
+    without gradients (backward simulation) with the step's noise between levels; and that level's sigmas (B,)."""
+    from dmd.generator import simulate_input
+
+    def noise(k):
+        return draw_noise(cfg.seed, step, f"{stream}-noise{k}", (n, *z.shape[1:]), rows, z.device)
+
+    x = simulate_input(G, z, c, cfg.generator_sigmas, level, noise)
+    return x, torch.full((x.shape[0],), cfg.generator_sigmas[level], device=x.device)
+
+
+def generator_step(p, step):
+    """One update of G: lambda_dm * DM + lambda_reg * regression + gan_weight_gen * GAN; return GeneratorOutputs.
+
+    Regression only (lambda_dm 0) runs G on the pairs alone.
+    """
+    cfg, rows, n, device = p.cfg, p.rows, p.n, p.device
+    use_dm, levels = cfg.lambda_dm > 0, len(cfg.generator_sigmas)
+    level = draw_index(cfg.seed, step, "level", levels) if levels > 1 else 0  # shared by all ranks
+    z, c = draw_generator_inputs(p.mu_real, cfg.seed, step, "G", n, device)  # global batch (n, ...)
+    z_dm, c_dm = (z[rows], take(c, rows)) if use_dm else (z[:0], take(c, slice(0)))
+    x_in, sigma_in = generated(p.G, z_dm, c_dm, cfg, step, "G", level, rows, n)
+    c_in, pairs = c_dm, None
+    if p.reg_loss is not None:
+        z_ref, y_ref, k_ref = next_batch(p.pair_stream, "--data-path", device)
+        c_ref = one_hot(k_ref, p.mu_real.label_dim, device=device)
+        x_ref_in, sigma_ref = generated(p.G, z_ref, c_ref, cfg, step, "ref", 0, slice(None), None)
+        x_in, sigma_in = torch.cat([x_in, x_ref_in]), torch.cat([sigma_in, sigma_ref])
+        c_in = None if c is None else torch.cat([c_dm, c_ref])
+    x_all = p.G_ddp(x_in, sigma_in, c_in)  # (B_dm + B_reg or B_reg, C, H, W)
+    x, x_ref = x_all[: z_dm.shape[0]], x_all[z_dm.shape[0] :]
+    zero = torch.zeros((), device=device)
+    loss_dm = loss_gan = loss_reg = zero
+    aux = None
+    if use_dm:
+        loss_dm, aux = p.dm_loss(spread(x, rows, n), c, generator=step_generator(cfg.seed, step, "dm", device))
+        loss_dm = loss_dm[rows].mean()
+    if p.gan_loss is not None:
+        gan_gen = step_generator(cfg.seed, step, "gan", device)
+        loss_gan = p.gan_loss.generator(x, c_dm, generator=gan_gen, rows=rows, n=n)[0].mean()
+    if p.reg_loss is not None:
+        loss_reg = p.reg_loss(x_ref, y_ref).mean()
+        pairs = (x_ref, y_ref, c_ref)
+    loss_G = cfg.lambda_dm * loss_dm + cfg.lambda_reg * loss_reg + cfg.gan_weight_gen * loss_gan
+    loss_G.backward()
+    norm, bad = clip_and_step(p.opt_G, p.G.parameters(), cfg.grad_clip, loss_G)
+    losses = dict(loss_G=loss_G, loss_dm=loss_dm, loss_reg=loss_reg, loss_gan=loss_gan)
+    return GeneratorOutputs(losses, norm, bad, z[rows], c, level, x, aux, pairs)
+
+
+def fake_score_step(p, step, x, c):
+    """`fake_steps_per_gen` updates of mu_fake (and the GAN head): the first on G's samples x (this rank's rows) of
+    the generator step, labelled c (global batch), the others on fresh samples of the updated G. Return the mean
+    fake-score and discriminator losses, the last gradient norm and whether any update was skipped (device tensors).
+    """
+    cfg, rows, n, device = p.cfg, p.rows, p.n, p.device
+    levels = len(cfg.generator_sigmas)
+    x_fake, c_fake = spread(x.detach(), rows, n), c
+    zero = torch.zeros((), device=device)
+    loss_fake_sum, loss_disc_sum, norm, bad = zero, zero, zero, zero
+    for k in range(cfg.fake_steps_per_gen):
+        if k > 0:
+            z, c_fake = draw_generator_inputs(p.mu_real, cfg.seed, step, f"fake{k}", n, device)
+            level = draw_index(cfg.seed, step, f"fake-level{k}", levels) if levels > 1 else 0
+            with torch.no_grad():
+                x_k, sigma_k = generated(p.G, z[rows], take(c_fake, rows), cfg, step, f"fake{k}", level, rows, n)
+                x_fake = spread(p.G(x_k, sigma_k, take(c_fake, rows)), rows, n)
+        fake_gen = step_generator(cfg.seed, step, f"fake-loss{k}", device)
+        loss_fake = p.fake_loss(RankRows(p.fake_ddp, rows), x_fake, c_fake, generator=fake_gen)[rows].mean()
+        loss_disc = zero
+        if p.gan_loss is not None:
+            x_real, k_real = next_batch(p.real_stream, "--real-data", device)
+            c_real = one_hot(k_real, p.mu_real.label_dim, device=device)
+            disc_gen = step_generator(cfg.seed, step, f"disc{k}", device)
+            loss_disc = p.gan_loss.discriminator(
+                x_fake[rows], take(c_fake, rows), x_real, c_real, generator=disc_gen, rows=rows, n=n
+            )[0].mean()
+        loss = loss_fake + cfg.gan_weight_disc * loss_disc
+        loss.backward()
+        if p.head is not None:
+            average_gradients(p.head)  # DDP reduces mu_fake's gradients, not the head's
+        norm, bad_k = clip_and_step(p.opt_fake, p.fake_params, cfg.grad_clip, loss)
+        bad = torch.maximum(bad, bad_k)
+        loss_fake_sum, loss_disc_sum = loss_fake_sum + loss_fake.detach(), loss_disc_sum + loss_disc.detach()
+    k_fake = cfg.fake_steps_per_gen
+    return loss_fake_sum / k_fake, loss_disc_sum / k_fake, norm, bad
