@@ -11,6 +11,7 @@ off by default, draws per rank). SIGINT/SIGTERM end the run after the current st
 """
 
 import errno
+import inspect
 import math
 import shlex
 import time
@@ -154,13 +155,20 @@ class ZeroAugment(torch.nn.Module):
 
 
 def wrap_ddp(net, device):
-    """DDP wrapper under torchrun, the bare network otherwise."""
+    """DDP wrapper under torchrun, the bare network otherwise.
+
+    Buffers (EDM's fixed frequencies and tables) never change, so they are not re-sent before every forward: with
+    `forward_sync_buffers=False` where this torch has it (`broadcast_buffers`, its old name, is deprecated there and
+    warned in every rank's log), else `broadcast_buffers=False`.
+    """
     if not dist.is_initialized():
         return net
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(
-        ZeroAugment(net), device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True
-    )
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in DDP_ARGUMENTS else "broadcast_buffers"
+    return DistributedDataParallel(ZeroAugment(net), device_ids=ids, gradient_as_bucket_view=True, **{no_sync: False})
+
+
+DDP_ARGUMENTS = inspect.signature(DistributedDataParallel).parameters
 
 
 def build_losses(cfg, mu_real, mu_fake, rows, device):
@@ -277,10 +285,10 @@ def write_checkpoint(run_dir, cfg, step, *, nets, streams, run):
     prune_checkpoints(run_dir, cfg.keep_last)
 
 
-def open_logger(cfg, run_dir, start_step, images_per_step):
+def open_logger(cfg, run_dir, start_step, images_per_step, summary):
     """On rank 0: start the trackers asked for, write config.json, cut stats.jsonl back to `start_step`, print the
-    config (to the console and log.txt); None on other ranks. A tracker that cannot start fails before any file of
-    the run is written."""
+    run's `summary` lines (None: none) and write the whole config to log.txt; None on other ranks. A tracker that
+    cannot start fails before any file of the run is written."""
     if not dist.is_main():
         return None
     neptune = NeptuneLogger(cfg.to_dict()) if cfg.log_neptune else None
@@ -297,8 +305,46 @@ def open_logger(cfg, run_dir, start_step, images_per_step):
     atomic_write_text(cfg.to_json(), run_dir / "config.json")
     logger = StatsLogger(run_dir, neptune, tensorboard)
     logger.truncate_after(start_step)
-    logger.echo(f"Training config:\n{cfg.to_json()}")
+    logger.echo(f"Training config:\n{cfg.to_json()}", console=False)  # every setting: log.txt and config.json
+    for line in summary or ():
+        logger.echo(line)
     return logger
+
+
+def _count(value):
+    """A parameter count in words: 55.7M, 312.5k."""
+    return f"{value / 1e9:.2f}B" if value >= 1e9 else f"{value / 1e6:.1f}M" if value >= 1e6 else f"{value / 1e3:.1f}k"
+
+
+def run_summary(cfg, teacher, pairs, real, device):
+    """The run at a glance, as EDM's train.py prints it before training: teacher, data, method, processes and
+    batch, precision and device, output folder (config.json and log.txt hold every setting)."""
+    world, B = dist.get_world_size(), cfg.batch_size
+    classes = f"{teacher.label_dim} classes" if teacher.label_dim else "unconditional"
+    unet = type(getattr(teacher, "model", teacher)).__name__
+    params = _count(sum(p.numel() for p in teacher.parameters()))
+    data = []
+    if pairs is not None:
+        data.append(f"{len(pairs):,} teacher pairs ({cfg.data_path})")
+    if real is not None:
+        data.append(f"{real.num_images:,} real images ({cfg.real_data}{', x-flipped too' if cfg.xflip else ''})")
+    losses = [name for name, on in (("DM", cfg.lambda_dm), ("regression", cfg.lambda_reg)) if on]
+    losses += ["GAN"] if cfg.gan_weight_gen else []
+    sigmas = ", ".join(f"{s:g}" for s in cfg.generator_sigmas)
+    steps = "one step" if len(cfg.generator_sigmas) == 1 else f"{len(cfg.generator_sigmas)} steps"
+    duration = f"{cfg.max_steps:,} steps" if cfg.max_steps is not None else f"{cfg.epochs} epochs of the pairs"
+    rows = {
+        "Teacher": f"{type(teacher).__name__} ({unet}), {teacher.img_resolution}x{teacher.img_resolution}, "
+        f"{teacher.img_channels} channels, {classes}, {params} parameters ({cfg.model_path})",
+        "Data": "; ".join(data) or "none (distribution matching needs no data)",
+        "Method": f"--recipe {cfg.recipe}: {' + '.join(losses)}, {cfg.fake_steps_per_gen} fake-score step(s) per G "
+        f"step; G in {steps} (sigmas {sigmas}); {duration}",
+        "Batch": f"{B} per process x {world} process(es) = global batch {B * world}",
+        "Precision": f"{cfg.precision} on {device.type}" + (f" ({dist.backend()})" if world > 1 else ""),
+        "Output": f"{cfg.output_dir} (config.json and log.txt hold every setting)",
+    }
+    width = max(map(len, rows)) + 2
+    return [f"{key + ':':<{width}}{value}" for key, value in rows.items()]
 
 
 def recorded_elapsed(state, path):
@@ -397,11 +443,12 @@ def grid_rows(parts, gen, step):
     return images, labels
 
 
-def train(cfg, dry_run=False):
+def train(cfg, dry_run=False, summary=True):
     """Run DMD (or DMD2) training as `cfg` says; return the last step and whether a signal stopped the run early.
 
     With `dry_run`, check the inputs (run folder, resume source, teacher, pairs, real images and that they fit) and
-    return before any training work or any file is written.
+    return before any training work or any file is written. `summary` False keeps the run's summary off the console
+    (the demo prints its own).
     """
     # Setup: the run folder, the resume source, the teacher and the data are checked before any work.
     device = setup_device(cfg)
@@ -438,7 +485,8 @@ def train(cfg, dry_run=False):
     set_hyperparameters(parts.opt_fake, cfg.lr_fake, cfg)
     best_fid = float("inf") if state is None else state["best_fid"]
     elapsed_before = 0.0 if state is None else recorded_elapsed(state, resume_path)
-    logger = open_logger(cfg, run_dir, start, n)
+    lines = run_summary(cfg, mu_real, pairs, real, device) if summary else None
+    logger = open_logger(cfg, run_dir, start, n, lines)
     if logger is not None and state is not None:
         changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items() if k not in ("resume", "allow_change"))
         logger.echo(f"Resuming from {resume_path} at step {start}" + (f"; changed: {changed}" if changed else ""))

@@ -208,10 +208,16 @@ def test_log_txt_holds_the_console_and_no_progress_shows_no_bar(tmp_path):
     first = train(out, "--max-steps", 2, "--progress")
     assert "step/s" in first.stderr  # the bar, on stderr, stays out of log.txt
     log = (out / "log.txt").read_text()
-    assert log == first.stdout and log.startswith("Training config:\n{")
+    config = (out / "config.json").read_text()
+    assert log == f"Training config:\n{config}" + first.stdout  # every setting in log.txt, a summary on the console
+    summary = first.stdout.splitlines()[:6]
+    assert [line.split(":")[0] for line in summary] == ["Teacher", "Data", "Method", "Batch", "Precision", "Output"]
+    assert "EDMPrecond (SongUNet), 8x8, 3 channels, 10 classes" in summary[0] and "{" not in first.stdout
+    assert summary[3] == "Batch:     2 per process x 1 process(es) = global batch 2"
     resumed = train(out, "--max-steps", 3, "--resume", "auto", "--no-progress")
     assert resumed.stderr == ""
-    assert (out / "log.txt").read_text() == log + resumed.stdout  # appended
+    config = (out / "config.json").read_text()  # the resumed run's
+    assert (out / "log.txt").read_text() == log + f"Training config:\n{config}" + resumed.stdout  # appended
     lines = resumed.stdout.splitlines()
     assert lines[-3].startswith(f"Resuming from {out / 'training-state-000002.pt'} at step 2")
     assert " | step 3/3 | kimg 0.006 | " in lines[-2] and "lr_gen 5e-05 lr_fake 5e-05" in lines[-2]

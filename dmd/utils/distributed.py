@@ -43,6 +43,11 @@ def is_initialized():
     return dist.is_available() and dist.is_initialized()
 
 
+def backend():
+    """The process group's backend ('gloo', 'nccl'), or None for one process."""
+    return dist.get_backend() if is_initialized() else None
+
+
 def get_rank():
     return dist.get_rank() if is_initialized() else 0
 
