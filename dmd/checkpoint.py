@@ -178,10 +178,11 @@ def save_training_state(path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, step,
     atomic_torch_save(state, path)
 
 
-def _read_state(path):
-    """Read and check one training state; CheckpointError saying what is wrong with it."""
+def _read_state(path, mmap=False):
+    """Read and check one training state (with `mmap`, its tensors stay on disk until used); CheckpointError saying
+    what is wrong with it."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(
             f"{path} is not a readable training state, truncated or corrupt ({type(e).__name__})"
@@ -203,16 +204,53 @@ def _read_state(path):
             [f"bad {', '.join(wrong)}"] if wrong else []
         )
         raise CheckpointError(f"{path} is an incomplete training state ({'; '.join(problems)})")
+    _check_config(state["config"], f"{path}: its settings")
     return state
 
 
-def load_training_state(path, *, auto=False):
+def _check_config(config, where):
+    """Raise CheckpointError naming `where` unless `config` (a dict from a file) is a valid TrainConfig; among the
+    rest, its generator noise levels must be finite, positive, decreasing and few."""
+    from dmd.config import TrainConfig
+
+    try:
+        TrainConfig.from_dict(config)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where} are not valid: {' '.join(str(e).split())[:300]}") from None
+
+
+def stored_config(run_dir, resume):
+    """The settings (a config dict) of the run that --resume continues: those its training state records (for
+    'auto' the newest in `run_dir`), else, for 'auto' in a run stopped before its first checkpoint, config.json's;
+    None if the folder holds no run. The state's tensors are memory-mapped, not read."""
+    from dmd.utils.common import parse_json
+
+    if resume != "auto":
+        return load_training_state(resume, mmap=True)["config"]
+    path = find_latest_state(run_dir)
+    if path is not None:
+        return load_training_state(path, auto=True, mmap=True)["config"]
+    config_json = Path(run_dir) / "config.json"
+    if not config_json.is_file():
+        return None
+    try:
+        with open(config_json, "rb") as f:
+            config = parse_json(f.read(1 << 20), str(config_json))  # a config is ~2 kB
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--resume auto: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"--resume auto: {config_json} holds a {type(config).__name__}, not a run's settings")
+    _check_config(config, f"--resume auto: {config_json}: the settings")
+    return config
+
+
+def load_training_state(path, *, auto=False, mmap=False):
     """Read a training state for --resume; with `auto` (the newest of a folder) a bad one names the newest good one."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"--resume: {path} does not exist")
     try:
-        return _read_state(path)
+        return _read_state(path, mmap=mmap)
     except CheckpointError as e:
         hint = ""
         if auto:

@@ -472,15 +472,17 @@ def train(cfg, dry_run=False, summary=True):
     changes = {}
     if state is not None:
         changes = check_same_run(state, resume_path, cfg, global_batch=batches, fingerprints=fingerprints)
-    if dry_run:
-        return {"step": 0 if state is None else state["step"], "stopped": False}
+    start = 0 if state is None else state["step"]
+    if dry_run or start >= num_steps:  # nothing to train: the run folder stays as it is
+        return {"step": start, "start": start, "num_steps": num_steps, "stopped": False}
 
     # The students, their losses and optimisers, restored from the training state if the run resumes.
     parts, G_ema = build_parts(cfg, mu_real, pair_stream, real_stream, device)
     fid = setup_fid(cfg, device)
     nets = dict(G=parts.G, mu_fake=parts.mu_fake, G_ema=G_ema, head=parts.head)
     nets.update(opt_G=parts.opt_G, opt_fake=parts.opt_fake)
-    start = 0 if state is None else restore(state, resume_path, **nets, streams=streams)
+    if state is not None:
+        restore(state, resume_path, **nets, streams=streams)
     set_hyperparameters(parts.opt_G, cfg.lr_gen, cfg)  # a change allowed on resume reaches the optimiser
     set_hyperparameters(parts.opt_fake, cfg.lr_fake, cfg)
     best_fid = float("inf") if state is None else state["best_fid"]
@@ -591,4 +593,4 @@ def train(cfg, dry_run=False, summary=True):
         if logger is not None:
             logger.close()
         dist.shutdown()
-    return {"step": done, "stopped": stopped}
+    return {"step": done, "start": start, "num_steps": num_steps, "stopped": stopped}

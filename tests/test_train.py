@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import write_pairs
 
 import dmd.lpips
 from dmd.cli import main
 from dmd.config import ConfigError, TrainConfig
-from dmd.data import PairWriter, create_pair_file
 
 REAL_LPIPS = dmd.lpips.LPIPS  # Kept before the stand-in below replaces it in every test.
 
@@ -45,23 +45,6 @@ def _cheap_lpips(monkeypatch):
 
 
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # The same for the runs in subprocesses.
-
-
-def write_pairs(path, n, nan_images=False, resolution=8):
-    """A pair file of n random pairs for the tiny conditional teacher (images NaN if asked)."""
-    g = torch.Generator().manual_seed(n)
-    latents = torch.randn(n, 3, resolution, resolution, generator=g)
-    images = torch.full_like(latents, float("nan")) if nan_images else torch.rand(latents.shape, generator=g) * 2 - 1
-    labels = torch.randint(10, (n,), generator=g)
-    create_pair_file(path, channels=3, resolution=resolution, label_dim=10, seeds=list(range(n)), attrs={})
-    with PairWriter(path) as writer:
-        writer.append(latents.numpy(), images.numpy(), labels.numpy())
-    return path
-
-
-@pytest.fixture
-def pairs(tmp_path):
-    return write_pairs(tmp_path / "pairs.h5", 6)
 
 
 def train_args(out, pairs=None, *extra):
@@ -363,17 +346,6 @@ def test_bf16_step_is_close_to_the_fp32_step(tmp_path, pairs):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # DMD2: the recipe, the GAN on real images, the few-step generator with backward simulation.
-
-
-@pytest.fixture
-def real(tmp_path):
-    """16 real 8x8 RGB images with labels in EDM's dataset format (a zip), for the fixture teacher."""
-    from dmd.images import write_image_dataset
-
-    g = torch.Generator().manual_seed(3)
-    images = torch.randint(0, 256, (16, 8, 8, 3), generator=g, dtype=torch.uint8).numpy()
-    write_image_dataset(tmp_path / "real.zip", images, labels=torch.arange(16) % 10)
-    return tmp_path / "real.zip"
 
 
 def load_network_state():

@@ -56,12 +56,13 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     "--model-path",
     field="model_path",
     section=MAIN,
-    required=True,
+    default=None,
     metavar="PATH|URL",
-    help="the teacher: an EDM network pickle (path, file:// or http(s):// URL)",
+    help="the teacher: an EDM network pickle (path, file:// or http(s):// URL); required unless --resume continues "
+    "a run, which keeps the run's own",
 )
 @_train(
-    "--output-dir", section=MAIN, required=True, type=click.Path(file_okay=False), callback=output_path, metavar="DIR"
+    "--output-dir", section=MAIN, default=None, type=click.Path(file_okay=False), callback=output_path, metavar="DIR"
 )
 @option(
     "--recipe",
@@ -102,11 +103,16 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
 )
 @_train(
     "--batch-size",
-    "--batch",
     section=MAIN,
     type=COUNT,
     metavar="INT",
     help="generated images per process and step; the global batch is this x processes",
+)
+@option(
+    "--batch",
+    type=COUNT,
+    hidden=True,
+    help="The global batch, as EDM's train.py means --batch: split evenly over the processes.",
 )
 @_train("--seed", section=MAIN, type=int, metavar="INT")
 @_train(
@@ -114,7 +120,8 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     section=MAIN,
     metavar="auto|FILE",
     show_default=False,
-    help="'auto' (the newest training state in --output-dir, if any) or a training-state file",
+    help="'auto' (the newest training state in --output-dir, if any) or a training-state file; the run's own "
+    "settings apply, and a flag given with it is a change (see --allow-change)",
 )
 @option(
     "--allow-change",
@@ -216,7 +223,7 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
 @option("--lpips-random", is_flag=True, section=IO, help="Random LPIPS weights: tests and smoke runs only.")
 @cache_option()
 @click.pass_context
-def train_command(ctx, lpips_random, dry_run, allow_change, recipe, generator_sigma, **options):
+def train_command(ctx, dry_run, **options):
     """Distill a teacher into a one-step (or few-step) generator with DMD or DMD2 (torchrun for several GPUs)."""
     from dmd.checkpoint import CheckpointError
     from dmd.steps import BatchError
@@ -224,16 +231,8 @@ def train_command(ctx, lpips_random, dry_run, allow_change, recipe, generator_si
     from dmd.utils.logger import LoggerError
 
     try:
-        if generator_sigma is not None:
-            if options["generator_sigmas"] is not None:
-                raise ConfigError("give --generator-sigmas or its old spelling --generator-sigma, not both")
-            options["generator_sigmas"] = (generator_sigma,)
-        if options["generator_sigmas"] is None:
-            del options["generator_sigmas"]
-        changeable = tuple(name for name in allow_change.split(",") if name.strip())
-        options = resolve_recipe(recipe, options)
-        cfg = TrainConfig(**options, lpips_pretrained=not lpips_random, allow_change=changeable)
-    except ConfigError as e:
+        cfg = build_config(ctx, options)
+    except (ConfigError, CheckpointError) as e:
         raise click.ClickException(str(e)) from e
     try:
         result = train(cfg, dry_run=dry_run)
@@ -242,9 +241,76 @@ def train_command(ctx, lpips_random, dry_run, allow_change, recipe, generator_si
     if dry_run:
         click.echo(cfg.to_json(), nl=False)
         return
+    if result["step"] >= result["num_steps"] and result["start"] == result["step"]:
+        click.echo(
+            f"{cfg.output_dir} is already at step {result['step']}, at or past its {result['num_steps']} steps: "
+            f"nothing to do (give a larger --max-steps to train on)"
+        )
     if result["stopped"]:
         click.echo(f"Stopped by a signal at step {result['step']}; continue with --resume auto", err=True)
         ctx.exit(130)
+
+
+def build_config(ctx, options):
+    """The TrainConfig of the command line: a new run's from its flags and the recipe's defaults; a resumed run's
+    (--resume) from the run's stored settings, with the flags given on this command line as changes (checked
+    against the resume rules when the training state is read)."""
+    from click.core import ParameterSource
+
+    from dmd.checkpoint import stored_config
+
+    def given_flag(name):
+        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+    lpips_random, generator_sigma, batch = (options.pop(k) for k in ("lpips_random", "generator_sigma", "batch"))
+    changeable = tuple(name for name in options.pop("allow_change").split(",") if name.strip())
+    recipe = options.pop("recipe")
+    given = {k for k in options if given_flag(k)}  # the config fields this command line sets
+    for name in ("model_path", "output_dir"):  # --network only for a new run; the order of --help
+        if options[name] is None and (name == "output_dir" or options["resume"] is None):
+            raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == name))
+    if generator_sigma is not None:
+        if "generator_sigmas" in given:
+            raise ConfigError("give --generator-sigmas or its old spelling --generator-sigma, not both")
+        options["generator_sigmas"], given = (generator_sigma,), given | {"generator_sigmas"}
+    if batch is not None:
+        if "batch_size" in given:
+            raise ConfigError("give --batch-size (per process) or --batch (the global batch, EDM's meaning), not both")
+        options["batch_size"], given = per_process_batch(batch), given | {"batch_size"}
+
+    base = None if options["resume"] is None else stored_config(options["output_dir"], options["resume"])
+    if base is None:  # a new run: its flags, then the recipe's values, then the defaults
+        if options["model_path"] is None:
+            raise click.UsageError(f"Missing option '--network' ({options['output_dir']} holds no run to resume).")
+        if options["generator_sigmas"] is None:
+            del options["generator_sigmas"]
+        options = resolve_recipe(recipe, options)
+        return TrainConfig(**options, lpips_pretrained=not lpips_random, allow_change=changeable)
+
+    # A resumed run: its own settings, changed by what this command line gives.
+    changed = {k: options[k] for k in given | {"resume", "output_dir"}}
+    if {"max_steps", "epochs"} & given:  # one duration replaces the other
+        changed = {"max_steps": None, "epochs": None, **changed}
+    settings = dict(base)
+    if given_flag("recipe") and recipe != base.get("recipe"):
+        settings.update({k: v for k, v in resolve_recipe(recipe, {}).items() if k not in changed})
+    settings.update(changed)
+    if given_flag("lpips_random"):
+        settings["lpips_pretrained"] = not lpips_random
+    settings["allow_change"] = changeable
+    return TrainConfig.from_dict(settings)
+
+
+def per_process_batch(batch):
+    """The per-process batch of EDM's --batch (the global batch) under torchrun's WORLD_SIZE processes."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch % world:
+        raise ConfigError(
+            f"--batch {batch} (the global batch, as in EDM's train.py) does not split over {world} processes"
+        )
+    return batch // world
 
 
 # Training curves (dmd/plot.py).
