@@ -9,9 +9,14 @@ the teacher and the pair file. Resuming compares them with the new run's and ref
 """
 
 import copy
+import errno
 import hashlib
+import os
 import random
 import re
+import socket
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +26,7 @@ from dmd.generator import FORMAT_VERSION, SNAPSHOT_FORMAT, STATE_FORMAT
 from dmd.utils.io import atomic_torch_save
 
 RUN_FILES = ("config.json", "stats.jsonl")  # Besides checkpoints and grids, what marks a folder as a run's.
+LOCK_FILE = ".dmd-train.lock"  # Held (flock) by the one process training into a run folder.
 STATE_KEYS = {  # Entry of a training state -> the type it must have.
     "format": str,
     "version": int,
@@ -92,6 +98,76 @@ def prune_checkpoints(run_dir, keep_last):
     for prefix in ("training-state", "network-snapshot"):
         for path in list_checkpoints(run_dir, prefix)[:-keep_last]:
             path.unlink()
+
+
+# One run at a time in a run folder: the training process holds an exclusive flock on RUN/.dmd-train.lock for the
+# life of the run, and writes its pid, host and start time into the file for the message that refuses a second one.
+# A lock left by a run that was killed (kill -9, a lost node) is stale by construction: the kernel drops a flock when
+# its holder exits in any way, so the next run takes the file over; the file's contents are only ever read while the
+# lock is held by someone. A filesystem without flock (some NFS mounts) gives a warning and no protection.
+class RunLock:
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd = None
+
+    def _try(self, fd):
+        """Take the lock on `fd` without waiting; False if another process holds it."""
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            warnings.warn(
+                f"{self.path}: this filesystem cannot lock files; one run at a time must write here", stacklevel=3
+            )
+            return True
+
+    def _refuse(self, fd):
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+        who = "another process"
+        if len(holder) >= 3:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder[2])))
+            who = f"process {holder[0]} on {holder[1]} (since {since})"
+        raise CheckpointError(
+            f"--output-dir {self.path.parent} is in use by {who}, a run training there; wait for it to end or stop "
+            "it (a run that was killed holds no lock: its leftover lock file is taken over)"
+        )
+
+    def check(self):
+        """Raise CheckpointError if a live process holds the folder's lock; takes nothing and writes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        try:
+            if not self._try(fd):
+                self._refuse(fd)
+        finally:
+            os.close(fd)  # closing drops the probe's lock
+
+    def acquire(self):
+        """Take the folder's lock (making the folder) and record this process in it; CheckpointError if held."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        if not self._try(fd):
+            try:
+                self._refuse(fd)
+            finally:
+                os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self):
+        """Drop the lock (the file stays: removing it would let two runs lock two different files)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def capture_rng():

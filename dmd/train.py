@@ -15,8 +15,10 @@ import inspect
 import math
 import shlex
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -24,6 +26,8 @@ from tqdm import tqdm
 
 from dmd.batches import BatchStream, RankRows, rank_rows, step_seed, take
 from dmd.checkpoint import (
+    CheckpointError,
+    RunLock,
     check_same_run,
     data_fingerprint,
     find_latest_state,
@@ -443,16 +447,44 @@ def grid_rows(parts, gen, step):
     return images, labels
 
 
-def train(cfg, dry_run=False, summary=True):
-    """Run DMD (or DMD2) training as `cfg` says; return the last step and whether a signal stopped the run early.
+# What the checks before a run found: the run folder and resume source, the teacher and the data (checked against
+# each other), the run's length, global batches and fingerprints, and the changes a resume makes.
+@dataclass
+class Inputs:
+    run_dir: Path
+    resume_path: Optional[Path]  # the training state to continue, or None for a new run
+    state: Optional[dict]  # its contents
+    changes: dict  # {field: (old, new)} of a resume
+    mu_real: torch.nn.Module  # the teacher, frozen
+    pairs: Any  # PairDataset or None
+    real: Any  # ImageDataset or None
+    streams: dict  # {state key: BatchStream or None}: data_position (pairs), real_position (real images)
+    num_steps: int
+    n: int  # global batch
+    batches: dict  # the global batches a training state records
+    fingerprints: dict  # teacher, pairs, real: what the run reads
+    start: int  # the step the run starts at
 
-    With `dry_run`, check the inputs (run folder, resume source, teacher, pairs, real images and that they fit) and
-    return before any training work or any file is written. `summary` False keeps the run's summary off the console
-    (the demo prints its own).
-    """
-    # Setup: the run folder, the resume source, the teacher and the data are checked before any work.
-    device = setup_device(cfg)
+
+def on_main(fn):
+    """Call fn() on rank 0 alone; a CheckpointError it raises is raised on every rank, so that no rank waits for one
+    that stopped."""
+    error = None
+    if dist.is_main():
+        try:
+            fn()
+        except CheckpointError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise CheckpointError(error)
+
+
+def check_inputs(cfg, device):
+    """Check the run folder (no live run in it), the resume source, the teacher and the data against each other,
+    before any work or write; return what they are as Inputs."""
     run_dir = Path(cfg.output_dir)
+    on_main(RunLock(run_dir).check)
     resume_path = resolve_resume(cfg, run_dir)
     state = None if resume_path is None else load_training_state(resume_path, auto=cfg.resume == "auto")
     mu_real, teacher_sha256 = load_teacher(cfg, device)
@@ -461,10 +493,9 @@ def train(cfg, dry_run=False, summary=True):
     reg_flag = "--reg-batch-size" if cfg.reg_batch_size else "--batch-size"
     pair_stream = open_stream(pairs, B_reg, reg_flag, "pairs", cfg, device)
     real_stream = open_stream(real, B, "--batch-size", "real images", cfg, device)
-    streams = {"data_position": pair_stream, "real_position": real_stream}  # by their keys in a training state
     num_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * pair_stream.steps_per_epoch
-    n = B * dist.get_world_size()
-    batches = {"batch_size": n, "reg_batch_size": B_reg * dist.get_world_size()}  # global batches, fixed in a run
+    world = dist.get_world_size()
+    batches = {"batch_size": B * world, "reg_batch_size": B_reg * world}  # global batches, fixed in a run
     fingerprints = {"teacher": teacher_sha256}
     for key, path in (("pairs", cfg.data_path), ("real", cfg.real_data)):
         if path is not None:
@@ -472,12 +503,50 @@ def train(cfg, dry_run=False, summary=True):
     changes = {}
     if state is not None:
         changes = check_same_run(state, resume_path, cfg, global_batch=batches, fingerprints=fingerprints)
-    start = 0 if state is None else state["step"]
-    if dry_run or start >= num_steps:  # nothing to train: the run folder stays as it is
-        return {"step": start, "start": start, "num_steps": num_steps, "stopped": False}
+    return Inputs(
+        run_dir=run_dir,
+        resume_path=resume_path,
+        state=state,
+        changes=changes,
+        mu_real=mu_real,
+        pairs=pairs,
+        real=real,
+        streams={"data_position": pair_stream, "real_position": real_stream},  # by their keys in a training state
+        num_steps=num_steps,
+        n=B * world,
+        batches=batches,
+        fingerprints=fingerprints,
+        start=0 if state is None else state["step"],
+    )
+
+
+def train(cfg, dry_run=False, summary=True):
+    """Run DMD (or DMD2) training as `cfg` says; return the last step and whether a signal stopped the run early.
+
+    With `dry_run`, check the inputs (run folder, resume source, teacher, pairs, real images and that they fit) and
+    return before any training work or any file is written. `summary` False keeps the run's summary off the console
+    (the demo prints its own). The run folder is locked while the run trains (checkpoint.RunLock).
+    """
+    device = setup_device(cfg)
+    inputs = check_inputs(cfg, device)
+    if dry_run or inputs.start >= inputs.num_steps:  # nothing to train: the run folder stays as it is
+        return {"step": inputs.start, "start": inputs.start, "num_steps": inputs.num_steps, "stopped": False}
+    lock = RunLock(inputs.run_dir)
+    on_main(lock.acquire)
+    try:
+        return run(cfg, inputs, device, summary)
+    finally:
+        lock.release()
+        dist.shutdown()
+
+
+def run(cfg, inputs, device, summary):
+    """Build the students, restore a resumed run's state, train to the last step with maintenance; see train()."""
+    run_dir, state, start, num_steps, n = inputs.run_dir, inputs.state, inputs.start, inputs.num_steps, inputs.n
+    streams, mu_real, resume_path = inputs.streams, inputs.mu_real, inputs.resume_path
 
     # The students, their losses and optimisers, restored from the training state if the run resumes.
-    parts, G_ema = build_parts(cfg, mu_real, pair_stream, real_stream, device)
+    parts, G_ema = build_parts(cfg, mu_real, streams["data_position"], streams["real_position"], device)
     fid = setup_fid(cfg, device)
     nets = dict(G=parts.G, mu_fake=parts.mu_fake, G_ema=G_ema, head=parts.head)
     nets.update(opt_G=parts.opt_G, opt_fake=parts.opt_fake)
@@ -487,10 +556,11 @@ def train(cfg, dry_run=False, summary=True):
     set_hyperparameters(parts.opt_fake, cfg.lr_fake, cfg)
     best_fid = float("inf") if state is None else state["best_fid"]
     elapsed_before = 0.0 if state is None else recorded_elapsed(state, resume_path)
-    lines = run_summary(cfg, mu_real, pairs, real, device) if summary else None
+    lines = run_summary(cfg, mu_real, inputs.pairs, inputs.real, device) if summary else None
     logger = open_logger(cfg, run_dir, start, n, lines)
     if logger is not None and state is not None:
-        changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items() if k not in ("resume", "allow_change"))
+        changes = inputs.changes.items()
+        changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes if k not in ("resume", "allow_change"))
         logger.echo(f"Resuming from {resume_path} at step {start}" + (f"; changed: {changed}" if changed else ""))
     elif logger is not None and cfg.resume == "auto":
         logger.echo(f"No training state in {run_dir}: starting at step 0")
@@ -502,7 +572,8 @@ def train(cfg, dry_run=False, summary=True):
 
     def checkpoint(step):
         run = dict(config=cfg.to_dict(), sigma_G=float(cfg.generator_sigmas[0]), bad_steps=counts.read()[1])
-        run.update(best_fid=float(best_fid), global_batch=batches, fingerprints=fingerprints, elapsed_s=elapsed())
+        run.update(best_fid=float(best_fid), global_batch=inputs.batches, fingerprints=inputs.fingerprints)
+        run.update(elapsed_s=elapsed())
         write_checkpoint(run_dir, cfg, step, nets=nets, streams=streams, run=run)
 
     parts.G_ddp, parts.fake_ddp = wrap_ddp(parts.G, device), wrap_ddp(parts.mu_fake, device)
@@ -557,7 +628,7 @@ def train(cfg, dry_run=False, summary=True):
                 if logger is not None and cfg.image_every and done % cfg.image_every == 0:
                     images, labels = grid_rows(parts, gen, step)
                     grid_path, kimg = run_dir / f"grid-{done:06d}.png", done * n / 1000
-                    save_grid(grid_path, images, min(B, 8), step=done, kimg=kimg, labels=labels)
+                    save_grid(grid_path, images, min(cfg.batch_size, 8), step=done, kimg=kimg, labels=labels)
                 if fid is not None and done % cfg.fid_every == 0:
                     value = compute_fid(cfg, G_ema or parts.G, fid, device)
                     if logger is not None:
@@ -592,5 +663,4 @@ def train(cfg, dry_run=False, summary=True):
         bar.close()
         if logger is not None:
             logger.close()
-        dist.shutdown()
     return {"step": done, "start": start, "num_steps": num_steps, "stopped": stopped}

@@ -3,10 +3,25 @@ a finished run left alone, stored settings checked when read, one run per folder
 refused resumes name what differs."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from test_train import dmd2_args, folder_bytes, load, one_error_line, read_stats, run_cli, train_args
+from test_train import (  # the training tests' helpers
+    ONE_THREAD_ENV,
+    ROOT,
+    dmd2_args,
+    folder_bytes,
+    load,
+    one_error_line,
+    read_stats,
+    run_cli,
+    train_args,
+)
 
 LOSSES = ("loss_G", "loss_dm", "loss_gan", "loss_fake", "loss_disc", "grad_norm_G", "grad_norm_fake")
 
@@ -107,3 +122,30 @@ def test_edm_batch_is_the_global_batch(tmp_path, pairs, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # as under torchrun: refused before any process group is joined
     uneven = run_cli(train_args(tmp_path / "c", pairs, "--max-steps", 1, "--batch", 4), expect_ok=False)
     one_error_line(uneven, "--batch 4 (the global batch, as in EDM's train.py) does not split over 3 processes")
+
+
+def test_one_run_per_folder_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dmd", *train_args(out, None, "--max-steps", 10**6, "--batch-size", 2)]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=ONE_THREAD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        lock = out / ".dmd-train.lock"
+        deadline = time.monotonic() + 60
+        while not (lock.is_file() and lock.read_text().strip()) and first.poll() is None:
+            assert time.monotonic() < deadline, "the first run never locked its folder"
+            time.sleep(0.1)
+        pid, host, _ = lock.read_text().split()
+        assert int(pid) == first.pid and host == socket.gethostname()
+        for args in (
+            train_args(out, None, "--max-steps", 2, "--batch-size", 2),
+            train_args(out, None, "--max-steps", 2, "--batch-size", 2, "--resume", "auto"),
+            resume_args(out, "--dry-run"),
+        ):
+            one_error_line(run_cli(args, expect_ok=False), f"--output-dir {out} is in use by process {pid} on {host}")
+    finally:
+        first.kill()  # SIGKILL: no handler runs, the lock file stays behind
+        first.wait(timeout=60)
+    assert lock.read_text().split()[0] == pid
+    result = run_cli(resume_args(out, "--max-steps", 2))  # the leftover lock is nobody's: taken over
+    assert f"No training state in {out}: starting at step 0" in result.output and load(out / "training-state-000002.pt")
+    assert lock.read_text().split()[0] == str(os.getpid())
