@@ -131,8 +131,8 @@ def test_one_run_per_folder_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
     try:
         lock = out / ".dmd-train.lock"
         deadline = time.monotonic() + 60
-        while not (lock.is_file() and lock.read_text().strip()) and first.poll() is None:
-            assert time.monotonic() < deadline, "the first run never locked its folder"
+        while not (out / "config.json").is_file() and first.poll() is None:  # locked, then config.json written
+            assert time.monotonic() < deadline, "the first run never started"
             time.sleep(0.1)
         pid, host, _ = lock.read_text().split()
         assert int(pid) == first.pid and host == socket.gethostname()
