@@ -305,7 +305,7 @@ def export_generator(
     try:
         with atomic_path(tmp / WEIGHTS) as path:
             save_file(_weights(net, DTYPES[dtype]), str(path), metadata={"format": "pt"})  # "pt": torch tensors
-        atomic_write_text(json.dumps(config, indent=2) + "\n", tmp / CONFIG)
+        atomic_write_text(json_text(config), tmp / CONFIG)
         # Sampled back from the folder as written: this checks it loads, and shows the bf16 rounding if any.
         generator = DMDGenerator(tmp, device=device)
         classes = torch.as_tensor(SAMPLE_SEEDS) % generator.label_dim if generator.label_dim else None
@@ -322,6 +322,22 @@ def export_generator(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest, config
+
+
+def json_text(value):
+    """Indented JSON that any parser reads: an infinite float (EDMPrecond's sigma_max) as 1e999, which JSON's grammar
+    allows and parsers read as infinity, instead of Python's non-standard Infinity."""
+    marker = f"inf-{secrets.token_hex(8)}"
+
+    def encode(v):
+        if isinstance(v, float) and math.isinf(v):
+            return f"-{marker}" if v < 0 else marker
+        if isinstance(v, dict):
+            return {k: encode(x) for k, x in v.items()}
+        return [encode(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    text = json.dumps(encode(value), indent=2, allow_nan=False)
+    return text.replace(f'"-{marker}"', "-1e999").replace(f'"{marker}"', "1e999") + "\n"
 
 
 def model_card(config, generator, where):
@@ -343,13 +359,14 @@ def model_card(config, generator, where):
         "tags: [diffusion-distillation, dmd, one-step-generation, edm]",
         "---",
         "",
-        f"# A {steps_word}-step generator distilled from {teacher['name'] or 'an EDM-family teacher'}",
+        f"# A {steps_word}-step generator distilled from {Path(teacher['name'] or 'an EDM-family teacher').name}",
         "",
         f"A {kind} image generator of {R}x{R} images with {C} channels ({config['class_name']}, weights in "
         f"{config['dtype']}), distilled by {method.get(training['recipe'], 'distribution matching')} from the "
         f"EDM-family diffusion model `{teacher['name'] or 'not recorded'}`{sha} with "
         "[dmd-distill](https://pypi.org/project/dmd-distill/). It maps noise z ~ N(0, I) to an image in "
-        f"{steps}: x = D(sigma_0 z; sigma_0), re-noised to each further sigma and denoised again.",
+        f"{steps}: x = D(sigma_0 z; sigma_0)"
+        + (", re-noised to each further sigma and denoised again." if len(generator.sigmas) > 1 else "."),
         "",
         "## Sampling",
         "",
@@ -378,8 +395,8 @@ def model_card(config, generator, where):
         seeds = f"seeds {fid['seeds']}" + (f", seed s of class s % {label_dim}" if label_dim else "")
         lines.append(
             f"FID {fid['value']:.3f} at step {fid['step']}, as the training run computed it: {fid['num_images']} "
-            f"generated images ({seeds}) against `{fid['reference']}`, features of `{fid['detector']}` (EDM's "
-            "protocol otherwise)."
+            f"generated images ({seeds}) against `{fid['reference']}`, with the features of `{fid['detector']}` "
+            "and the statistics as EDM computes them."
             + (
                 " The standard protocol uses 50,000 images; fewer bias FID upwards."
                 if fid["num_images"] != 50000

@@ -19,6 +19,7 @@ gives the same image whatever the batch it is in, and with `num_steps` an EDM te
 import collections
 import operator
 import os
+import re
 import reprlib
 import zipfile
 from functools import partial
@@ -214,7 +215,8 @@ def read_network(source, *, cache_dir=None):
     try:
         path = open_url(source, cache_dir=cache_dir)
     except (DownloadError, FileNotFoundError) as e:
-        raise GeneratorLoadError(str(e)) from e
+        hub = f"; a Hub repository is written {HUB_PREFIX}{text}" if re.fullmatch(r"[\w.-]+/[\w.-]+", text) else ""
+        raise GeneratorLoadError(f"{e}{hub}") from e
     with open(path, "rb") as f:
         head = f.read(1)
     if zipfile.is_zipfile(path):  # torch.save's format

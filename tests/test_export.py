@@ -104,11 +104,17 @@ def test_config_records_what_the_run_recorded(exported):
     assert config["selection"] == "the run's newest snapshot (network-snapshot-000020.pt, step 20)"
     assert "/home/someone" not in (exported / "config.json").read_text()  # local paths by their names only
 
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    strict = json.loads((exported / "config.json").read_text(), parse_constant=refuse)  # no Infinity, no NaN
+    assert strict["init_kwargs"]["sigma_max"] == float("inf")  # EDMPrecond's, written as 1e999
+
 
 def test_model_card(exported):
     card = (exported / "README.md").read_text()
     assert card.startswith("---\nlicense: cc-by-nc-sa-4.0\n")
-    assert "# A 2-step generator distilled from " + TEACHER_URL in card
+    assert "# A 2-step generator distilled from edm-cifar10-32x32-cond-vp.pkl\n" in card
     assert "2 steps (sigmas 80, 1.5)" in card and "DMD2 (Yin et al., NeurIPS 2024)" in card
     assert 'from dmd import DMDGenerator\nG = DMDGenerator("path/to/student")\nimages = G.generate_batch(' in card
     assert "FID 27.500 at step 20" in card and "40 generated images (seeds 0-39, seed s of class s % 10)" in card
@@ -146,6 +152,21 @@ def test_selection_fid_and_licence_follow_the_source(run, tmp_path):
     card = (tmp_path / "old" / "README.md").read_text()
     assert "license: other" in card and "The same as the teacher's (`my-teacher.pkl`)" in card
     assert "The run recorded no FID for this snapshot" in card
+
+
+def test_a_training_state_exports_its_generator(run, tmp_path):
+    snapshot = torch.load(run / "network-snapshot-000020.pt", weights_only=True)
+    state = {
+        **{k: snapshot[k] for k in ("class_name", "init_kwargs", "generator_sigmas", "config")},
+        "format": "dmd-training-state", "version": 2, "G": snapshot["state_dict"], "G_ema": None, "step": 30,
+        "global_batch": {"batch_size": 56}, "fingerprints": {"teacher": "cd" * 32},
+    }  # fmt: skip
+    (tmp_path / "run").mkdir()
+    torch.save(state, tmp_path / "run" / "training-state-000030.pt")
+    _, config = export_generator(tmp_path / "run" / "training-state-000030.pt", tmp_path / "out")
+    assert config["training"] == {"recipe": "dmd2", "step": 30, "kimg": 30 * 56 / 1000}
+    assert config["teacher"]["sha256"] == "cd" * 32 and config["fid"] is None
+    assert config["selection"] == "the generator of the training state of step 30 (its EMA where the run kept one)"
 
 
 def test_a_run_folder_exports_its_newest_snapshot(run, tmp_path):
@@ -304,6 +325,12 @@ def test_hub_repository_loads_from_the_offline_cache(exported, tmp_path):
 def test_malformed_hub_names_are_refused(name):
     with pytest.raises(GeneratorLoadError, match="not a Hub repository; write hf://user/repo"):
         DMDGenerator(name, device="cpu")
+
+
+def test_a_missing_user_repo_path_points_to_the_hub_syntax(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GeneratorLoadError, match="no such file: someone/student; a Hub repository is written hf://"):
+        DMDGenerator("someone/student", device="cpu")
 
 
 def test_push_uploads_the_folder(run, tmp_path, monkeypatch):
