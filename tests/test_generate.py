@@ -342,7 +342,7 @@ def test_the_api_checks_sigmas(generator, sigmas, message):
         DMDGenerator(net=generator.net, sigmas=sigmas)
     if isinstance(sigmas, list) and len(sigmas) == 1:
         with pytest.raises(ValueError, match=f"^sigma_G: .*{message}"):
-            DMDGenerator(PKL, device="cpu", sigma_G=sigmas[0])
+            DMDGenerator(net=generator.net, sigma_G=sigmas[0])
 
 
 def test_noise_levels_stay_inside_the_networks_range(tmp_path):
@@ -352,8 +352,8 @@ def test_noise_levels_stay_inside_the_networks_range(tmp_path):
     with pytest.raises(GeneratorLoadError, match=r"vp.pt: generator_sigmas: .*leave the network's range"):
         DMDGenerator(path, device="cpu")
     with pytest.raises(ValueError, match=r"^sigma_G: .*range \[0.000976562, 152.167\]"):
-        DMDGenerator(VP_PKL, device="cpu", sigma_G=500.0)
-    assert DMDGenerator(VP_PKL, device="cpu", sigmas=[80, 1.5]).sigmas == [80.0, 1.5]
+        DMDGenerator(net=vp, sigma_G=500.0)
+    assert DMDGenerator(net=vp, sigmas=[80, 1.5]).sigmas == [80.0, 1.5]
 
 
 def test_the_cli_refuses_a_bad_noise_list_in_one_line(teacher, tmp_path):
