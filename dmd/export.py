@@ -218,8 +218,8 @@ def _selection(path, info, config, step):
     if path.name == "network-snapshot-best.pt":
         every = _get(config, "fid_every", int)
         return (
-            f"the run's lowest FID among its evaluations every {every} steps (network-snapshot-best.pt); chosen by "
-            "the FID it reports, so that number is optimistic for the run"
+            f"the run's lowest FID among its evaluations{f' every {every} steps' if every else ''} "
+            "(network-snapshot-best.pt); chosen by the FID it reports, so that number is optimistic for the run"
         )
     newest = list_checkpoints(path.parent, "network-snapshot")
     if newest and newest[-1].name == path.name:

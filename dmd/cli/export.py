@@ -81,5 +81,5 @@ def export_command(snapshot, dest, dtype, repo_id, private, device, cache_dir):
         click.echo(f"{folder}: {config['source']} as {config['dtype']} safetensors, model card ({recorded})")
         if repo_id is not None:
             click.echo(f"{folder}: uploaded to {push(folder, repo_id, private=private)}")
-    except (ExportError, GeneratorLoadError, ValueError) as e:
+    except (ExportError, GeneratorLoadError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
