@@ -24,13 +24,23 @@ setup(
         "scipy",
         "requests",
         "tqdm",
+        "safetensors",  # the weights of `dmd export` folders, which DMDGenerator reads without an extra
     ],
     extras_require={
         "neptune": ["neptune>=1.0"],
         "tensorboard": ["tensorboard"],  # --log-tensorboard (torch.utils.tensorboard writes the event files)
         "plot": ["matplotlib"],  # dmd plot
         "demo": ["scikit-learn"],
-        "test": ["pytest", "ruff==0.17.6", "scikit-learn", "neptune>=1.0", "tensorboard", "matplotlib"],
+        "hub": ["huggingface_hub"],  # hf://user/repo in DMDGenerator and --network, dmd export --push
+        "test": [
+            "pytest",
+            "ruff==0.17.6",
+            "scikit-learn",
+            "neptune>=1.0",
+            "tensorboard",
+            "matplotlib",
+            "huggingface_hub",
+        ],
     },
     entry_points={"console_scripts": ["dmd=dmd.cli:main"]},
 )

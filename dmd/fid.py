@@ -26,15 +26,21 @@ class FIDError(ValueError):
     """Bad FID input: too few images, an unreadable reference or image, a detector that does not load."""
 
 
-def load_detector(source=None, *, cache_dir=None, device="cpu"):
-    """Load a TorchScript feature detector (path or URL; None: the Inception-v3 of the EDM protocol)."""
+def load_detector(source=None, *, cache_dir=None, device="cpu", flag="--detector"):
+    """Load a TorchScript feature detector (path or URL; None: the Inception-v3 of the EDM protocol); a failed
+    download says how to work offline: a local copy given as `flag` PATH."""
     from dmd.utils.download import DownloadError, open_url
 
     source = DETECTOR_URL if source is None else source
     try:
         path = open_url(source, cache_dir=cache_dir)
         return torch.jit.load(str(path), map_location=device).eval()
-    except (DownloadError, FileNotFoundError) as e:
+    except DownloadError as e:
+        name = Path(str(source)).name
+        raise FIDError(
+            f"detector: {e}; without internet, copy {name} from a machine that has it and give {flag} PATH"
+        ) from e
+    except FileNotFoundError as e:
         raise FIDError(f"detector: {e}") from e
     except RuntimeError as e:
         raise FIDError(f"detector {source}: not a TorchScript module ({' '.join(str(e).split())[:200]})") from e
@@ -255,11 +261,11 @@ def calc_fid(
     ref,  # Reference statistics: npz path or URL.
     *,
     images=None,  # A PNG folder or ZIP to score ...
-    network=None,  # ... or a network DMDGenerator loads, scored without writing PNGs.
+    network=None,  # ... or a network: a DMDGenerator, or anything it loads (path, run folder, URL, hf://user/repo).
     num=50000,  # Images per score.
-    seeds=None,  # Seeds for --network (a list); None: 0 .. repeats * num - 1.
-    repeats=1,  # --network: disjoint seed ranges of `num` seeds each, scored separately.
-    num_steps=None,  # --network: None = one step; N = edm_sampler in N steps (an EDM teacher).
+    seeds=None,  # Seeds for `network` (a list, each once); None: 0 .. repeats * num - 1.
+    repeats=1,  # `network`: disjoint seed ranges of `num` seeds each, scored separately.
+    num_steps=None,  # `network`: None = its own sigmas; N = edm_sampler in N steps (an EDM teacher).
     sampler_kwargs=None,  # edm_sampler's other settings with num_steps (sigma_min, sigma_max, rho, S_churn, ...).
     detector=None,  # TorchScript detector path or URL; None: the protocol's Inception-v3.
     batch_size=256,  # Images per call, per process.
@@ -267,8 +273,20 @@ def calc_fid(
     cache_dir=None,  # Download cache.
     progress=True,  # tqdm bar on rank 0.
 ):
-    """Score images or a network against `ref`; return one FID per repeat (a list)."""
-    from dmd.generate import load_on_ranks
+    """Score images or a generator against reference statistics `ref` as EDM does; return one FID per repeat (a list).
+
+    The Python face of `dmd fid calc`. A generator's images are scored straight from its samples, seed s labelled
+    s % label_dim (EDM's class-balanced protocol), without writing PNGs; a folder or ZIP of PNGs is scored whole or,
+    when it holds more than `num`, on EDM's random subset. Under torchrun every rank returns the same numbers. Bad
+    input raises FIDError (or GeneratorLoadError for a network that does not load).
+
+    Example:
+        from dmd import DMDGenerator, calc_fid
+        G = DMDGenerator("runs/dmd-cifar10/network-snapshot-best.pt")
+        ref = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"
+        fid = calc_fid(ref, network=G, num=50000)[0]  # EDM's CIFAR-10 protocol: 50k images, classes s % 10
+    """
+    from dmd.generate import DMDGenerator, load_on_ranks, refuse_repeated_seeds
 
     if (images is None) == (network is None):
         raise FIDError("give exactly one of --images and --network")
@@ -282,6 +300,10 @@ def calc_fid(
             raise FIDError(
                 f"--seeds gives {len(seeds)} seeds; --num-images {num} x --repeats {repeats} needs {repeats * num}"
             )
+        try:
+            refuse_repeated_seeds(seeds[: repeats * num])  # a repeated seed would count one image twice
+        except ValueError as e:
+            raise FIDError(str(e)) from None
     device = distributed.setup_device(device)
     mu_ref, sigma_ref = distributed.main_first(partial(load_ref, ref, cache_dir=cache_dir))
     detector = distributed.main_first(partial(load_detector, detector, cache_dir=cache_dir, device=device))
@@ -290,7 +312,10 @@ def calc_fid(
     if images is not None:
         mu, sigma = image_stats(images, detector, num=num, batch_size=batch_size, device=device, progress=progress)
         return [frechet_distance(mu, sigma, mu_ref, sigma_ref)]
-    generator = load_on_ranks(network, device=device, cache_dir=cache_dir)
+    if isinstance(network, DMDGenerator):
+        generator = network
+    else:
+        generator = load_on_ranks(network, device=device, cache_dir=cache_dir)
 
     def generator_fn(batch, class_ids):
         return generator.generate_batch(seeds=batch, class_ids=class_ids, num_steps=num_steps, **(sampler_kwargs or {}))

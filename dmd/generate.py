@@ -3,26 +3,34 @@
 Sources, detected from the file itself:
   - our `network-snapshot-*.pt` (inference weights, the generator's sigma list stored with them);
   - our `training-state-*.pt` (G_ema if the run kept an EMA, else G);
+  - a run folder of `dmd train`: its newest `network-snapshot-NNNNNN.pt`;
+  - a folder written by `dmd export` (model.safetensors + config.json), or one on the Hugging Face Hub,
+    `hf://user/repo` or `hf://user/repo@revision` (dmd/export.py);
   - an EDM network pickle (its 'ema' network, used as a one-step generator at sigma_G = 80);
   - the unofficial port's released checkpoint, a torch.save dict whose 'model_g' holds an EDMPrecond state dict.
+Every network is built from its recorded kwargs only after its tensors are checked against the shapes those kwargs
+give, and every noise list is checked (`check_sigmas`) against the network's range, so a bad file is one line.
 
 Seeds work as in EDM's generate.py: each image has its own `StackedRandomGenerator` stream, drawn in the order latent
 (C, R, R), then label (randint(label_dim), conditional networks only), then one noise per sampler step. A seed thus
 gives the same image whatever the batch it is in, and with `num_steps` an EDM teacher gives EDM's own samples.
 """
 
+import collections
 import operator
 import os
+import re
+import reprlib
 import zipfile
 from functools import partial
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from dmd.edm.presets import DDPMPP
-from dmd.generator import FORMAT_VERSION, SIGMA_G, SNAPSHOT_FORMAT, STATE_FORMAT, sample
+from dmd.generator import FORMAT_VERSION, SIGMA_G, SNAPSHOT_FORMAT, STATE_FORMAT, SigmaError, check_sigmas, sample
 from dmd.utils import distributed
 from dmd.utils.common import make_grid, one_hot, parse_int_list, resolve_device, to_uint8
 from dmd.utils.io import atomic_path, atomic_save_image
@@ -85,24 +93,51 @@ def port_init_kwargs(state_dict, path):
     )
 
 
-def _build(path, class_name, init_kwargs, state_dict):
-    """Build a network and load its weights strictly; GeneratorLoadError naming `path` if they do not fit (or if
-    its constructor kwargs are out of the sane ranges, so a hostile file cannot make the build spin or allocate)."""
-    from dmd.edm.precond import build_network, check_init_kwargs
+def build_checked(path, class_name, init_kwargs, state_dict):
+    """Build a network from a file's class name, kwargs and tensors, checked in that order before anything is
+    allocated: the kwargs within their sane ranges (so a hostile file cannot make the build spin or allocate), then
+    the tensors against the shapes the kwargs give (one line naming `path`, how many tensors misfit and one of them,
+    as for EDM pickles), then the weights loaded strictly. GeneratorLoadError naming `path` for any misfit."""
+    from dmd.edm.persistence import NetworkLoadError, _check_weights, _MetaFactories
+    from dmd.edm.precond import PRECONDITIONERS, build_network, check_init_kwargs
 
+    if not isinstance(class_name, str) or class_name not in PRECONDITIONERS:
+        names = ", ".join(PRECONDITIONERS)
+        raise GeneratorLoadError(f"{path}: network class {reprlib.repr(class_name)} is not one of {names}")
+    if not isinstance(init_kwargs, dict):
+        raise GeneratorLoadError(f"{path}: init_kwargs is a {type(init_kwargs).__name__}, not a dict")
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
+    ):
+        raise GeneratorLoadError(f"{path}: the weights are not a dict of named tensors")
     try:
-        if not isinstance(init_kwargs, dict):
-            raise TypeError(f"init_kwargs is a {type(init_kwargs).__name__}, not a dict")
         check_init_kwargs(init_kwargs)
+        with _MetaFactories():  # shapes only
+            shapes = {k: v.shape for k, v in build_network(class_name, init_kwargs).state_dict().items()}
+    except Exception as e:  # the kwargs come from the file, so whatever stops the build is the file's fault
+        raise GeneratorLoadError(f"{path}: cannot build {class_name}: {' '.join(str(e).split())[:300]}") from e
+    try:
+        _check_weights(path, class_name, shapes, state_dict)
         net = build_network(class_name, init_kwargs)
         net.load_state_dict(state_dict, strict=True)
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise GeneratorLoadError(f"{path}: the weights do not fit {class_name}: {' '.join(str(e).split())}") from e
+    except NetworkLoadError as e:
+        raise GeneratorLoadError(str(e)) from e
+    except (RuntimeError, TypeError) as e:  # right shapes, wrong contents (a complex or string-typed tensor)
+        raise GeneratorLoadError(f"{path}: the weights do not load: {' '.join(str(e).split())[:200]}") from e
     return net
 
 
+def checked_sigmas(path, field, sigmas, net):
+    """A file's noise list through `check_sigmas` against `net`'s range; GeneratorLoadError naming the file."""
+    try:
+        return check_sigmas(sigmas, f"{path}: {field}", net)
+    except SigmaError as e:
+        raise GeneratorLoadError(str(e)) from e
+
+
 def _from_torch_file(path):
-    """Build the network of one of our snapshots or training states, or of the port's checkpoint: (net, sigmas)."""
+    """Build the network of one of our snapshots or training states, or of the port's checkpoint: return (net,
+    sigmas, info), info holding what a dmd file records besides the weights (empty for the port's)."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -111,25 +146,92 @@ def _from_torch_file(path):
         raise GeneratorLoadError(f"{path}: holds a {type(data).__name__}, not a dmd snapshot or training state")
     kind = data.get("format")
     if kind in (SNAPSHOT_FORMAT, STATE_FORMAT):
-        if data.get("version", 0) > FORMAT_VERSION:
-            raise GeneratorLoadError(f"{path}: {kind} version {data['version']}; this dmd reads up to {FORMAT_VERSION}")
+        version = data.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise GeneratorLoadError(f"{path}: {kind} whose version is {reprlib.repr(version)}, not a number")
+        if version > FORMAT_VERSION:
+            raise GeneratorLoadError(f"{path}: {kind} version {version}; this dmd reads up to {FORMAT_VERSION}")
         try:
             if kind == SNAPSHOT_FORMAT:
                 state_dict = data["state_dict"]
             else:
                 state_dict = data["G_ema"] if data.get("G_ema") is not None else data["G"]
             class_name, init_kwargs = data["class_name"], data["init_kwargs"]
-            sigmas = [float(s) for s in data.get("generator_sigmas", [data["sigma_G"]])]  # one-step files: sigma_G
+            field = "generator_sigmas" if "generator_sigmas" in data else "sigma_G"  # one-step files: sigma_G
+            sigmas = data[field] if field == "generator_sigmas" else [data[field]]
         except KeyError as e:
             raise GeneratorLoadError(f"{path}: {kind} without the entry {e}") from e
-        except (TypeError, ValueError) as e:
-            raise GeneratorLoadError(f"{path}: {kind} with malformed noise levels (sigma_G, generator_sigmas)") from e
-        return _build(path, class_name, init_kwargs, state_dict), sigmas
+        net = build_checked(path, class_name, init_kwargs, state_dict)
+        info = {key: data.get(key) for key in ("format", "step", "config", "fingerprints", "global_batch")}
+        return net, checked_sigmas(path, field, sigmas, net), info
     if "model_g" in data:
         state_dict = _strip_prefixes(data["model_g"])
-        return _build(path, "EDMPrecond", port_init_kwargs(state_dict, path), state_dict), [PORT_SIGMA_G]
+        net = build_checked(path, "EDMPrecond", port_init_kwargs(state_dict, path), state_dict)
+        return net, [PORT_SIGMA_G], {}
     keys = ", ".join(sorted(map(str, data))[:8])
     raise GeneratorLoadError(f"{path}: not a dmd snapshot, training state or port checkpoint (keys: {keys})")
+
+
+def resolve_network(source):
+    """The file or folder `source` names: a run folder of `dmd train` stands for its newest network snapshot; any
+    other source (a file, an exported folder, a URL, hf://user/repo) is returned as given. GeneratorLoadError for a
+    folder that is neither."""
+    from dmd.checkpoint import list_checkpoints
+    from dmd.export import CONFIG, HUB_PREFIX, WEIGHTS
+
+    text = os.fspath(source)
+    folder = Path(text).expanduser()
+    if text.startswith(HUB_PREFIX) or not folder.is_dir() or (folder / WEIGHTS).is_file():
+        return source
+    snapshots = list_checkpoints(folder, "network-snapshot")
+    if not snapshots:
+        raise GeneratorLoadError(
+            f"{folder}: a folder without a network snapshot (network-snapshot-NNNNNN.pt of `dmd train`) or an "
+            f"exported model ({WEIGHTS} and {CONFIG} of `dmd export`)"
+        )
+    return str(snapshots[-1])
+
+
+# What a source holds: the network, its noise levels, the file (or folder) they came from, and what a dmd file
+# records besides the weights (format, step, config, fingerprints, global_batch; empty for other sources).
+class LoadedNetwork(NamedTuple):
+    net: torch.nn.Module
+    sigmas: List[float]
+    path: str
+    info: dict
+
+
+def read_network(source, *, cache_dir=None):
+    """Load any source `DMDGenerator` takes (see the module docstring) on the CPU: a LoadedNetwork."""
+    from dmd.edm.persistence import NetworkLoadError, load_network
+    from dmd.export import HUB_PREFIX, hub_folder, load_export
+    from dmd.utils.download import DownloadError, open_url
+
+    source = resolve_network(source)
+    text = os.fspath(source)
+    if text.startswith(HUB_PREFIX) or Path(text).expanduser().is_dir():
+        folder = hub_folder(text) if text.startswith(HUB_PREFIX) else Path(text).expanduser()
+        return LoadedNetwork(*load_export(folder), path=text, info={})
+    try:
+        path = open_url(source, cache_dir=cache_dir)
+    except (DownloadError, FileNotFoundError) as e:
+        hub = f"; a Hub repository is written {HUB_PREFIX}{text}" if re.fullmatch(r"[\w.-]+/[\w.-]+", text) else ""
+        raise GeneratorLoadError(f"{e}{hub}") from e
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if zipfile.is_zipfile(path):  # torch.save's format
+        net, sigmas, info = _from_torch_file(path)
+    elif head == b"\x80":  # a pickle (protocol >= 2), as EDM writes its networks
+        try:
+            net = load_network(path, cache_dir=cache_dir)
+        except NetworkLoadError as e:
+            raise GeneratorLoadError(str(e)) from e
+        sigmas, info = checked_sigmas(path, "sigma_G", [SIGMA_G], net), {}
+    else:
+        raise GeneratorLoadError(
+            f"{path}: not a dmd snapshot, training state, port checkpoint (torch.save zip) or EDM pickle"
+        )
+    return LoadedNetwork(net.eval().requires_grad_(False), sigmas, str(path), info)
 
 
 def load_generator(
@@ -138,34 +240,16 @@ def load_generator(
     cache_dir: Union[str, os.PathLike, None] = None,
     device: Union[str, torch.device] = "cpu",
 ) -> Tuple[torch.nn.Module, List[float]]:
-    """Load a network from any supported file (path or URL): return (net in eval mode, frozen, generator sigmas).
+    """Load a network from any supported source (path, folder, URL or hf://user/repo): return (net in eval mode,
+    frozen, generator sigmas).
 
-    The file is one of `DMDGenerator`'s sources (a dmd snapshot or training state, an EDM network pickle, the port's
-    checkpoint), recognised by its contents; the sigmas are the file's (80 for an EDM pickle, 79.56 for the port's).
-    A missing file, a failed download, a file that is none of these or weights that do not fit raise GeneratorLoadError
-    naming the file.
+    The source is one of `DMDGenerator`'s (a dmd snapshot or training state, a run folder, an exported folder, an
+    EDM network pickle, the port's checkpoint), recognised by its contents; the sigmas are the file's (80 for an EDM
+    pickle, 79.56 for the port's). A missing file, a failed download, a file that is none of these or weights that
+    do not fit raise GeneratorLoadError naming the file.
     """
-    from dmd.edm.persistence import NetworkLoadError, load_network
-    from dmd.utils.download import DownloadError, open_url
-
-    try:
-        path = open_url(source, cache_dir=cache_dir)
-    except (DownloadError, FileNotFoundError) as e:
-        raise GeneratorLoadError(str(e)) from e
-    with open(path, "rb") as f:
-        head = f.read(1)
-    if zipfile.is_zipfile(path):  # torch.save's format
-        net, sigmas = _from_torch_file(path)
-    elif head == b"\x80":  # a pickle (protocol >= 2), as EDM writes its networks
-        try:
-            net, sigmas = load_network(path, cache_dir=cache_dir), [SIGMA_G]
-        except NetworkLoadError as e:
-            raise GeneratorLoadError(str(e)) from e
-    else:
-        raise GeneratorLoadError(
-            f"{path}: not a dmd snapshot, training state, port checkpoint (torch.save zip) or EDM pickle"
-        )
-    return net.eval().requires_grad_(False).to(device), sigmas
+    loaded = read_network(source, cache_dir=cache_dir)
+    return loaded.net.to(device), loaded.sigmas
 
 
 def _seed(value):
@@ -183,17 +267,19 @@ class DMDGenerator:
     """Sample images from a one-step (or few-step) generator, or from an EDM teacher, reproducibly per seed.
 
     Build it from a file, `DMDGenerator(network_path, device=None, cache_dir=None)`: a `network-snapshot-*.pt` or
-    `training-state-*.pt` of `dmd train`, an EDM network pickle, or the port's checkpoint, as a local path or an
-    http(s):// or file:// URL (downloaded once into `cache_dir`, else $DMD_CACHE_DIR, else ~/.cache/dmd). `device`
-    None or 'auto' picks cuda when available. Or wrap a network in memory, `DMDGenerator(net=G)`: it is not moved,
-    and `device` defaults to its parameters'. The noise levels default to the file's (a dmd file's own list, 80 for
-    an EDM pickle, 79.56 for the port's checkpoint) and to 80 with `net=`; `sigma_G=` replaces them by one level,
-    `sigmas=` by a decreasing list such as [80, 1.5]. Bad arguments raise ValueError, unloadable files
-    GeneratorLoadError.
+    `training-state-*.pt` of `dmd train` (or its run folder: the newest snapshot), a folder `dmd export` wrote, an EDM
+    network pickle, or the port's checkpoint, as a local path or an http(s):// or file:// URL (downloaded once into
+    `cache_dir`, else $DMD_CACHE_DIR, else ~/.cache/dmd); or an exported model on the Hugging Face Hub as
+    'hf://user/repo' or 'hf://user/repo@revision' (huggingface_hub's own cache; HF_HUB_OFFLINE=1 reads only it).
+    `device` None or 'auto' picks cuda when available. Or wrap a network in memory, `DMDGenerator(net=G)`: it is not
+    moved, and `device` defaults to its parameters'. The noise levels default to the file's (a dmd file's own list,
+    80 for an EDM pickle, 79.56 for the port's checkpoint) and to 80 with `net=`; `sigma_G=` replaces them by one
+    level, `sigmas=` by a decreasing list such as [80, 1.5]; every list is checked with `check_sigmas` against the
+    network's range. Bad arguments raise ValueError, unloadable files GeneratorLoadError.
 
     `generate_batch` returns (N, C, R, R) float32 images in [-1, 1]. The attributes `net` (in eval mode and frozen
-    when it was loaded from a file), `device` and `sigmas`, and the properties `sigma_G`, `label_dim`, `img_channels`
-    and `img_resolution` describe what was loaded.
+    when it was loaded from a file), `device`, `sigmas` and `source` (the file or folder loaded; None with `net=`),
+    and the properties `sigma_G`, `label_dim`, `img_channels` and `img_resolution` describe what was loaded.
 
     Example:
         G = DMDGenerator("runs/dmd-cifar10/network-snapshot-best.pt")
@@ -204,7 +290,7 @@ class DMDGenerator:
 
     def __init__(
         self,
-        network_path: Union[str, os.PathLike, None] = None,  # Snapshot, training state, EDM pickle or port checkpoint.
+        network_path: Union[str, os.PathLike, None] = None,  # Any source above: file, folder, URL, hf://user/repo.
         device: Union[str, torch.device, None] = None,  # None/'auto': cuda when available, else cpu.
         cache_dir: Union[str, os.PathLike, None] = None,  # Download cache for URLs.
         sigma_G: Optional[float] = None,  # One-step noise level overriding the file's (80 for EDM pickles).
@@ -217,16 +303,25 @@ class DMDGenerator:
             raise ValueError("give sigma_G (one step) or sigmas (the list), not both")
         if net is None:
             self.device = resolve_device(device)
-            net, stored = load_generator(network_path, cache_dir=cache_dir, device=self.device)
+            loaded = read_network(network_path, cache_dir=cache_dir)
+            net, stored, self.source = loaded.net.to(self.device), loaded.sigmas, loaded.path
         else:
             self.device = next(net.parameters()).device if device is None else torch.device(device)
-            stored = [SIGMA_G]
+            stored, self.source = [SIGMA_G], None
         self.net = net
-        if sigmas is None:
-            sigmas = stored if sigma_G is None else [sigma_G]
-        self.sigmas = [float(s) for s in sigmas]
-        if not self.sigmas or any(s <= 0 for s in self.sigmas) or self.sigmas != sorted(self.sigmas, reverse=True):
-            raise ValueError(f"generator sigmas must be positive and decreasing, not {self.sigmas}")
+        if sigmas is not None:
+            self.sigmas = check_sigmas(sigmas, "sigmas", net)
+        elif sigma_G is not None:
+            self.sigmas = check_sigmas([sigma_G], "sigma_G", net)
+        else:
+            self.sigmas = check_sigmas(stored, "the default sigma_G", net)  # a file's were checked as it loaded
+
+    def __repr__(self) -> str:
+        classes = self.label_dim or "unconditional"
+        return (
+            f"DMDGenerator(source={self.source!r}, net={type(self.net).__name__}, resolution={self.img_resolution}, "
+            f"channels={self.img_channels}, classes={classes}, sigmas={self.sigmas}, device='{self.device}')"
+        )
 
     @property
     def sigma_G(self) -> float:
@@ -377,8 +472,32 @@ def rank_batches(seeds, batch_size):
 
 
 def load_on_ranks(network, *, device, cache_dir=None, sigma_G=None):
-    """Build a DMDGenerator on every rank, rank 0 first so a URL is downloaded once."""
-    return distributed.main_first(partial(DMDGenerator, network, device=device, cache_dir=cache_dir, sigma_G=sigma_G))
+    """Build a DMDGenerator on every rank, rank 0 first so a download happens once; a run folder's newest snapshot
+    is named on rank 0."""
+    resolved = resolve_network(network)
+    if resolved is not network:
+        distributed.print0(f"{network}: a run folder; loading its newest snapshot, {Path(resolved).name}")
+    return distributed.main_first(partial(DMDGenerator, resolved, device=device, cache_dir=cache_dir, sigma_G=sigma_G))
+
+
+def refuse_repeated_seeds(seeds, flag="--seeds"):
+    """ValueError naming a seed given more than once: each seed is one image (one PNG name, one FID sample)."""
+    counts = collections.Counter(seeds)
+    repeated = [seed for seed, count in counts.items() if count > 1]
+    if repeated:
+        more = f" (and {len(repeated) - 1} other seeds)" if len(repeated) > 1 else ""
+        raise ValueError(
+            f"{flag} gives seed {repeated[0]} {counts[repeated[0]]} times{more}; each seed is one image: list it once"
+        )
+
+
+def describe_sampling(sigmas, num_steps=None):
+    """How images are made, for titles and model cards: 'one step (sigma 80)', '2 steps (sigmas 80, 1.5)', or EDM's
+    sampler in `num_steps` steps."""
+    if num_steps is not None:
+        return f"EDM's sampler, {num_steps} steps"
+    levels = ", ".join(f"{s:g}" for s in sigmas)
+    return f"one step (sigma {levels})" if len(sigmas) == 1 else f"{len(sigmas)} steps (sigmas {levels})"
 
 
 def seed_span(seeds):
@@ -410,6 +529,7 @@ def generate_images(
     seeds = parse_int_list(seeds)
     if not seeds:
         raise ValueError("--seeds is empty")
+    refuse_repeated_seeds(seeds)
     if class_idx is not None and class_balanced:
         raise ValueError("--class and --class-balanced exclude each other")
     device = distributed.setup_device(device)
@@ -435,18 +555,22 @@ def generate_images(
 
     paths = [png_path(outdir, seed, subdirs) for seed in seeds]
     if grid is not None and distributed.is_main():
-        n, label_dim = len(seeds), generator.label_dim
-        nrow = int(np.ceil(np.sqrt(n)))
-        classes = None  # each image's class where the command fixed it; drawn classes are not known here
-        if class_balanced:
-            classes = torch.as_tensor(seeds) % label_dim
-            nrow = label_dim * max(1, round(np.sqrt(n) / label_dim)) if label_dim <= n else nrow  # columns: classes
-        elif class_idx is not None:
-            classes = class_idx
-        row_labels = [seed_span(seeds[i : i + nrow]) for i in range(0, n, nrow)]
-        title = f"{Path(str(network)).name}, {'one step' if num_steps is None else f'{num_steps} steps'}"
-        title += ", classes drawn from the seeds" if label_dim and classes is None else ""
         images = torch.cat([read_png(p) for p in paths])
-        atomic_save_image(make_grid(images, nrow, row_labels, class_ids=classes, title=title), grid)
+        title = f"{Path(generator.source).name}, {describe_sampling(generator.sigmas, num_steps)}"
+        classes = torch.as_tensor(seeds) % generator.label_dim if class_balanced else class_idx
+        atomic_save_image(sample_grid(images, seeds, generator.label_dim, classes, title, class_balanced), grid)
     distributed.print0(f"{len(seeds)} images in {outdir}" + (f", grid {grid}" if grid is not None else ""))
     return paths
+
+
+def sample_grid(images, seeds, label_dim, classes, title, class_balanced=False):
+    """A labelled grid of `images` (N, C, R, R) in [-1, 1] made from `seeds`: ceil(sqrt(N)) a row, or a multiple of
+    the classes with `class_balanced`; rows named by their seeds, cells by their class where `classes` (one int or
+    (N,)) gives it; None: each class drawn from its seed, which the title says."""
+    n = len(seeds)
+    nrow = int(np.ceil(np.sqrt(n)))
+    if class_balanced and label_dim <= n:  # columns: the classes
+        nrow = label_dim * max(1, round(np.sqrt(n) / label_dim))
+    row_labels = [seed_span(seeds[i : i + nrow]) for i in range(0, n, nrow)]
+    title += ", classes drawn from the seeds" if label_dim and classes is None else ""
+    return make_grid(images, nrow, row_labels, class_ids=classes, title=title)

@@ -12,6 +12,7 @@ import scipy.linalg
 import torch
 from click.testing import CliRunner
 
+from dmd.checkpoint import save_snapshot
 from dmd.cli import main
 from dmd.fid import (
     FeatureStats,
@@ -269,3 +270,55 @@ def test_hostile_references_are_refused_from_their_headers(tmp_path):
         z.writestr("features.npy", header.getvalue())
     mu, sigma = load_ref(str(tmp_path / "extra.npz"))
     assert mu.tolist() == [0.0, 1.0, 2.0] and sigma.tolist() == np.eye(3).tolist()
+
+
+def test_an_offline_detector_download_names_the_flag_that_avoids_it(pngs, tmp_path, monkeypatch):
+    """A failed download of the Inception detector named only its URL; it now says how to work offline."""
+    import dmd.utils.download
+    from dmd.fid import DETECTOR_URL
+
+    def offline(url, **kwargs):
+        raise dmd.utils.download.DownloadError(f"could not download {url} after 5 attempts: ConnectionError")
+
+    monkeypatch.setattr(dmd.utils.download, "open_url", offline)
+    result = CliRunner().invoke(main, ["fid", "ref", "--data", str(pngs), "--dest", str(tmp_path / "ref.npz")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output == (
+        f"Error: detector: could not download {DETECTOR_URL} after 5 attempts: ConnectionError; without internet, "
+        "copy inception-2015-12-05.pt from a machine that has it and give --detector PATH\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["ref", "calc"])
+def test_detector_help_gives_the_call_signature(command):
+    text = " ".join(CliRunner().invoke(main, ["fid", command, "--help"]).output.split())
+    assert "called as detector(uint8 images (N, 3, H, W), return_features=True) -> (N, D) features" in text
+
+
+def test_calc_fid_is_the_python_entry_point(detector_path, tmp_path):
+    """`from dmd import calc_fid` scores a DMDGenerator in memory, as `fid calc --network` scores its file."""
+    from dmd import DMDGenerator as Generator
+    from dmd import calc_fid as public
+
+    save_ref(np.random.default_rng(2).normal(size=16) * 0.01, np.eye(16) * 1e-3, tmp_path / "ref.npz")
+    kwargs = dict(num=20, detector=detector_path, device="cpu", batch_size=8, progress=False)
+    in_memory = public(tmp_path / "ref.npz", network=Generator(PKL, device="cpu"), **kwargs)
+    from_file = calc_fid(tmp_path / "ref.npz", network=PKL, **kwargs)
+    assert len(in_memory) == 1 and in_memory[0] > 0.01 and in_memory == from_file
+    assert "Example:" in calc_fid.__doc__ and "from dmd import DMDGenerator, calc_fid" in calc_fid.__doc__
+
+
+def test_fid_calc_refuses_repeated_seeds_and_names_a_run_folders_snapshot(detector_path, tmp_path):
+    save_ref(np.zeros(16), np.eye(16) * 1e-3, tmp_path / "ref.npz")
+    det = ["--ref", str(tmp_path / "ref.npz"), "--detector", str(detector_path), "--device", "cpu"]
+    result = CliRunner().invoke(main, ["fid", "calc", "--network", str(PKL), "--num", "4", "--seeds", "0-2,2", *det])
+    assert result.exit_code == 1
+    assert result.output == "Error: --seeds gives seed 2 2 times; each seed is one image: list it once\n"
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_snapshot(run / "network-snapshot-000004.pt", DMDGenerator(PKL, device="cpu").net, generator_sigmas=[80.0],
+                  step=4, config={})  # fmt: skip
+    result = CliRunner().invoke(main, ["fid", "calc", "--network", str(run), "--num", "4", *det])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{run}: a run folder; loading its newest snapshot, network-snapshot-000004.pt\n")

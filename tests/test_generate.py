@@ -1,5 +1,6 @@
 """DMDGenerator and `dmd generate`: the four sources, per-seed images, EDM's quantisation, eval mode, errors."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +293,174 @@ def test_generate_cli_errors(tmp_path):
         assert result.exit_code == 1 and message in result.output, result.output
     result = CliRunner().invoke(main, ["generate", "--network", str(tmp_path / "nope.pkl"), "--outdir", str(tmp_path)])
     assert result.exit_code == 1 and "nope.pkl" in result.output
+
+
+VP_PKL = PKL.with_name("vp_ddpmpp_cond.pkl")
+# Noise lists no generator can sample, with the words of check_sigmas' refusal.
+BAD_SIGMAS = [
+    pytest.param([float("nan")], "finite and positive", id="nan"),
+    pytest.param([float("inf")], "finite and positive", id="inf"),
+    pytest.param([1e308], "above 10000", id="1e308"),
+    pytest.param([float(s) for s in range(1000, 0, -1)], "1000 noise levels", id="1000-levels"),
+    pytest.param("80", "a str, not a list", id="string"),
+    pytest.param([80.0, "1.5"], "'1.5' is not a number", id="string-entry"),
+    pytest.param([1.5, 80.0], "strictly decreasing", id="increasing"),
+]
+
+
+def write_sigmas(path, net, field, value, fmt="snapshot"):
+    """A snapshot (or training state) of `net` whose noise levels are `value` under `field`."""
+    data = torch.load(write_snapshot(path, net), weights_only=True)
+    data.pop("sigma_G")
+    data[field] = value
+    if fmt == "state":
+        data = {**data, "format": "dmd-training-state", "G": data.pop("state_dict"), "G_ema": None}
+    torch.save(data, path)
+    return path
+
+
+@pytest.mark.parametrize("sigmas, message", [*BAD_SIGMAS, pytest.param(None, "a NoneType, not a list", id="none")])
+@pytest.mark.parametrize("field, fmt", [("generator_sigmas", "snapshot"), ("generator_sigmas", "state")])
+def test_a_files_noise_levels_are_checked(teacher, tmp_path, sigmas, message, field, fmt):
+    """A stored NaN, inf, 1e308, 1000-long or mistyped list used to give black PNGs with exit 0, hours of work or a
+    traceback; each is now one GeneratorLoadError naming the file and the field."""
+    path = write_sigmas(tmp_path / "bad.pt", teacher, field, sigmas, fmt)
+    with pytest.raises(GeneratorLoadError, match=f"bad.pt: {field}: .*{message}"):
+        DMDGenerator(path, device="cpu")
+
+
+@pytest.mark.parametrize("sigma", [float("nan"), float("inf"), 1e308, -1.0, "80", None])
+def test_a_one_step_files_sigma_G_is_checked(teacher, tmp_path, sigma):
+    path = write_sigmas(tmp_path / "old.pt", teacher, "sigma_G", sigma)
+    with pytest.raises(GeneratorLoadError, match="old.pt: sigma_G: "):
+        DMDGenerator(path, device="cpu")
+
+
+@pytest.mark.parametrize("sigmas, message", BAD_SIGMAS)
+def test_the_api_checks_sigmas(generator, sigmas, message):
+    with pytest.raises(ValueError, match=f"^sigmas: .*{message}"):
+        DMDGenerator(net=generator.net, sigmas=sigmas)
+    if isinstance(sigmas, list) and len(sigmas) == 1:
+        with pytest.raises(ValueError, match=f"^sigma_G: .*{message}"):
+            DMDGenerator(net=generator.net, sigma_G=sigmas[0])
+
+
+def test_noise_levels_stay_inside_the_networks_range(tmp_path):
+    """A VP network is trained up to sigma 152: 500 is refused from a file and from the API, 80 is not."""
+    vp = load_network(VP_PKL)
+    path = write_sigmas(tmp_path / "vp.pt", vp, "generator_sigmas", [500.0, 1.5])
+    with pytest.raises(GeneratorLoadError, match=r"vp.pt: generator_sigmas: .*leave the network's range"):
+        DMDGenerator(path, device="cpu")
+    with pytest.raises(ValueError, match=r"^sigma_G: .*range \[0.000976562, 152.167\]"):
+        DMDGenerator(net=vp, sigma_G=500.0)
+    assert DMDGenerator(net=vp, sigmas=[80, 1.5]).sigmas == [80.0, 1.5]
+
+
+def test_the_cli_refuses_a_bad_noise_list_in_one_line(teacher, tmp_path):
+    path = write_sigmas(tmp_path / "nan.pt", teacher, "generator_sigmas", [float("nan")])
+    result = CliRunner().invoke(main, ["generate", "--network", str(path), "--outdir", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "nan.pt: generator_sigmas" in result.output
+    assert not (tmp_path / "out").exists()  # no black PNGs
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"img_resolution": 16}, r"96 missing \(model.enc.16x16_conv.weight, .*\), 108 unexpected \(model.enc.8x8"),
+        ({"model_channels": 32}, r"size mismatch in \d+ of \d+ tensors, e.g. '[^']+' is \[\d+(, \d+)*\] in the file"),
+    ],
+)
+def test_weights_of_another_network_are_one_short_line(teacher, tmp_path, change, message):
+    """A snapshot whose weights do not fit its kwargs (another resolution or width) used to print torch's whole
+    size-mismatch text, a 12,634-character line; now one line naming the file, the count and one example."""
+    path = write_snapshot(tmp_path / "wrong.pt", teacher)
+    data = torch.load(path, weights_only=True)
+    data["init_kwargs"] = {**data["init_kwargs"], **change}
+    torch.save(data, path)
+    result = CliRunner().invoke(main, ["generate", "--network", str(path), "--outdir", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and len(result.output) < 400, result.output
+    assert re.search(f"wrong.pt: the weights do not fit the EDMPrecond .*{message}", result.output), result.output
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("class_name", ["EDMPrecond"], r"network class \['EDMPrecond'\] is not one of"),
+        ("version", "2", "version is '2', not a number"),
+        ("state_dict", [1, 2], "the weights are not a dict of named tensors"),
+        ("init_kwargs", {"img_resolution": 8, "num_blocks": 10**9}, "cannot build EDMPrecond: 'num_blocks'"),
+    ],
+)
+def test_fields_of_the_wrong_type_are_one_line(teacher, tmp_path, field, value, message):
+    path = write_snapshot(tmp_path / "typed.pt", teacher)
+    data = torch.load(path, weights_only=True)
+    data[field] = value
+    torch.save(data, path)
+    with pytest.raises(GeneratorLoadError, match=f"typed.pt: .*{message}"):
+        DMDGenerator(path, device="cpu")
+
+
+def test_repeated_seeds_are_refused(tmp_path):
+    """`--seeds 3,3,3` said "3 images" and wrote one; a seed is one image, so a repeated one is a mistake."""
+    args = ["generate", "--network", str(PKL), "--outdir", str(tmp_path / "out"), "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--seeds", "3,3,3"])
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    assert result.output == "Error: --seeds gives seed 3 3 times; each seed is one image: list it once\n"
+    result = CliRunner().invoke(main, [*args, "--seeds", "0-9,5-12"])
+    assert "seed 5 2 times (and 4 other seeds)" in result.output
+
+
+def test_grid_title_names_the_generators_own_steps(teacher, tmp_path, monkeypatch):
+    """A two-step student's grid was titled "one step"; the title now comes from the generator's sigmas."""
+    import dmd.generate
+
+    titles = []
+    make_grid = dmd.generate.make_grid
+    monkeypatch.setattr(dmd.generate, "make_grid", lambda *a, **k: titles.append(k["title"]) or make_grid(*a, **k))
+    path = write_sigmas(tmp_path / "two.pt", teacher, "generator_sigmas", [80.0, 1.5])
+    for network, extra in ((path, []), (PKL, []), (PKL, ["--steps", "4"])):
+        args = ["generate", "--network", str(network), "--outdir", str(tmp_path / "out"), "--seeds", "0-3"]
+        result = CliRunner().invoke(main, [*args, "--grid", str(tmp_path / "grid.png"), "--device", "cpu", *extra])
+        assert result.exit_code == 0, result.output
+    assert titles == [
+        "two.pt, 2 steps (sigmas 80, 1.5), classes drawn from the seeds",
+        "edm_ddpmpp_cond.pkl, one step (sigma 80), classes drawn from the seeds",
+        "edm_ddpmpp_cond.pkl, EDM's sampler, 4 steps, classes drawn from the seeds",
+    ]
+
+
+def test_a_run_folder_stands_for_its_newest_snapshot(teacher, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    write_snapshot(run / "network-snapshot-000900.pt", teacher)
+    newest = write_snapshot(run / "network-snapshot-001000.pt", build_network("EDMPrecond", teacher.init_kwargs))
+    G = DMDGenerator(run, device="cpu")
+    assert G.source == str(newest)
+    expected = DMDGenerator(newest, device="cpu").generate_batch(seeds=[0, 1])
+    assert torch.equal(G.generate_batch(seeds=[0, 1]), expected)
+
+    result = CliRunner().invoke(
+        main, ["generate", "--network", str(run), "--outdir", str(tmp_path / "out"), "--seeds", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{run}: a run folder; loading its newest snapshot, network-snapshot-001000.pt" in result.output
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "out" / "000000.png")), to_uint8(expected)[0])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["generate", "--network", str(empty), "--outdir", str(tmp_path / "out2")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert f"{empty}: a folder without a network snapshot (network-snapshot-NNNNNN.pt" in result.output
+
+
+def test_repr_says_what_was_loaded(generator, teacher):
+    assert repr(generator) == (
+        f"DMDGenerator(source='{PKL}', net=EDMPrecond, resolution=8, channels=3, classes=10, sigmas=[80.0], "
+        "device='cpu')"
+    )
+    gray = build_network("EDMPrecond", {**teacher.init_kwargs, "img_channels": 1, "label_dim": 0})
+    assert repr(DMDGenerator(net=gray, sigmas=[80, 1.5])) == (
+        "DMDGenerator(source=None, net=EDMPrecond, resolution=8, channels=1, classes=unconditional, "
+        "sigmas=[80.0, 1.5], device='cpu')"
+    )

@@ -186,7 +186,8 @@ def detector_option():
         metavar="PATH|URL",
         section="Main",
         show_default=False,
-        help="TorchScript feature detector.  [default: EDM's Inception-v3]",
+        help="TorchScript feature detector, called as detector(uint8 images (N, 3, H, W), return_features=True) "
+        "-> (N, D) features; give a local copy when offline.  [default: EDM's Inception-v3, downloaded once]",
     )
 
 

@@ -18,7 +18,10 @@ from dmd.cli.options import (
     sampler_options,
 )
 
-_NETWORK_HELP = "A snapshot or training state of `train`, an EDM network pickle, or the port's checkpoint."
+_NETWORK_HELP = (
+    "A snapshot or training state of `train` (a run folder: its newest snapshot), a folder of `export` or one on the "
+    "Hugging Face Hub as hf://user/repo[@revision], an EDM network pickle, or the port's checkpoint."
+)
 
 
 @main.command(
@@ -203,7 +206,7 @@ python -m dmd fid calc --images fid-out --ref $REF --num-images 50000
     metavar="PATH|URL",
     section="Main",
     show_default=False,
-    help="... or a network, scored straight from its samples (seed s labelled s % label_dim).",
+    help="... or a network as generate takes it, scored straight from its samples (seed s labelled s % label_dim).",
 )
 @option("--ref", required=True, metavar="PATH|URL", section="Main", help="Reference statistics (.npz with mu, sigma).")
 @option(
