@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -217,20 +218,42 @@ def build_regression(cfg, device):
     return RegressionLoss(lpips)
 
 
-def setup_fid(cfg, device):
-    """Load the FID detector and reference statistics of --fid-every now, not at the first FID (None if off)."""
+def setup_fid(cfg, teacher, device):
+    """Load the FID detector and reference statistics of --fid-every now, not at the first FID, and check that they
+    fit each other and the teacher (None if FID is off).
+
+    Without --fid-ref the reference is EDM's CIFAR-10 statistics, which describe no other data: a teacher of another
+    shape must name its own, or every "best" snapshot would be chosen against CIFAR-10.
+    """
     if cfg.fid_every == 0:
         return None
-    from dmd.fid import CIFAR10_REF_URL, FIDError, load_detector, load_ref
+    from dmd.fid import CIFAR10_REF_URL, FIDError, detect, load_detector, load_ref
 
+    shape = (teacher.img_resolution, teacher.img_channels, teacher.label_dim)
+    if cfg.fid_ref is None and (shape[:2] != (32, 3) or shape[2] not in (0, 10)):
+        raise TrainError(
+            f"--fid-every needs --fid-ref for this teacher ({shape[0]}x{shape[0]}, {shape[1]} channels, {shape[2]} "
+            "classes): the default reference is EDM's CIFAR-10 statistics; make the data's with `python -m dmd fid "
+            "ref --data DATASET --dest REF.npz`"
+        )
     try:
-        detector = dist.main_first(partial(load_detector, cfg.fid_detector, cache_dir=cfg.cache_dir, device=device))
+        load = partial(load_detector, cfg.fid_detector, cache_dir=cfg.cache_dir, device=device, flag="--fid-detector")
+        detector = dist.main_first(load)
     except FIDError as e:
         raise TrainError(f"--fid-detector: {e}") from e
     try:
         ref = dist.main_first(partial(load_ref, cfg.fid_ref or CIFAR10_REF_URL, cache_dir=cfg.cache_dir))
     except FIDError as e:
         raise TrainError(f"--fid-ref: {e}") from e
+    try:  # two black images through the detector: its features must be the reference's
+        dim = detect(detector, np.zeros((2, shape[0], shape[0], shape[1]), np.uint8), device).shape[1]
+    except Exception as e:  # the detector is the user's file: whatever stops it is that file's fault
+        raise TrainError(f"--fid-detector: the detector fails on {shape[0]}x{shape[0]} images ({e})") from e
+    if dim != ref[0].shape[0]:
+        raise TrainError(
+            f"--fid-ref holds statistics of {ref[0].shape[0]}-d features but --fid-detector gives {dim}-d features; "
+            "make the reference with the same detector"
+        )
     return detector, ref
 
 
@@ -386,7 +409,7 @@ def set_hyperparameters(opt, lr, cfg):
         group.update(lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def build_parts(cfg, mu_real, pair_stream, real_stream, device):
+def build_parts(cfg, mu_real, reg_loss, pair_stream, real_stream, device):
     """The students G and mu_fake (copies of the teacher; all three U-Nets in the run's precision, not the pickle's
     fp16), their losses and optimisers as the StepParts of the two updates, and the EMA of G (or None)."""
     from dmd.edm.precond import copy_network
@@ -416,7 +439,7 @@ def build_parts(cfg, mu_real, pair_stream, real_stream, device):
         fake_params=fake_params,
         dm_loss=dm_loss,
         fake_loss=fake_loss,
-        reg_loss=build_regression(cfg, device),
+        reg_loss=reg_loss,
         gan_loss=gan_loss,
         pair_stream=pair_stream,
         real_stream=real_stream,
@@ -464,6 +487,8 @@ class Inputs:
     batches: dict  # the global batches a training state records
     fingerprints: dict  # teacher, pairs, real: what the run reads
     start: int  # the step the run starts at
+    reg_loss: Any  # the regression loss, its LPIPS weights loaded (None at --lambda-reg 0)
+    fid: Optional[tuple]  # (detector, reference statistics) of --fid-every, or None
 
 
 def on_main(fn):
@@ -481,8 +506,9 @@ def on_main(fn):
 
 
 def check_inputs(cfg, device):
-    """Check the run folder (no live run in it), the resume source, the teacher and the data against each other,
-    before any work or write; return what they are as Inputs."""
+    """Check the run folder (no live run in it), the resume source, the teacher and the data against each other, and
+    load what the run will need (LPIPS weights, the FID detector and reference, downloading URLs), before any
+    training or write; return what they are as Inputs."""
     run_dir = Path(cfg.output_dir)
     on_main(RunLock(run_dir).check)
     resume_path = resolve_resume(cfg, run_dir)
@@ -517,6 +543,8 @@ def check_inputs(cfg, device):
         batches=batches,
         fingerprints=fingerprints,
         start=0 if state is None else state["step"],
+        reg_loss=build_regression(cfg, device),
+        fid=setup_fid(cfg, mu_real, device),
     )
 
 
@@ -546,8 +574,10 @@ def run(cfg, inputs, device, summary):
     streams, mu_real, resume_path = inputs.streams, inputs.mu_real, inputs.resume_path
 
     # The students, their losses and optimisers, restored from the training state if the run resumes.
-    parts, G_ema = build_parts(cfg, mu_real, streams["data_position"], streams["real_position"], device)
-    fid = setup_fid(cfg, device)
+    parts, G_ema = build_parts(
+        cfg, mu_real, inputs.reg_loss, streams["data_position"], streams["real_position"], device
+    )
+    fid = inputs.fid
     nets = dict(G=parts.G, mu_fake=parts.mu_fake, G_ema=G_ema, head=parts.head)
     nets.update(opt_G=parts.opt_G, opt_fake=parts.opt_fake)
     if state is not None:

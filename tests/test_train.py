@@ -261,6 +261,29 @@ def test_fid_every_logs_fid_and_keeps_the_best_snapshot(tmp_path):
     assert load(out / "training-state-000003.pt")["best_fid"] == best
 
 
+def test_fid_inputs_are_opened_and_checked_before_any_work(tmp_path):
+    """A dry run loads the detector and the reference and checks them against each other and the teacher; without
+    --fid-ref a teacher that is not CIFAR-10's shape is refused (its "best" snapshot was chosen against CIFAR-10)."""
+    from dmd.fid import save_ref
+
+    detector = tmp_path / "detector.pt"
+    torch.jit.script(PixelFeatures()).save(str(detector))  # 16 features
+    ref16, ref8 = tmp_path / "ref16.npz", tmp_path / "ref8.npz"
+    save_ref(np.zeros(16), np.eye(16), ref16)
+    save_ref(np.zeros(8), np.eye(8), ref8)
+    base = train_args(tmp_path / "run", None, "--max-steps", 1, "--batch-size", 2, "--fid-every", 1, "--dry-run")
+    cases = [
+        (["--fid-detector", detector], "--fid-every needs --fid-ref for this teacher (8x8, 3 channels, 10 classes)"),
+        (["--fid-detector", detector, "--fid-ref", ref8], "--fid-ref holds statistics of 8-d features but"),
+        (["--fid-detector", detector, "--fid-ref", tmp_path / "none.npz"], "--fid-ref: --ref: no such file"),
+        (["--fid-detector", tmp_path / "none.pt", "--fid-ref", ref16], "--fid-detector: detector: no such file"),
+    ]
+    for extra, message in cases:
+        one_error_line(run_cli([*base, *map(str, extra)], expect_ok=False), message)
+    assert json.loads(run_cli([*base, "--fid-detector", str(detector), "--fid-ref", str(ref16)]).output)["fid_every"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_readme_command_runs_epochs(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.h5", 64)
     out = tmp_path / "run"
@@ -639,6 +662,9 @@ def test_lpips_without_weights_suggests_local_files_or_mse(tmp_path, pairs, monk
     args.remove("--lpips-random")
     line = one_error_line(run_cli(args, expect_ok=False), "--lpips-vgg / --lpips-lin", "no.pth")
     assert "--regression-distance mse" in line and "--lpips-vgg PATH --lpips-lin PATH" in line
+    # A dry run opens the weights too (it passed, and the real run failed after its setup).
+    assert one_error_line(run_cli([*args, "--dry-run"], expect_ok=False)) == line
+    assert not (tmp_path / "run").exists()
 
 
 if __name__ == "__main__":  # Entry point of the DDP test's torchrun workers, with the same LPIPS stand-in.
