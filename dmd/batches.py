@@ -10,7 +10,7 @@ of processes, and the position (epoch, batch index) is saved, so a resumed run r
 import hashlib
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from dmd.utils import distributed as dist
 from dmd.utils.common import one_hot
@@ -79,6 +79,35 @@ class RankRows:
         return spread(out.to(x.dtype), self.rows, x.shape[0])
 
 
+# An item a DataLoader worker could not read, sent back as a value: torch re-raises a worker's exception with the
+# worker's whole traceback inside its message, so the user's one-line error (a NaN row, a bad image) would arrive as
+# 23 lines; this way the main process raises the same error class with the same line.
+class _Unreadable:
+    def __init__(self, error):
+        self.kind, self.message = type(error), str(error)
+
+
+class _Guarded(Dataset):
+    """`dataset` whose items fail with one of `errors` as _Unreadable values instead of exceptions."""
+
+    def __init__(self, dataset, errors):
+        self.dataset, self.errors = dataset, errors
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except self.errors as e:
+            return _Unreadable(e)
+
+
+def _collate(items):
+    """default_collate, or the first _Unreadable item of the batch."""
+    return next((item for item in items if isinstance(item, _Unreadable)), None) or default_collate(items)
+
+
 # Batches of a dataset (pairs, real images) in the order of a DistributedSampler, shuffled per epoch from the run
 # seed, resumable at any batch. Items are tuples of tensors; a batch comes back as the same tuple, batched.
 class BatchStream:
@@ -89,8 +118,10 @@ class BatchStream:
         seed,  # shuffling seed; the permutation of epoch e is a function of (seed, e)
         workers=0,  # DataLoader worker processes
         pin_memory=False,  # page-locked batches, so the copy to a GPU overlaps compute
+        errors=(),  # the dataset's own error classes: raised by next() as the dataset raised them, in one line
     ):
         self.dataset, self.batch_size, self.workers, self.pin_memory = dataset, batch_size, workers, pin_memory
+        self.errors = tuple(errors)
         self.sampler = DistributedSampler(
             dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=True, seed=seed, drop_last=True
         )
@@ -110,10 +141,17 @@ class BatchStream:
             order = list(self.sampler)
             starts = range(self.index * self.batch_size, self.steps_per_epoch * self.batch_size, self.batch_size)
             batches = [order[i : i + self.batch_size] for i in starts]
-            self._batches = iter(
-                DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, pin_memory=self.pin_memory)
+            loader = DataLoader(
+                _Guarded(self.dataset, self.errors),
+                batch_sampler=batches,
+                num_workers=self.workers,
+                pin_memory=self.pin_memory,
+                collate_fn=_collate,
             )
+            self._batches = iter(loader)
         batch = next(self._batches)
+        if isinstance(batch, _Unreadable):
+            raise batch.kind(batch.message)
         self.index += 1
         if self.index == self.steps_per_epoch:
             self.epoch, self.index, self._batches = self.epoch + 1, 0, None

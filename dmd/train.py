@@ -84,7 +84,11 @@ def open_stream(dataset, batch_size, flag, what, cfg, device):
     """A resumable BatchStream of `dataset` (None without one); TrainError naming `flag` if no batch fits."""
     if dataset is None:
         return None
-    stream = BatchStream(dataset, batch_size, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
+    from dmd.data import PairFileError
+    from dmd.images import ImageDatasetError
+
+    errors = (PairFileError, ImageDatasetError)
+    stream = BatchStream(dataset, batch_size, cfg.seed, cfg.workers, pin_memory=device.type == "cuda", errors=errors)
     if stream.steps_per_epoch == 0:
         raise TrainError(f"{flag}: {len(dataset)} {what} hold no batch of {batch_size} per process")
     return stream

@@ -28,13 +28,13 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def write_pairs(path, n, nan_images=False, resolution=8):
-    """A pair file of n random pairs for the tiny conditional teacher (images NaN if asked)."""
+def write_pairs(path, n, resolution=8):
+    """A pair file of n random pairs for the tiny conditional teacher."""
     from dmd.data import PairWriter, create_pair_file
 
     g = torch.Generator().manual_seed(n)
     latents = torch.randn(n, 3, resolution, resolution, generator=g)
-    images = torch.full_like(latents, float("nan")) if nan_images else torch.rand(latents.shape, generator=g) * 2 - 1
+    images = torch.rand(latents.shape, generator=g) * 2 - 1
     labels = torch.randint(10, (n,), generator=g)
     create_pair_file(path, channels=3, resolution=resolution, label_dim=10, seeds=list(range(n)), attrs={})
     with PairWriter(path) as writer:

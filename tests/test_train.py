@@ -306,6 +306,34 @@ def test_dry_run_checks_the_teacher_against_the_pairs(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_row_is_one_line_also_from_dataloader_workers(tmp_path, workers):
+    """A NaN pair row, or an unreadable real image, is found as it is read: one line naming the flag and the row or
+    file, also when a worker process read it (torch put the worker's 23-line traceback inside the message)."""
+    import h5py
+
+    from dmd.images import write_image_dataset
+
+    nan_pairs = write_pairs(tmp_path / "nan.h5", 6)
+    with h5py.File(nan_pairs, "r+") as f:  # past the writer's own check of every row it appends
+        f["images"][3] = np.nan
+    bad_real = tmp_path / "bad"
+    write_image_dataset(bad_real, np.zeros((5, 8, 8, 3), np.uint8), labels=[0, 1, 2, 3, 4])
+    (bad_real / "00000" / "img00000004.png").write_bytes(b"not a png")
+    cases = [
+        (train_args(tmp_path / "a", nan_pairs), ["--data-path: pair file", "row ", "NaN or inf"]),
+        (
+            dmd2_args(tmp_path / "b", bad_real),
+            ["--real-data: ", "img00000004.png: not a readable image"],
+        ),
+    ]
+    for args, fragments in cases:
+        args = [*args, "--max-steps", "3", "--batch-size", "2"]
+        args[args.index("--workers") + 1] = str(workers)
+        line = one_error_line(run_cli(args, expect_ok=False), *fragments, after_output=True)
+        assert "Traceback" not in line and "worker" not in line and len(line) < 300
+
+
 def test_out_of_range_flags_are_refused_by_the_parser_naming_them(tmp_path, pairs):
     # --help shows the range the command accepts (0<x<=1), and the parser refuses what lies outside it.
     result = run_cli(train_args(tmp_path / "run", pairs, "--max-steps", 1, "--lr-gen", "1e39"), expect_ok=False)
