@@ -384,13 +384,18 @@ def check_same_run(state, path, cfg, *, global_batch, fingerprints):
                 f"--resume: {path} was trained at a global batch of {trained} ({flag} x processes), this run has "
                 f"{size}; give {flag} {trained} / number of processes"
             )
-    for name, value in fingerprints.items():
-        if state["fingerprints"].get(name) != value:
-            flag = {"teacher": "--network", "pairs": "--data-path", "real": "--real-data"}[name]
-            raise CheckpointError(
-                f"--resume: {path} was trained with another {name} file than {flag} gives (the file's fingerprint "
-                "differs); resume with the run's own file"
-            )
+    flags = {"teacher": "--network", "pairs": "--data-path", "real": "--real-data"}
+    for name, flag in flags.items():
+        trained, given = state["fingerprints"].get(name), fingerprints.get(name)
+        if trained == given:
+            continue
+        if trained is None or given is None:
+            what = f"without {flag}, this run gives one" if trained is None else f"with {flag}, this run gives none"
+            raise CheckpointError(f"--resume: {path} was trained {what}; resume as the run was trained")
+        raise CheckpointError(
+            f"--resume: {path} was trained with another {name} file than {flag} gives (the file's fingerprint "
+            "differs); resume with the run's own file"
+        )
     try:
         return resume_changes(state["config"], cfg)
     except ConfigError as e:

@@ -149,3 +149,14 @@ def test_one_run_per_folder_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
     result = run_cli(resume_args(out, "--max-steps", 2))  # the leftover lock is nobody's: taken over
     assert f"No training state in {out}: starting at step 0" in result.output and load(out / "training-state-000002.pt")
     assert lock.read_text().split()[0] == str(os.getpid())
+
+
+def test_a_refused_resume_names_data_the_run_never_had(tmp_path, pairs):
+    out = tmp_path / "run"
+    run_cli(train_args(out, None, "--max-steps", 1, "--batch-size", 2))  # distribution matching alone: no data
+    before = folder_bytes(out)
+    added = resume_args(
+        out, "--max-steps", 2, "--data-path", pairs, "--lambda-reg", 0.25, "--allow-change", "lambda-reg"
+    )
+    one_error_line(run_cli(added, expect_ok=False), "was trained without --data-path, this run gives one")
+    assert folder_bytes(out) == before  # it blamed "another pairs file", which the run never had
