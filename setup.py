@@ -29,6 +29,7 @@ setup(
     extras_require={
         "neptune": ["neptune>=1.0"],
         "tensorboard": ["tensorboard"],  # --log-tensorboard (torch.utils.tensorboard writes the event files)
+        "wandb": ["wandb"],  # --log-wandb
         "plot": ["matplotlib"],  # dmd plot
         "demo": ["scikit-learn"],
         "hub": ["huggingface_hub"],  # hf://user/repo in DMDGenerator and --network, dmd export --push
@@ -40,6 +41,7 @@ setup(
             "tensorboard",
             "matplotlib",
             "huggingface_hub",
+            "wandb",
         ],
     },
     entry_points={"console_scripts": ["dmd=dmd.cli:main"]},

@@ -66,6 +66,7 @@ class TrainConfig:
     resume: Optional[str] = None  # 'auto' (latest state in output_dir, if any) or a training-state path
     log_neptune: bool = False  # also log metrics to Neptune (neptune.cfg or NEPTUNE_* env vars)
     log_tensorboard: bool = False  # also write TensorBoard event files into output_dir (the tensorboard package)
+    log_wandb: bool = False  # also log to Weights & Biases (the wandb package; WANDB_MODE=offline works offline)
     progress: bool = True  # tqdm bar on stderr (the CLI: only when stderr is a terminal, so logs hold no bar updates)
     lpips_vgg: Optional[str] = None  # LPIPS VGG-16 weights (path/URL); None = the public URL
     lpips_lin: Optional[str] = None  # LPIPS v0.1 linear heads (path/URL); None = the public URL
@@ -189,7 +190,7 @@ FREE_ON_RESUME = {
 }  # fmt: skip
 FIXED_ON_RESUME = {"seed", "generator_sigmas", "dropout", "num_timesteps"}
 FREE_ON_RESUME |= {"real_data", "recipe"}  # the real images' contents are checked by their fingerprint
-FREE_ON_RESUME |= {"log_tensorboard", "progress"}  # logging only
+FREE_ON_RESUME |= {"log_tensorboard", "log_wandb", "progress"}  # logging only
 
 # Named bundles of defaults for the settings a user leaves unset (`--recipe`); explicit flags override them, and the
 # resolved values are what config.json records and resume compares.

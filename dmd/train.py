@@ -46,7 +46,16 @@ from dmd.steps import STAT_NAMES, BatchError, StepParts, fake_score_step, genera
 from dmd.utils import distributed as dist
 from dmd.utils.common import make_grid
 from dmd.utils.io import atomic_save_image, atomic_write_text
-from dmd.utils.logger import LoggerError, NeptuneLogger, StatsLogger, TensorBoardLogger, format_head, format_stats
+from dmd.utils.logger import (
+    LoggerError,
+    NeptuneLogger,
+    StatsLogger,
+    TensorBoardLogger,
+    WandbLogger,
+    check_trackers,
+    format_head,
+    format_stats,
+)
 from dmd.utils.training import STOP_CHECK_STEPS, BadSteps, StopSignals, Window, memory_gib, update_ema
 
 
@@ -288,6 +297,7 @@ def save_grid(path, rows, n, *, step, kimg, labels):
         class_ids = torch.cat([labels[name][:n].argmax(1).cpu() for name in rows])
     grid = make_grid(images, nrow=n, row_labels=list(rows), class_ids=class_ids, title=f"step {step}, {kimg:.3f} kimg")
     atomic_save_image(grid, path)
+    return grid
 
 
 def snapshot_info(cfg, step):
@@ -322,19 +332,22 @@ def open_logger(cfg, run_dir, start_step, images_per_step, summary):
     cannot start fails before any file of the run is written."""
     if not dist.is_main():
         return None
-    neptune = NeptuneLogger(cfg.to_dict()) if cfg.log_neptune else None
-    tensorboard = None
-    if cfg.log_tensorboard:
-        try:
+    trackers = []
+    try:
+        if cfg.log_neptune:
+            trackers.append(NeptuneLogger(cfg.to_dict()))
+        if cfg.log_tensorboard:
             # Events of earlier files past the state's step are of steps this run redoes: TensorBoard hides them.
-            tensorboard = TensorBoardLogger(run_dir, purge_step=start_step * images_per_step + 1)
-        except LoggerError:
-            if neptune is not None:
-                neptune.close()
-            raise
+            trackers.append(TensorBoardLogger(run_dir, purge_step=start_step * images_per_step + 1))
+        if cfg.log_wandb:
+            trackers.append(WandbLogger(run_dir, cfg.to_dict()))
+    except Exception:
+        for tracker in trackers:
+            tracker.close()
+        raise
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.to_json(), run_dir / "config.json")
-    logger = StatsLogger(run_dir, neptune, tensorboard)
+    logger = StatsLogger(run_dir, trackers, hide=losses_off(cfg))
     logger.truncate_after(start_step)
     logger.echo(f"Training config:\n{cfg.to_json()}", console=False)  # every setting: log.txt and config.json
     for line in summary or ():
@@ -405,6 +418,14 @@ def final_line(run_dir, done, num_steps, stopped):
 
 # ----------------------------------------------------------------------------
 # The loop.
+
+
+def losses_off(cfg):
+    """The losses a run has switched off: left out of its console lines and trackers (stats.jsonl keeps them, at 0)."""
+    off = set() if cfg.lambda_reg > 0 else {"loss_reg"}
+    off |= set() if cfg.lambda_dm > 0 else {"loss_dm", "loss_fake"}
+    off |= set() if cfg.gan_weight_gen > 0 else {"loss_gan", "loss_disc"}
+    return off
 
 
 def set_hyperparameters(opt, lr, cfg):
@@ -491,6 +512,7 @@ class Inputs:
     batches: dict  # the global batches a training state records
     fingerprints: dict  # teacher, pairs, real: what the run reads
     start: int  # the step the run starts at
+    elapsed_before: float  # the training time in seconds the resumed state records (0 for a new run)
     reg_loss: Any  # the regression loss, its LPIPS weights loaded (None at --lambda-reg 0)
     fid: Optional[tuple]  # (detector, reference statistics) of --fid-every, or None
 
@@ -515,6 +537,7 @@ def check_inputs(cfg, device):
     training or write; return what they are as Inputs."""
     run_dir = Path(cfg.output_dir)
     on_main(RunLock(run_dir).check)
+    check_trackers(cfg.log_neptune, cfg.log_tensorboard, cfg.log_wandb)
     resume_path = resolve_resume(cfg, run_dir)
     state = None if resume_path is None else load_training_state(resume_path, auto=cfg.resume == "auto")
     mu_real, teacher_sha256 = load_teacher(cfg, device)
@@ -547,6 +570,7 @@ def check_inputs(cfg, device):
         batches=batches,
         fingerprints=fingerprints,
         start=0 if state is None else state["step"],
+        elapsed_before=0.0 if state is None else recorded_elapsed(state, resume_path),
         reg_loss=build_regression(cfg, device),
         fid=setup_fid(cfg, mu_real, device),
     )
@@ -589,7 +613,6 @@ def run(cfg, inputs, device, summary):
     set_hyperparameters(parts.opt_G, cfg.lr_gen, cfg)  # a change allowed on resume reaches the optimiser
     set_hyperparameters(parts.opt_fake, cfg.lr_fake, cfg)
     best_fid = float("inf") if state is None else state["best_fid"]
-    elapsed_before = 0.0 if state is None else recorded_elapsed(state, resume_path)
     lines = run_summary(cfg, mu_real, inputs.pairs, inputs.real, device) if summary else None
     logger = open_logger(cfg, run_dir, start, n, lines)
     if logger is not None and state is not None:
@@ -602,7 +625,7 @@ def run(cfg, inputs, device, summary):
 
     def elapsed():
         """The run's training time: what the resumed state recorded plus this process's time in the loop."""
-        return elapsed_before + time.monotonic() - loop_start
+        return inputs.elapsed_before + time.monotonic() - loop_start
 
     def checkpoint(step):
         run = dict(config=cfg.to_dict(), sigma_G=float(cfg.generator_sigmas[0]), bad_steps=counts.read()[1])
@@ -613,10 +636,7 @@ def run(cfg, inputs, device, summary):
     parts.G_ddp, parts.fake_ddp = wrap_ddp(parts.G, device), wrap_ddp(parts.mu_fake, device)
     beta_ema = 0.5 ** (n / (cfg.ema_halflife_kimg * 1000)) if G_ema is not None else None
     zero = torch.zeros((), device=device)
-    use_dm = cfg.lambda_dm > 0
-    # The losses the run has switched off, left out of its console lines (stats.jsonl keeps them, at 0).
-    losses_off = ({"loss_reg"} if parts.reg_loss is None else set()) | (set() if use_dm else {"loss_dm", "loss_fake"})
-    losses_off |= {"loss_gan", "loss_disc"} if parts.gan_loss is None else set()
+    use_dm, hide = cfg.lambda_dm > 0, losses_off(cfg)
     window, done, saved = Window(device, STAT_NAMES), start, start
     show_bar = dist.is_main() and cfg.progress
     bar = tqdm(initial=start, total=num_steps, unit="step", disable=not show_bar, dynamic_ncols=True)
@@ -652,7 +672,7 @@ def run(cfg, inputs, device, summary):
                         )
                         stats.update(mem_gib=memory_gib(device), bad_steps=bad_total)
                         logger.log(done, stats)
-                        logger.echo(format_stats(done, num_steps, stats, hide=losses_off))
+                        logger.echo(format_stats(done, num_steps, stats, hide=hide))
                     if streak >= cfg.max_bad_steps:
                         last = find_latest_state(run_dir)
                         raise TrainError(
@@ -662,7 +682,8 @@ def run(cfg, inputs, device, summary):
                 if logger is not None and cfg.image_every and done % cfg.image_every == 0:
                     images, labels = grid_rows(parts, gen, step)
                     grid_path, kimg = run_dir / f"grid-{done:06d}.png", done * n / 1000
-                    save_grid(grid_path, images, min(cfg.batch_size, 8), step=done, kimg=kimg, labels=labels)
+                    grid = save_grid(grid_path, images, min(cfg.batch_size, 8), step=done, kimg=kimg, labels=labels)
+                    logger.image(done, kimg, "samples", grid)
                 if fid is not None and done % cfg.fid_every == 0:
                     value = compute_fid(cfg, G_ema or parts.G, fid, device)
                     if logger is not None:

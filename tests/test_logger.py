@@ -3,12 +3,14 @@ mode) without leaking the token; and what `train` logs: the clock, speed and lea
 a resume), log.txt holding the console, --no-progress, and TensorBoard scalars equal to stats.jsonl."""
 
 import errno
+import io
 import json
 import math
 import sys
 import time
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from test_train import TEACHER, load, read_stats, run_cli  # the training tests' fixture teacher and helpers
@@ -95,13 +97,15 @@ def test_neptune_logs_each_metric_once_and_never_shows_the_token(tmp_path, monke
     monkeypatch.setenv("NEPTUNE_PROJECT", "ws/proj")
     monkeypatch.setenv("NEPTUNE_API_TOKEN", TOKEN)
     neptune = NeptuneLogger({"lr_gen": 5e-5, "resume": None}, mode="debug")
-    logger = StatsLogger(tmp_path, neptune)
+    logger = StatsLogger(tmp_path, [neptune])
     for step in (10, 20, 30):
         logger.log(step, {**STATS, "loss_G": step / 100})
     values = neptune.run["train/loss_G"].fetch_values()
     assert list(values["value"]) == [0.1, 0.2, 0.3]
     assert len(neptune.run["train/img_per_s"].fetch_values()) == 3
     assert neptune.run["config/lr_gen"].fetch() == 5e-5
+    logger.image(30, 0.06, "samples", PIL.Image.new("RGB", (8, 8)))
+    assert set(neptune.run.get_structure()["grids"]) == {"samples"}
     logger.close()
     out, err = capfd.readouterr()
     assert TOKEN not in out + err
@@ -131,7 +135,7 @@ def tensorboard_scalars(run_dir):
 
 def test_tensorboard_logs_every_metric_at_images_seen(tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard package (extra 'tensorboard') is not installed")
-    logger = StatsLogger(tmp_path, tensorboard=TensorBoardLogger(tmp_path))
+    logger = StatsLogger(tmp_path, [TensorBoardLogger(tmp_path)])
     for step in (1, 2):
         logger.log(step, {"loss_G": step / 3, "kimg": step * 0.056, "bad_steps": 0, "timestamp": 1e9 + step})
     logger.close()
@@ -142,7 +146,9 @@ def test_tensorboard_logs_every_metric_at_images_seen(tmp_path):
 
 def test_missing_tensorboard_names_the_pip_command(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of it now fails as if absent
-    with pytest.raises(LoggerError, match=r"^--log-tensorboard needs the tensorboard package: pip install tensorboard"):
+    with pytest.raises(
+        LoggerError, match=r"^--log-tensorboard needs the tensorboard package: pip install 'dmd-distill\[tensorboard\]'"
+    ):
         TensorBoardLogger(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -250,7 +256,7 @@ def test_tensorboard_scalars_equal_stats_jsonl_after_a_resume_that_redoes_steps(
     records = read_stats(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     scalars = tensorboard_scalars(out)
-    names = {k for r in records for k in r} - {"step", "timestamp"}
+    names = {k for r in records for k in r} - {"step", "timestamp", "loss_reg", "loss_gan", "loss_disc"}  # used only
     assert set(scalars) == {f"train/{k}" for k in names}
     for name in names:
         expected = [(round(r["kimg"] * 1000), float(np.float32(r[name]))) for r in records]
@@ -261,6 +267,66 @@ def test_train_without_tensorboard_fails_before_writing_anything(tmp_path, monke
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     result = train(tmp_path / "run", "--max-steps", 1, "--log-tensorboard", ok=False)
     assert result.exit_code == 1 and result.output.strip().splitlines() == [
-        "Error: --log-tensorboard needs the tensorboard package: pip install tensorboard"
+        "Error: --log-tensorboard needs the tensorboard package: pip install 'dmd-distill[tensorboard]'"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_trackers_get_the_grids_and_not_the_losses_a_run_switched_off(tmp_path):
+    """TensorBoard: the scalars of the losses in use only (a DM-only run has no regression or GAN loss, which plotted
+    as flat zeros) and every sample grid as an image; stats.jsonl keeps every field."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(out, "--max-steps", 2, "--image-every", 1, "--log-tensorboard")
+    assert {"loss_reg", "loss_gan", "loss_disc"} <= set(read_stats(out)[0])
+    scalars = tensorboard_scalars(out)
+    assert "train/loss_dm" in scalars and not {"train/loss_reg", "train/loss_gan", "train/loss_disc"} & set(scalars)
+    events = EventAccumulator(str(out), size_guidance={"images": 0})
+    events.Reload()
+    grids = events.Images("grids/samples")
+    assert [g.step for g in grids] == [2, 4]  # images seen: batch 2 per step
+    png = PIL.Image.open(io.BytesIO(grids[-1].encoded_image_string))
+    assert np.array_equal(
+        np.asarray(png.convert("RGB")), np.asarray(PIL.Image.open(out / "grid-000002.png").convert("RGB"))
+    )
+
+
+def test_weights_and_biases_offline_gets_the_metrics_and_grids(tmp_path, monkeypatch):
+    """--log-wandb with WANDB_MODE=offline: every metric of stats.jsonl but the switched-off losses, against kimg,
+    and the grids; a resumed run continues the same W&B run."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    init = wandb.init
+
+    def recording_init(**kwargs):
+        run = init(**kwargs)
+        log = run.log
+        run.log = lambda data, *a, **k: (logged.append((kwargs["id"], data)), log(data, *a, **k))[1]
+        return run
+
+    monkeypatch.setattr(wandb, "init", recording_init)
+    out = tmp_path / "run"
+    train(out, "--max-steps", 2, "--image-every", 2, "--log-wandb")
+    train(out, "--max-steps", 3, "--log-wandb", "--resume", "auto")
+    run_id = (out / "wandb-run-id").read_text().strip()
+    assert {i for i, _ in logged} == {run_id}  # one W&B run across the resume
+    records = [data for _, data in logged if "train/loss_G" in data]
+    assert len(records) == 3 and all("train/loss_reg" not in r and "train/loss_gan" not in r for r in records)
+    off = {"step", "timestamp", "loss_reg", "loss_gan", "loss_disc"}
+    assert records == [{f"train/{k}": v for k, v in stats.items() if k not in off} for stats in read_stats(out)]
+    grids = [data for _, data in logged if "grids/samples" in data]
+    assert len(grids) == 1 and grids[0]["train/kimg"] == 0.004
+    assert list((out / "wandb").glob("offline-run-*")), "the offline run's files are in the run folder"
+
+
+def test_a_missing_tracker_package_stops_even_a_dry_run_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    result = train(tmp_path / "run", "--max-steps", 1, "--log-wandb", "--dry-run", ok=False)
+    assert result.output.strip().splitlines() == [
+        "Error: --log-wandb needs the wandb package: pip install 'dmd-distill[wandb]'"
     ]
     assert not (tmp_path / "run").exists()

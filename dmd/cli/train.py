@@ -214,6 +214,7 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
 )
 @_train("--log-neptune", section=IO, is_flag=True)
 @_train("--log-tensorboard", section=IO, is_flag=True)
+@_train("--log-wandb", section=IO, is_flag=True)
 @_train("--fid-every", section=IO, type=click.IntRange(min=0), metavar="INT")
 @_train("--fid-num", section=IO, type=click.IntRange(min=2), metavar="INT")
 @_train("--fid-ref", section=IO, metavar="PATH|URL", show_default=False)
