@@ -47,6 +47,13 @@ def test_stats_jsonl_records_and_truncation(tmp_path):
     logger.truncate_after(2)
     records = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert records == [{"step": 1, "loss_G": 0.1}, {"step": 2, "loss_G": 0.2}]
+    # Lines no run of ours writes (torn, deeply nested, huge integers, not a record) are dropped, never a traceback.
+    with open(tmp_path / "stats.jsonl", "a") as f:
+        f.write(
+            '{"step": 1, "lo\n' + "[" * 100_000 + "\n" + '{"step": ' + "9" * 5000 + "}\n" + '["step"]\n{"step": "2"}\n'
+        )
+    logger.truncate_after(2)
+    assert [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()] == records
 
 
 @pytest.fixture
