@@ -79,6 +79,7 @@ def test_three_step_run_writes_every_output(tmp_path, pairs):
         + ["--keep-last", "1", "--ema-halflife-kimg", "0.01"]
     )
     assert sorted(p.name for p in out.iterdir()) == [
+        ".dmd-train.lock",  # the run's lock, stale once it ended
         "config.json",
         "grid-000003.png",
         "log.txt",

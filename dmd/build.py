@@ -1,0 +1,263 @@
+"""What a training run is built from, made from its config and checked before any work: the teacher, the data and
+its batch streams, the students G and mu_fake with their losses and optimisers, the regression loss's LPIPS, the FID
+detector and reference, and the DDP wrappers. dmd/train.py runs what this builds.
+"""
+
+import inspect
+from functools import partial
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from dmd.batches import BatchStream, RankRows, rank_rows, step_seed
+from dmd.steps import StepParts
+from dmd.utils import distributed as dist
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or go on; the message names the flag or file at fault."""
+
+
+def open_datasets(cfg, teacher):
+    """The pair file of --data-path and the real images of --real-data (each None without), checked against the
+    teacher; TrainError naming the flag on failure."""
+    from dmd.data import PairDataset, PairFileError
+    from dmd.images import ImageDataset, ImageDatasetError
+
+    pairs = real = None
+    try:
+        if cfg.data_path is not None:
+            pairs = PairDataset(cfg.data_path)
+            pairs.check_compatible(teacher)
+    except PairFileError as e:
+        raise TrainError(f"--data-path: {e}") from e
+    try:
+        if cfg.real_data is not None:
+            real = ImageDataset(cfg.real_data, xflip=cfg.xflip)
+            real.check_compatible(teacher)
+    except ImageDatasetError as e:
+        raise TrainError(f"--real-data: {e}") from e
+    return pairs, real
+
+
+def open_stream(dataset, batch_size, flag, what, cfg, device):
+    """A resumable BatchStream of `dataset` (None without one); TrainError naming `flag` if no batch fits."""
+    if dataset is None:
+        return None
+    from dmd.data import PairFileError
+    from dmd.images import ImageDatasetError
+
+    errors = (PairFileError, ImageDatasetError)
+    stream = BatchStream(dataset, batch_size, cfg.seed, cfg.workers, pin_memory=device.type == "cuda", errors=errors)
+    if stream.steps_per_epoch == 0:
+        raise TrainError(f"{flag}: {len(dataset)} {what} hold no batch of {batch_size} per process")
+    return stream
+
+
+def load_teacher(cfg, device):
+    """Load mu_real from --network (frozen, in eval mode, on `device`); return it and the file's sha256."""
+    from dmd.edm.persistence import NetworkLoadError, load_network
+    from dmd.utils.download import DownloadError, open_url, sha256_file
+
+    try:
+        # Rank 0 downloads a URL teacher, the others then read the cache.
+        local = dist.main_first(
+            partial(open_url, cfg.model_path, cache_dir=cfg.cache_dir, progress=cfg.progress and dist.is_main())
+        )
+        net = load_network(local, key="ema", device=device)
+    except (OSError, NetworkLoadError, DownloadError) as e:
+        raise TrainError(f"--network: cannot load a teacher from {cfg.model_path} ({e})") from e
+    return net.eval().requires_grad_(False), sha256_file(local)
+
+
+def student_copy(teacher, dropout, device):
+    """A trainable copy of the teacher with its dropout replaced (G and mu_fake train with dropout 0 by default).
+
+    The copy never runs in fp16 (use_fp16 off even for an fp16 teacher: fp16 training diverges without loss scaling,
+    DMD2 found); its compute dtype is the run's --precision, set by `prepare_network`.
+    """
+    from dmd.edm.precond import build_network
+
+    net = build_network(type(teacher).__name__, {**teacher.init_kwargs, "dropout": dropout, "use_fp16": False})
+    net.load_state_dict(teacher.state_dict())
+    return net.to(device).train().requires_grad_(True)
+
+
+def setup_device(cfg):
+    """Join torchrun's process group if any and return this rank's device; on CUDA TF32 on, cuDNN autotuning on
+    (every step has the same shapes)."""
+    device = dist.setup_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def prepare_network(net, dtype, cfg):
+    """Set a network's U-Net compute dtype (bf16 inside the preconditioner, fp32 around it) and the opt-in
+    --channels-last memory layout and --compile (torch.compile of the U-Net's forward; state-dict keys unchanged)."""
+    from dmd.edm.precond import set_compute_dtype
+
+    set_compute_dtype(net, dtype)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        net.model.compile()
+    return net
+
+
+# A network called with zero augment labels when its U-Net has an augment mapping (EDM's CIFAR-10 teacher has one):
+# the output is the same as without them (map_augment has no bias), but its weight then takes part in every
+# backward, so DDP needs no search for unused parameters.
+class ZeroAugment(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.augment_dim = net.model.map_augment.in_features if net.model.map_augment is not None else 0
+
+    def forward(self, x, sigma, class_labels=None):
+        if self.augment_dim == 0:
+            return self.net(x, sigma, class_labels)
+        zeros = x.new_zeros((x.shape[0], self.augment_dim))
+        return self.net(x, sigma, class_labels, augment_labels=zeros)
+
+
+def wrap_ddp(net, device):
+    """DDP wrapper under torchrun, the bare network otherwise.
+
+    Buffers (EDM's fixed frequencies and tables) never change, so they are not re-sent before every forward: with
+    `forward_sync_buffers=False` where this torch has it (`broadcast_buffers`, its old name, is deprecated there and
+    warned in every rank's log), else `broadcast_buffers=False`.
+    """
+    if not dist.is_initialized():
+        return net
+    ids = [device.index] if device.type == "cuda" else None
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in DDP_ARGUMENTS else "broadcast_buffers"
+    return DistributedDataParallel(ZeroAugment(net), device_ids=ids, gradient_as_bucket_view=True, **{no_sync: False})
+
+
+DDP_ARGUMENTS = inspect.signature(DistributedDataParallel).parameters
+
+
+def build_losses(cfg, mu_real, mu_fake, rows, device):
+    """The losses: distribution matching and fake-score on this rank's `rows`, and DMD2's GAN (None when off) with
+    its discriminator head."""
+    from dmd.losses import DistributionMatchingLoss, FakeScoreLoss, KarrasGrid
+
+    grid = KarrasGrid(T=cfg.num_timesteps).to(device)  # on the device once, not copied at every lookup
+    dm_loss = DistributionMatchingLoss(RankRows(mu_real, rows), RankRows(mu_fake, rows), grid, cfg.t_min, cfg.t_max)
+    fake_loss = FakeScoreLoss(grid, sigma_sampling=cfg.fake_sigma_sampling)
+    gan_loss = None
+    if cfg.gan_weight_gen > 0:
+        from dmd.gan import DiscriminatorHead, GANLoss
+
+        with torch.random.fork_rng(devices=[]):  # the same initial head on every rank, and the run's RNG untouched
+            torch.manual_seed(step_seed(cfg.seed, 0, "head"))
+            head = DiscriminatorHead.for_network(mu_fake).to(device)
+        gan_loss = GANLoss(mu_fake, head, grid, max_index=max(1, round(cfg.gan_t_max * grid.T)))
+    return dm_loss, fake_loss, gan_loss
+
+
+def build_regression(cfg, device):
+    """The regression loss of --regression-distance (None at --lambda-reg 0)."""
+    from dmd.losses import MSERegressionLoss, RegressionLoss
+    from dmd.lpips import LPIPS
+
+    if cfg.lambda_reg == 0:
+        return None
+    if cfg.regression_distance == "mse":
+        return MSERegressionLoss()
+    weights = dict(vgg_weights=cfg.lpips_vgg, lin_weights=cfg.lpips_lin, cache_dir=cfg.cache_dir)
+    try:
+        lpips = LPIPS(**weights, pretrained=cfg.lpips_pretrained).to(device)
+        lpips.compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32  # 0.6% off fp32
+        if cfg.channels_last:
+            lpips.to(memory_format=torch.channels_last)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise TrainError(
+            f"--lpips-vgg / --lpips-lin: cannot load the LPIPS weights ({e}); without internet access give local "
+            "files with --lpips-vgg PATH --lpips-lin PATH, or train with --regression-distance mse"
+        ) from e
+    return RegressionLoss(lpips)
+
+
+def setup_fid(cfg, teacher, device):
+    """Load the FID detector and reference statistics of --fid-every now, not at the first FID, and check that they
+    fit each other and the teacher (None if FID is off).
+
+    Without --fid-ref the reference is EDM's CIFAR-10 statistics, which describe no other data: a teacher of another
+    shape must name its own, or every "best" snapshot would be chosen against CIFAR-10.
+    """
+    if cfg.fid_every == 0:
+        return None
+    from dmd.fid import CIFAR10_REF_URL, FIDError, detect, load_detector, load_ref
+
+    shape = (teacher.img_resolution, teacher.img_channels, teacher.label_dim)
+    if cfg.fid_ref is None and (shape[:2] != (32, 3) or shape[2] not in (0, 10)):
+        raise TrainError(
+            f"--fid-every needs --fid-ref for this teacher ({shape[0]}x{shape[0]}, {shape[1]} channels, {shape[2]} "
+            "classes): the default reference is EDM's CIFAR-10 statistics; make the data's with `python -m dmd fid "
+            "ref --data DATASET --dest REF.npz`"
+        )
+    try:
+        load = partial(load_detector, cfg.fid_detector, cache_dir=cfg.cache_dir, device=device, flag="--fid-detector")
+        detector = dist.main_first(load)
+    except FIDError as e:
+        raise TrainError(f"--fid-detector: {e}") from e
+    try:
+        ref = dist.main_first(partial(load_ref, cfg.fid_ref or CIFAR10_REF_URL, cache_dir=cfg.cache_dir))
+    except FIDError as e:
+        raise TrainError(f"--fid-ref: {e}") from e
+    try:  # two black images through the detector: its features must be the reference's
+        dim = detect(detector, np.zeros((2, shape[0], shape[0], shape[1]), np.uint8), device).shape[1]
+    except Exception as e:  # the detector is the user's file: whatever stops it is that file's fault
+        raise TrainError(f"--fid-detector: the detector fails on {shape[0]}x{shape[0]} images ({e})") from e
+    if dim != ref[0].shape[0]:
+        raise TrainError(
+            f"--fid-ref holds statistics of {ref[0].shape[0]}-d features but --fid-detector gives {dim}-d features; "
+            "make the reference with the same detector"
+        )
+    return detector, ref
+
+
+def build_parts(cfg, mu_real, reg_loss, pair_stream, real_stream, device):
+    """The students G and mu_fake (copies of the teacher; all three U-Nets in the run's precision, not the pickle's
+    fp16), their losses and optimisers as the StepParts of the two updates, and the EMA of G (or None)."""
+    from dmd.edm.precond import copy_network
+
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    G, mu_fake = student_copy(mu_real, cfg.dropout, device), student_copy(mu_real, cfg.dropout, device)
+    for net in (mu_real, G, mu_fake):
+        prepare_network(net, dtype, cfg)
+    G_ema = copy_network(G).to(device).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None
+    rows, n = rank_rows(cfg.batch_size), cfg.batch_size * dist.get_world_size()
+    dm_loss, fake_loss, gan_loss = build_losses(cfg, mu_real, mu_fake, rows, device)
+    head = None if gan_loss is None else gan_loss.head
+    fake_params = list(mu_fake.parameters()) + ([] if head is None else list(head.parameters()))  # DMD2: one AdamW
+    adamw = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)  # fused: skips a bad step on the device
+    opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.lr_gen, **adamw)
+    opt_fake = torch.optim.AdamW(fake_params, lr=cfg.lr_fake, **adamw)
+    parts = StepParts(
+        cfg=cfg,
+        mu_real=mu_real,
+        G=G,
+        G_ddp=G,
+        mu_fake=mu_fake,
+        fake_ddp=mu_fake,
+        head=head,
+        opt_G=opt_G,
+        opt_fake=opt_fake,
+        fake_params=fake_params,
+        dm_loss=dm_loss,
+        fake_loss=fake_loss,
+        reg_loss=reg_loss,
+        gan_loss=gan_loss,
+        pair_stream=pair_stream,
+        real_stream=real_stream,
+        rows=rows,
+        n=n,
+        device=device,
+    )
+    return parts, G_ema
