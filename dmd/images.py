@@ -3,29 +3,75 @@
 The format is what EDM's `dataset_tool.py` writes (e.g. `cifar10-32x32.zip`): a folder, or an uncompressed ZIP, of
 PNGs named `00000/img00000000.png`, `00000/img00000001.png`, ..., `00001/img00001000.png`, ..., and a `dataset.json`
 at the top whose "labels" is a list of `[relative_path, class_index]` pairs, or null for unlabelled data. As EDM's
-ImageFolderDataset does, every image file under the folder (any extension PIL reads) counts, in sorted name order;
-the first image fixes the size and mode (RGB or grayscale) and every image read is checked against it.
+ImageFolderDataset does, every file under the folder whose extension PIL knows counts as an image, in sorted name
+order; the first image fixes the size and mode (RGB or grayscale) and every image read is checked against it.
 
-`ImageFolder` is the one reader of this format: `dmd.fid.ImageFiles` is the same class raising FIDError.
+Every image is decoded as PNG and nothing else, whatever its name: PIL picks a decoder by a file's content, and an
+EPS file named `.png` would make it run Ghostscript. A JPEG (or any other format) in a dataset is an error naming the
+file; `dmd make-dataset` (dmd/dataset_tool.py) converts other images into this format. FIFOs, sockets and devices are
+refused by name rather than opened (opening a FIFO waits for a writer forever).
+
+`ImageFolder` is the one reader of this format: `dmd.fid.ImageFiles` is the same class raising FIDError, and
+make-dataset reads its sources with a subclass that allows more formats.
 """
 
 import io
 import json
 import os
+import stat
 import zipfile
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dmd.utils.common import parse_json
+
 LABELS_FILE = "dataset.json"
 LABEL_BYTES_PER_IMAGE = 1024  # dataset.json's bound: EDM writes ~40 bytes per [path, class] entry
 MAX_PIXELS = 4096 * 4096  # far above EDM's datasets (32-512 px a side); bounds what one PNG header may ask to allocate
+MAX_CLASS = 2**31 - 1  # the largest class index dataset.json may give (numpy's int64 overflowed on larger ones)
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # EDM's tool stores entries; zip tools deflate them
+_SPECIAL_FILES = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 class ImageDatasetError(ValueError):
     """A real-image folder or ZIP that cannot be read or used with a given teacher; the message names the file."""
+
+
+def special_file(path):
+    """What `path` is if it exists but is neither a folder nor a regular file ('a FIFO', 'a socket', ...), else None.
+
+    Data is read only from folders and regular files: opening a FIFO waits for a writer forever, and a device may
+    never end.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return None
+    return _SPECIAL_FILES.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _zip_problem(info):
+    """Why the ZIP entry `info` cannot be read here, or None: zipfile raised RuntimeError for an encrypted entry and
+    NotImplementedError for a compression method it lacks (zstd, ...)."""
+    if info.flag_bits & 0x41:  # bit 0: encrypted, bit 6: strong encryption
+        return "encrypted; dmd reads unencrypted ZIPs"
+    if info.flag_bits & 0x20:
+        return "holds patch data (ZIP flag bit 5), which dmd does not read"
+    if info.compress_type not in ZIP_METHODS:
+        return f"compression method {info.compress_type}; dmd reads stored or deflated entries (EDM's tool stores them)"
+    return None
 
 
 def _describe(shape):
@@ -38,6 +84,9 @@ def _describe(shape):
 # ZipFile handle must not be shared across processes.
 class ImageFolder:
     error = ImageDatasetError  # The exception class of every message (fid's subclass raises FIDError).
+    formats = ("PNG",)  # The only decoders PIL may use (EDM's dataset format holds PNGs).
+    format_note = "EDM's dataset format holds PNGs; `dmd make-dataset` converts other images"
+    max_pixels = MAX_PIXELS  # The most pixels an image may declare.
 
     def __init__(self, path):
         import PIL.Image
@@ -45,19 +94,40 @@ class ImageFolder:
         self.path = Path(path)
         self._zip = self._pid = None
         self._shape = None  # (H, W, C) of the first image, read when first needed.
+        extensions = set(PIL.Image.registered_extensions())
+
+        def counts(name):  # Is `name` read: an image (any extension PIL knows, as EDM counts them) or the labels?
+            return name == LABELS_FILE or Path(name).suffix.lower() in extensions
+
+        kind = special_file(self.path)
+        if kind is not None:
+            raise self.error(f"{path}: {kind}, not a folder or ZIP of images")
         if self.path.is_dir():
             self.is_zip = False
-            names = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
+            names = []
+            for p in self.path.rglob("*"):
+                name = p.relative_to(self.path).as_posix()
+                if not counts(name):
+                    continue
+                kind = special_file(p)
+                if kind is not None:
+                    raise self.error(f"{self.path}/{name}: {kind}, not a regular file")
+                if p.is_file():
+                    names.append(name)
         elif zipfile.is_zipfile(self.path):
             self.is_zip = True
             try:
-                names = self._zipfile().namelist()
+                infos = self._zipfile().infolist()
             except (OSError, zipfile.BadZipFile) as e:
                 raise self.error(f"{path}: not a readable ZIP ({e})") from e
+            for info in infos:
+                problem = _zip_problem(info) if counts(info.filename) else None
+                if problem is not None:
+                    raise self.error(f"{self.path}/{info.filename}: {problem}")
+            names = [info.filename for info in infos if counts(info.filename)]
         else:
             raise self.error(f"{path}: not a folder or ZIP of images")
-        extensions = set(PIL.Image.registered_extensions())
-        self.names = sorted(n for n in names if Path(n).suffix.lower() in extensions)
+        self.names = sorted(n for n in names if n != LABELS_FILE)
         self.has_labels_file = LABELS_FILE in names
         if not self.names:
             raise self.error(f"{path}: no images found")
@@ -85,29 +155,40 @@ class ImageFolder:
             self._zip.close()
         self._zip = self._pid = None
 
-    def read(self, index, shape=None):
-        """Return image `index` as (H, W, C) uint8 (C = 1 or 3); with `shape` (H, W, C), an error naming both files
-        if its size or mode differs. The size a PNG declares is checked before it is decoded, so a small file cannot
-        ask for gigabytes."""
+    @contextmanager
+    def open_image(self, index):
+        """Yield image `index` as a PIL image whose header (size, mode) is read but not its pixels, opened only as
+        one of `formats` and refused if it declares more than `max_pixels`; an error naming the file for any failure
+        inside the block, so that a small file cannot ask for gigabytes and a bad one gives one line."""
         import PIL.Image
 
-        name = self.names[index]
+        where = f"{self.path}/{self.names[index]}"
         try:
-            with self._open(name) as f:
-                image = PIL.Image.open(f)
+            with self._open(self.names[index]) as f:
+                image = PIL.Image.open(f, formats=self.formats)
                 width, height = image.size
-                if width * height > MAX_PIXELS:
+                if width * height > self.max_pixels:
                     raise self.error(
-                        f"{self.path}/{name}: declares {width}x{height} pixels, more than the {MAX_PIXELS:,} an "
-                        "image may have here"
+                        f"{where}: declares {width}x{height} pixels, more than the {self.max_pixels:,} an image may "
+                        "have here"
                     )
-                if shape is not None and (height, width) != shape[:2]:
-                    self._mismatch(index, (height, width, len(image.getbands())), shape)
-                image.load()
-        except (OSError, zipfile.BadZipFile, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as e:
-            raise self.error(f"{self.path}/{name}: not a readable image ({e})") from e
+                yield image
+        except PIL.UnidentifiedImageError as e:
+            note = f" ({self.format_note})" if self.format_note else ""
+            raise self.error(f"{where}: not a {' or '.join(self.formats)} image{note}") from e
+        except (OSError, EOFError, SyntaxError, zlib.error, zipfile.BadZipFile, PIL.Image.DecompressionBombError) as e:
+            raise self.error(f"{where}: not a readable image ({e})") from e
+
+    def read(self, index, shape=None):
+        """Return image `index` as (H, W, C) uint8 (C = 1 or 3); with `shape` (H, W, C), an error naming both files
+        if its size or mode differs, checked before its pixels are decoded."""
+        with self.open_image(index) as image:
+            width, height = image.size
+            if shape is not None and (height, width) != shape[:2]:
+                self._mismatch(index, (height, width, len(image.getbands())), shape)
+            image.load()
         if image.mode not in ("L", "RGB"):
-            raise self.error(f"{self.path}/{name}: mode {image.mode}; expected RGB or L (grayscale)")
+            raise self.error(f"{self.path}/{self.names[index]}: mode {image.mode}; expected RGB or L (grayscale)")
         pixels = np.asarray(image)
         pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
         if shape is not None and pixels.shape != shape:
@@ -145,9 +226,9 @@ class ImageFolder:
         if len(text) > limit:
             raise self.error(f"{where}: more than {limit:,} bytes for {len(self.names)} images; not a label file")
         try:
-            meta = json.loads(text)
-        except ValueError as e:  # JSON and UTF-8 errors
-            raise self.error(f"{where}: not readable JSON ({e})") from e
+            meta = parse_json(text, where)
+        except ValueError as e:
+            raise self.error(str(e)) from None
         if not isinstance(meta, dict) or "labels" not in meta:
             raise self.error(f"{where}: no 'labels' entry (expected {{\"labels\": [[path, class], ...] or null}})")
         pairs = meta["labels"]
@@ -157,8 +238,11 @@ class ImageFolder:
             raise self.error(f"{where}: 'labels' is a {type(pairs).__name__}, not a list of [path, class] pairs")
         for pair in pairs:
             ok = isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
-            if not (ok and type(pair[1]) is int and pair[1] >= 0):  # EDM's float label vectors are not classes
-                raise self.error(f"{where}: entry {json.dumps(pair)[:80]} is not a [path, class index >= 0] pair")
+            if not (ok and type(pair[1]) is int and 0 <= pair[1] <= MAX_CLASS):  # EDM's label vectors are no classes
+                raise self.error(
+                    f"{where}: entry {json.dumps(pair)[:80]} is not a [path, class index] pair (a class is an integer "
+                    f"from 0 to {MAX_CLASS})"
+                )
         labels = dict(pairs)
         missing = [name for name in self.names if name not in labels]
         if missing:
