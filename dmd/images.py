@@ -12,12 +12,14 @@ file; `dmd make-dataset` (dmd/dataset_tool.py) converts other images into this f
 refused by name rather than opened (opening a FIFO waits for a writer forever).
 
 `ImageFolder` is the one reader of this format: `dmd.fid.ImageFiles` is the same class raising FIDError, and
-make-dataset reads its sources with a subclass that allows more formats.
+make-dataset reads its sources with a subclass that allows more formats. `DatasetWriter` is the one writer.
 """
 
+import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import zipfile
 import zlib
@@ -313,39 +315,156 @@ class ImageDataset(Dataset):
             )
 
 
-def write_image_dataset(dest, images, labels=None):
-    """Write uint8 images (N, H, W, C), C = 1 or 3, and optional class indices (N,) in EDM's format.
+def image_name(index):
+    """EDM's name of image `index` in a dataset: 00000/img00000000.png, ..., 00001/img00001000.png, ..."""
+    digits = f"{index:08d}"
+    return f"{digits[:5]}/img{digits}.png"
 
-    `dest` ending in .zip gets an uncompressed ZIP (written atomically), anything else a folder; names and PNG
-    settings are those of EDM's dataset_tool.py.
-    """
+
+def encode_png(pixels):
+    """(H, W, C) uint8, C = 1 or 3 -> PNG bytes with EDM's dataset_tool.py settings (uncompressed: fast to decode)."""
     import PIL.Image
 
-    from dmd.utils.io import atomic_path
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(
+        buffer, format="png", compress_level=0, optimize=False
+    )
+    return buffer.getvalue()
 
+
+def refuse_existing(dest):
+    """ImageDatasetError if `dest` exists (a file or folder a person made is never overwritten)."""
+    if os.path.lexists(dest):
+        raise ImageDatasetError(f"{dest} exists; remove it or choose another DEST")
+
+
+JOB_FILE = "make-dataset.json"  # In a staging folder: the job that is writing it.
+CHUNK = 1000  # Images per staged group: one folder of EDM's layout (00000/ holds images 0-999).
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # ZIP entry times: the same images give the same bytes
+
+
+def _zip_entry(name):
+    entry = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+    entry.external_attr = 0o644 << 16  # rw-r--r-- when unzipped
+    return entry
+
+
+# EDM's dataset format written into a staging folder `DEST.partial` beside DEST, which becomes DEST only when complete
+# (renamed, for a folder DEST, or packed into a ZIP DEST), so that an interrupted write, kill -9 included, never
+# leaves a half DEST. Images are staged by EDM's groups of 1000 (00000/, 00001/, ...), each written under a temporary
+# name and renamed when whole: a small ZIP per group for a ZIP DEST (a few dozen files for CIFAR-10, not 50,000), a
+# folder per group for a folder DEST. The staging folder records the job writing it (a JSON dict saying what is
+# written from what): a writer of the same job continues after the last whole group, one of another job is refused,
+# as is an existing DEST, so that a file a person made is never overwritten. ZIP entries carry a fixed time: the
+# same images give the same bytes.
+class DatasetWriter:
+    def __init__(self, dest, num, job):
+        from dmd.utils.io import atomic_write_text, check_name_length
+
+        self.dest, self.num = Path(dest), num
+        self.is_zip = self.dest.suffix.lower() == ".zip"
+        self.staging = self.dest.with_name(self.dest.name + ".partial")
+        refuse_existing(self.dest)
+        try:
+            check_name_length(self.staging)
+        except ValueError as e:
+            raise ImageDatasetError(f"{dest}: {e}") from None
+        if num >= 10**8:  # EDM's names have 8 digits
+            raise ImageDatasetError(f"{dest}: {num:,} images; EDM's dataset format names at most 99,999,999")
+        job = json.loads(json.dumps(dict(job, images=num, zip=self.is_zip)))  # as it reads back (tuples: lists)
+        record = self.staging / JOB_FILE
+        if record.is_file():
+            try:
+                found = parse_json(record.read_bytes(), f"{record}")
+            except ValueError as e:
+                raise ImageDatasetError(str(e)) from None
+            if found != job:
+                raise ImageDatasetError(
+                    f"{self.staging} holds an interrupted write from other data or options (the job in {JOB_FILE} "
+                    "differs); rerun the command that started it, or remove it to start over"
+                )
+        elif self.staging.is_dir() and not any(self.staging.iterdir()):  # made by a writer killed right after mkdir
+            atomic_write_text(json.dumps(job), record)
+        elif os.path.lexists(self.staging):
+            raise ImageDatasetError(f"{self.staging} exists and was not made by dmd; remove it or choose another DEST")
+        else:
+            self.staging.mkdir(parents=True)
+            atomic_write_text(json.dumps(job), record)
+        for path in self.staging.glob("*.tmp"):  # a group whose writing was interrupted
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        self._group = None  # (its temporary path, the ZipFile it is written through or None), while one is open
+
+    def _final(self, index):
+        """Where the whole group of image `index` lies in the staging folder."""
+        folder = image_name(index).split("/")[0]
+        return self.staging / (f"{folder}.zip" if self.is_zip else folder)
+
+    def todo(self):
+        """The indices still to write, in order: those of groups not written whole before."""
+        starts = [start for start in range(0, self.num, CHUNK) if not self._final(start).exists()]
+        return [i for start in starts for i in range(start, min(start + CHUNK, self.num))]
+
+    def write(self, index, pixels):
+        """Write image `index`, (H, W, C) uint8 with C = 1 or 3; images come in order, a group from its first."""
+        final = self._final(index)
+        if self._group is None:
+            tmp = final.with_name(final.name + ".tmp")
+            if self.is_zip:
+                self._group = tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED)
+            else:
+                tmp.mkdir()
+                self._group = tmp, None
+        tmp, z = self._group
+        name = image_name(index)
+        if z is not None:
+            z.writestr(_zip_entry(name), encode_png(pixels))
+        else:
+            (tmp / name.split("/")[1]).write_bytes(encode_png(pixels))
+        if index == min(index // CHUNK * CHUNK + CHUNK, self.num) - 1:  # the group's last image
+            if z is not None:
+                z.close()
+            os.replace(tmp, final)
+            self._group = None
+
+    def publish(self, labels=None):
+        """Make DEST of all `num` images and their class indices `labels` (num ints, or None for unlabelled)."""
+        meta = {"labels": None if labels is None else [[image_name(i), int(c)] for i, c in enumerate(labels)]}
+        if not self.is_zip:
+            (self.staging / LABELS_FILE).write_text(json.dumps(meta), encoding="utf-8")
+            refuse_existing(self.dest)
+            os.rename(self.staging, self.dest)
+            (self.dest / JOB_FILE).unlink()
+            return
+        pack = self.staging / "pack.zip"  # inside the staging folder: an interrupted packing leaves no stray file
+        with open(pack, "wb") as f:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
+                for start in range(0, self.num, CHUNK):
+                    with zipfile.ZipFile(self._final(start)) as group:  # reads check each entry's CRC-32
+                        for name in group.namelist():
+                            z.writestr(_zip_entry(name), group.read(name))
+                z.writestr(_zip_entry(LABELS_FILE), json.dumps(meta))
+            f.flush()
+            os.fsync(f.fileno())
+        refuse_existing(self.dest)
+        os.replace(pack, self.dest)
+        shutil.rmtree(self.staging)
+
+
+def write_image_dataset(dest, images, labels=None):
+    """Write uint8 images (N, H, W, C), C = 1 or 3, and optional class indices (N,) in EDM's format with
+    `DatasetWriter`: `dest` ending in .zip gets an uncompressed ZIP, anything else a folder; `dest` must not exist."""
     images = np.asarray(images, dtype=np.uint8)
     if images.ndim != 4 or images.shape[3] not in (1, 3):
         raise ImageDatasetError(f"{dest}: images must be (N, H, W, 1 or 3) uint8, got shape {images.shape}")
     if labels is not None and len(labels) != len(images):
         raise ImageDatasetError(f"{dest}: {len(labels)} labels for {len(images)} images")
-    names = [f"{i:08d}"[:5] + f"/img{i:08d}.png" for i in range(len(images))]
-    meta = {"labels": None if labels is None else [[n, int(c)] for n, c in zip(names, labels)]}
-
-    def encode(pixels):
-        buffer = io.BytesIO()
-        PIL.Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(
-            buffer, format="png", compress_level=0, optimize=False
-        )
-        return buffer.getvalue()
-
-    dest = Path(dest)
-    if dest.suffix.lower() == ".zip":
-        with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
-            for name, pixels in zip(names, images):
-                z.writestr(name, encode(pixels))
-            z.writestr(LABELS_FILE, json.dumps(meta))
-        return
-    for name, pixels in zip(names, images):
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        (dest / name).write_bytes(encode(pixels))
-    (dest / LABELS_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    labels = None if labels is None else [int(c) for c in labels]
+    digest = hashlib.sha256(images.tobytes())  # the job: these very images and labels
+    digest.update(json.dumps([images.shape, labels]).encode())
+    writer = DatasetWriter(dest, len(images), {"sha256": digest.hexdigest()})
+    for i in writer.todo():
+        writer.write(i, images[i])
+    writer.publish(labels)

@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from dmd.cli import main
 
-COMMANDS = ["make-pairs", "convert-pairs", "train", "generate", "fid calc", "fid ref", "plot", "demo"]
+COMMANDS = ["make-pairs", "convert-pairs", "train", "generate", "fid calc", "fid ref", "plot", "demo", "make-dataset"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

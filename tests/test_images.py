@@ -290,7 +290,8 @@ _EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
 
 def test_an_eps_file_named_png_never_starts_ghostscript(tmp_path):
     """Pillow picks a decoder by content, so EPS bytes in a .png made it run Ghostscript (here a fake `gs` first on
-    PATH that leaves a marker); every dataset read now opens PNGs only and names the file."""
+    PATH that leaves a marker); every dataset read now opens PNGs only, make-dataset's sources a few raster formats,
+    and the error names the file."""
     bin_dir, marker = tmp_path / "bin", tmp_path / "gs-ran"
     bin_dir.mkdir()
     (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
@@ -302,10 +303,12 @@ def test_an_eps_file_named_png_never_starts_ghostscript(tmp_path):
     script = textwrap.dedent(
         """
         import sys
+        from dmd.dataset_tool import SourceImages
         from dmd.fid import ImageFiles
         from dmd.images import ImageDataset
         for path in sys.argv[1:]:
-            for read in (ImageDataset, lambda p: ImageFiles(p).read(0)):  # train --real-data, fid ref/calc
+            # train --real-data, fid ref/calc, make-dataset SRC
+            for read in (ImageDataset, lambda p: ImageFiles(p).read(0), lambda p: SourceImages(p).scan(1, None)):
                 try:
                     read(path)
                 except ValueError as e:
@@ -318,8 +321,9 @@ def test_an_eps_file_named_png_never_starts_ghostscript(tmp_path):
     assert not marker.exists(), "Ghostscript was started"
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 4 and all(": not a PNG image" in line for line in lines), lines
-    assert lines[0].startswith(f"{tmp_path}/folder/a.png: ") and lines[2].startswith(f"{paths[1]}/00000/img00000000")
+    assert len(lines) == 6 and all(": not a PNG " in line for line in lines), lines
+    assert lines[0].startswith(f"{tmp_path}/folder/a.png: ") and lines[3].startswith(f"{paths[1]}/00000/img00000000")
+    assert lines[2] == f"{tmp_path}/folder/a.png: not a PNG or JPEG or BMP or WEBP image"  # make-dataset's formats
 
 
 def test_names_that_count_as_images_are_read_as_png_only(tmp_path):
