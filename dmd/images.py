@@ -57,7 +57,7 @@ def special_file(path):
     """
     try:
         mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # missing, or not to be stat'ed: whoever opens it next says why
         return None
     if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
         return None
