@@ -28,9 +28,8 @@ python -m dmd make-dataset cifar-10-python.tar.gz datasets/cifar10-32x32.zip
 python -m dmd make-dataset ~/imagenet/train datasets/imagenet-64x64.zip --resolution 64
 # A flat folder of images (unlabelled), the first 10,000 only, written as a folder; rerun it if interrupted
 python -m dmd make-dataset photos datasets/photos-10k --max-images 10000
-# Then: the real images of DMD2's GAN, and their FID reference statistics
-python -m dmd train ... --real-data datasets/cifar10-32x32.zip
-python -m dmd fid ref --data datasets/cifar10-32x32.zip --dest cifar10-32x32.npz
+# Then: `train --recipe dmd2 --real-data datasets/cifar10-32x32.zip`, and FID reference statistics of the same images
+python -m dmd fid ref --data datasets/cifar10-32x32.zip --dest fid-refs/cifar10-32x32.npz
 """,
 )
 @click.argument("src", type=click.Path(exists=True))
