@@ -55,7 +55,12 @@ def _open_h5(path, mode="r", **kwargs):
     """Open an HDF5 file, turning h5py's OSError for a missing or corrupt file into a PairFileError."""
     import h5py
 
+    from dmd.images import special_file
+
     path = Path(path)
+    kind = special_file(path)  # a FIFO would be opened and waited on, not read
+    if kind is not None:
+        raise PairFileError(f"pair file {path} is {kind}, not a regular file")
     if not path.is_file():
         raise PairFileError(f"pair file {path} does not exist")
     try:

@@ -5,7 +5,18 @@ from click.testing import CliRunner
 
 from dmd.cli import main
 
-COMMANDS = ["make-pairs", "convert-pairs", "train", "generate", "fid calc", "fid ref", "plot", "demo", "export"]
+COMMANDS = [
+    "make-pairs",
+    "convert-pairs",
+    "make-dataset",
+    "train",
+    "generate",
+    "fid calc",
+    "fid ref",
+    "plot",
+    "demo",
+    "export",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -1,5 +1,6 @@
 """The pair file layer: our HDF5 layout, its crash-safe writer, the port's layout, conversion and clear errors."""
 
+import os
 import re
 import subprocess
 import sys
@@ -385,3 +386,10 @@ def test_malformed_port_file_names_the_pair(tmp_path, index, how, label_dim, mes
     assert result.exit_code == 1 and "Traceback" not in result.output and result.output.count("Error") == 1
     assert re.fullmatch(f"Error: pair file .*port.h5: {message}", last)
     assert not (tmp_path / "new.h5").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["port.h5"]
+
+
+def test_a_fifo_pair_file_is_named_as_such(tmp_path):
+    """A FIFO given as --data-path was reported as a file that does not exist."""
+    os.mkfifo(tmp_path / "pairs.h5")
+    with pytest.raises(PairFileError, match=re.escape(f"pair file {tmp_path}/pairs.h5 is a FIFO, not a regular file")):
+        PairDataset(tmp_path / "pairs.h5")

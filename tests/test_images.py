@@ -5,6 +5,10 @@ import json
 import os
 import pickle
 import re
+import signal
+import subprocess
+import sys
+import textwrap
 import zipfile
 from types import SimpleNamespace
 
@@ -179,7 +183,18 @@ def _bad_json(tmp_path, name, text):
             '{"labels": [["00000/img00000000.png", [0.5, 0.5]]]}',
             r'entry \["00000/img00000000.png", \[0.5, 0.5\]\] is not',
         ),
-        ('{"labels": [["00000/img00000000.png", -1]]}', "is not a .path, class index >= 0. pair"),
+        ('{"labels": [["00000/img00000000.png", -1]]}', r"is not a \[path, class index\] pair"),
+        # A class beyond int64 raised OverflowError, nesting deeper than the parser recurses RecursionError.
+        pytest.param(
+            '{"labels": [["00000/img00000000.png", 1' + "0" * 30 + '], ["00000/img00000001.png", 0]]}',
+            r'entry \["00000/img00000000.png", 10+\] is not a \[path, class index\] pair',
+            id="class-beyond-int64",
+        ),
+        pytest.param(
+            '{"labels": ' + "[" * 100000 + "]" * 100000 + "}",
+            r"dataset.json: not readable JSON \(nested too deeply\)",
+            id="deep-nesting",
+        ),
         ('{"labels": [["00000/img00000000.png", 3]]}', r"no label for 1 of 2 images \(e.g. 00000/img00000001.png\)"),
     ],
 )
@@ -202,7 +217,7 @@ def test_bad_paths_and_images(tmp_path):
         ("missing.zip", "missing.zip: not a folder or ZIP of images"),
         ("empty", "empty: no images found"),
         ("wide", "wide: images are 8x16; EDM's networks take square images"),
-        ("broken", "broken/a.png: not a readable image"),
+        ("broken", "broken/a.png: not a PNG image"),
         ("rgba", "rgba/a.png: mode RGBA; expected RGB or L"),
     ]
     for name, message in cases:
@@ -268,3 +283,107 @@ def test_a_label_file_inflating_to_256_mib_is_refused_after_a_bounded_read(tmp_p
     assert dest.stat().st_size < 1 << 20
     with pytest.raises(ImageDatasetError, match=r"bomb.zip/dataset.json: more than 1,050,624 bytes for 2 images"):
         ImageDataset(dest)
+
+
+_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+
+
+def test_an_eps_file_named_png_never_starts_ghostscript(tmp_path):
+    """Pillow picks a decoder by content, so EPS bytes in a .png made it run Ghostscript (here a fake `gs` first on
+    PATH that leaves a marker); every dataset read now opens PNGs only, make-dataset's sources a few raster formats,
+    and the error names the file."""
+    bin_dir, marker = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.png").write_bytes(_EPS)
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as z:
+        z.writestr("00000/img00000000.png", _EPS)
+    script = textwrap.dedent(
+        """
+        import sys
+        from dmd.dataset_tool import SourceImages
+        from dmd.fid import ImageFiles
+        from dmd.images import ImageDataset
+        for path in sys.argv[1:]:
+            # train --real-data, fid ref/calc, make-dataset SRC
+            for read in (ImageDataset, lambda p: ImageFiles(p).read(0), lambda p: SourceImages(p).scan(1, None)):
+                try:
+                    read(path)
+                except ValueError as e:
+                    print(e)
+        """
+    )
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    paths = [str(tmp_path / "folder"), str(tmp_path / "data.zip")]
+    result = subprocess.run([sys.executable, "-c", script, *paths], env=env, capture_output=True, text=True)
+    assert not marker.exists(), "Ghostscript was started"
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 6 and all(": not a PNG " in line for line in lines), lines
+    assert lines[0].startswith(f"{tmp_path}/folder/a.png: ") and lines[3].startswith(f"{paths[1]}/00000/img00000000")
+    assert lines[2] == f"{tmp_path}/folder/a.png: not a PNG or JPEG or BMP or WEBP image"  # make-dataset's formats
+
+
+def test_names_that_count_as_images_are_read_as_png_only(tmp_path):
+    """Every name with an extension PIL knows counts, as in EDM's ImageFolderDataset (nothing image-like is skipped
+    silently), but only PNG is decoded: a JPEG was read before, and is now named with the way to convert it."""
+    _png(tmp_path / "data" / "a.png", _images(n=1)[0])
+    PIL.Image.fromarray(_images(n=1)[0]).save(tmp_path / "data" / "b.jpg", quality=95)
+    (tmp_path / "data" / "notes.txt").write_text("not an image, not counted")
+    files = ImageFolder(tmp_path / "data")
+    assert files.names == ["a.png", "b.jpg"]
+    with pytest.raises(ImageDatasetError, match=r"data/b.jpg: not a PNG image \(EDM's dataset format.*make-dataset"):
+        files.read(1)
+
+
+@pytest.fixture
+def no_hang():
+    """Fail a test that blocks (opening a FIFO waits for a writer forever) instead of hanging the suite."""
+
+    def hung(signum, frame):  # pytest.fail, not an OSError, which the code under test may catch
+        pytest.fail("blocked for 10 s (opening a FIFO?)")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_fifos_are_refused_not_opened(tmp_path, no_hang):
+    """A FIFO given as data, or among a folder's images, blocked forever (or was skipped); now one line names it."""
+    os.mkfifo(tmp_path / "data.zip")
+    for open_files in (ImageDataset, ImageFiles):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/data.zip: a FIFO, not a folder or ZIP of images")):
+            open_files(tmp_path / "data.zip")
+    for name in ("b.png", "dataset.json"):
+        folder = tmp_path / name.replace(".", "_")
+        _png(folder / "a.png", _images(n=1)[0])
+        os.mkfifo(folder / name)
+        with pytest.raises(ImageDatasetError, match=re.escape(f"{folder}/{name}: a FIFO, not a regular file")):
+            ImageDataset(folder)
+
+
+def _zip_with(path, change):
+    """A two-image ZIP in EDM's layout whose first entry's ZipInfo has been changed by `change` (as its central
+    directory will record it)."""
+    write_image_dataset(path, _images(n=2), labels=[0, 1])
+    with zipfile.ZipFile(path) as z:
+        members = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in members:
+            z.writestr(info, data)
+        change(z.infolist()[0])
+    return path
+
+
+def test_encrypted_and_unsupported_zip_entries_are_named(tmp_path):
+    """Encrypted entries raised RuntimeError and unknown compression methods NotImplementedError, as tracebacks."""
+    encrypted = _zip_with(tmp_path / "encrypted.zip", lambda info: setattr(info, "flag_bits", info.flag_bits | 1))
+    zstd = _zip_with(tmp_path / "zstd.zip", lambda info: setattr(info, "compress_type", 93))
+    with pytest.raises(ImageDatasetError, match=r"encrypted.zip/00000/img00000000.png: encrypted"):
+        ImageDataset(encrypted)
+    with pytest.raises(FIDError, match=r"zstd.zip/00000/img00000000.png: compression method 93; .* stored or deflate"):
+        ImageFiles(zstd)

@@ -44,4 +44,4 @@ def main():
 
 
 # The commands register themselves on `main` when their modules are imported.
-from dmd.cli import demo, export, pairs, sample, train  # noqa: E402, F401
+from dmd.cli import dataset, demo, export, pairs, sample, train  # noqa: E402, F401
