@@ -231,6 +231,18 @@ def data_fingerprint(path):
     return digest.hexdigest()
 
 
+def legacy_data_fingerprint(path):
+    """The fingerprint states written before content fingerprints recorded for real images: a ZIP's
+    `file_fingerprint`, a folder's names and sizes alone. A resume accepts it once, then records data_fingerprint."""
+    path = Path(path)
+    if path.is_file():
+        return file_fingerprint(path)
+    digest = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        digest.update(f"{p.relative_to(path).as_posix()}\0{p.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
 def file_fingerprint(path):
     """sha256 of a file's size and of its first and last MiB: cheap for a 2 GB pair file, and any other file (or
     the same file with more rows complete) gets another value."""
@@ -411,7 +423,8 @@ def check_same_run(state, path, cfg, *, global_batch, fingerprints):
     """Refuse a training state that belongs to another run; return the config changes to apply, {field: (old, new)}.
 
     `global_batch` maps the batch fields to their global sizes (per process x processes), which a run keeps even
-    when it resumes on another number of processes.
+    when it resumes on another number of processes. Real images fingerprinted the old way (names and sizes) are
+    checked the old way.
     """
     for name, size in global_batch.items():
         if state["global_batch"].get(name) != size:
@@ -423,7 +436,7 @@ def check_same_run(state, path, cfg, *, global_batch, fingerprints):
     flags = {"teacher": "--network", "pairs": "--data-path", "real": "--real-data"}
     for name, flag in flags.items():
         trained, given = state["fingerprints"].get(name), fingerprints.get(name)
-        if trained == given:
+        if trained == given or (name == "real" and given and trained == legacy_data_fingerprint(cfg.real_data)):
             continue
         if trained is None or given is None:
             what = f"without {flag}, this run gives one" if trained is None else f"with {flag}, this run gives none"

@@ -160,3 +160,18 @@ def test_a_refused_resume_names_data_the_run_never_had(tmp_path, pairs):
     )
     one_error_line(run_cli(added, expect_ok=False), "was trained without --data-path, this run gives one")
     assert folder_bytes(out) == before  # it blamed "another pairs file", which the run never had
+
+
+def test_a_state_with_the_old_real_data_fingerprint_still_resumes(tmp_path, real):
+    """States written before content fingerprints recorded names and sizes (a folder) or the file's ends (a ZIP):
+    the same data still resumes them, and the next state records the content fingerprint."""
+    from dmd.checkpoint import data_fingerprint, legacy_data_fingerprint
+
+    out = tmp_path / "run"
+    run_cli(dmd2_args(out, real, "--max-steps", 1))
+    path = out / "training-state-000001.pt"
+    state = load(path)
+    state["fingerprints"]["real"] = legacy_data_fingerprint(real)
+    torch.save(state, path)
+    run_cli(resume_args(out, "--max-steps", 2))
+    assert load(out / "training-state-000002.pt")["fingerprints"]["real"] == data_fingerprint(real)
