@@ -20,7 +20,7 @@ setup(
         "numpy",
         "click>=8.0",
         "h5py",
-        "pillow",
+        "pillow>=8.0",  # Image.open(formats=...): images are decoded as PNG only
         "scipy",
         "requests",
         "tqdm",

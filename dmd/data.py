@@ -61,6 +61,8 @@ def _open_h5(path, mode="r", **kwargs):
     kind = special_file(path)  # a FIFO would be opened and waited on, not read
     if kind is not None:
         raise PairFileError(f"pair file {path} is {kind}, not a regular file")
+    if path.is_dir():
+        raise PairFileError(f"pair file {path} is a folder; give the .h5 file make-pairs wrote")
     if not path.is_file():
         raise PairFileError(f"pair file {path} does not exist")
     try:

@@ -191,15 +191,24 @@ class ImageFiles(ImageFolder):
     error = FIDError
 
 
+def open_images(path, num=None):
+    """The images of a folder or ZIP as ImageFiles, their first image read and at least `num` of them: bad data is
+    refused before a detector is downloaded or a feature computed."""
+    files = ImageFiles(path)
+    files.shape  # noqa: B018 (reads and checks the first image)
+    if num is not None and len(files) < num:
+        raise FIDError(f"{path}: {len(files)} images, fewer than --num-images {num}")
+    return files
+
+
 def image_stats(path, detector, *, num=None, seed=0, batch_size=256, device="cpu", progress=True):
-    """mu, sigma of the images in a folder or ZIP: all of them, or a random subset of `num` as EDM's fid.py draws it."""
+    """mu, sigma of the images in a folder or ZIP (or ImageFiles): all of them, or a random subset of `num` as EDM's
+    fid.py draws it."""
     from tqdm import tqdm
 
-    files = ImageFiles(path)
+    files = path if isinstance(path, ImageFiles) else open_images(path, num)
     indices = np.arange(len(files))
     if num is not None:
-        if len(files) < num:
-            raise FIDError(f"{path}: {len(files)} images, fewer than --num-images {num}")
         if len(files) > num:  # EDM's ImageFolderDataset(max_size=num, random_seed=seed): shuffle, keep num, sort
             np.random.RandomState(seed).shuffle(indices)
             indices = np.sort(indices[:num])
@@ -304,13 +313,14 @@ def calc_fid(
             refuse_repeated_seeds(seeds[: repeats * num])  # a repeated seed would count one image twice
         except ValueError as e:
             raise FIDError(str(e)) from None
+    files = None if images is None else open_images(images, num)
     device = distributed.setup_device(device)
     mu_ref, sigma_ref = distributed.main_first(partial(load_ref, ref, cache_dir=cache_dir))
     detector = distributed.main_first(partial(load_detector, detector, cache_dir=cache_dir, device=device))
     detector = _SizeCheckedDetector(detector, mu_ref.shape[0], f"--ref {ref}")
 
     if images is not None:
-        mu, sigma = image_stats(images, detector, num=num, batch_size=batch_size, device=device, progress=progress)
+        mu, sigma = image_stats(files, detector, num=num, batch_size=batch_size, device=device, progress=progress)
         return [frechet_distance(mu, sigma, mu_ref, sigma_ref)]
     if isinstance(network, DMDGenerator):
         generator = network
@@ -339,9 +349,10 @@ def calc_fid(
 
 def make_ref(data, dest, *, detector=None, batch_size=256, device="auto", cache_dir=None, progress=True):
     """Compute reference statistics of every image in a folder or ZIP and write them to `dest`; return (mu, sigma)."""
+    files = open_images(data)
     device = distributed.setup_device(device)
     detector = distributed.main_first(partial(load_detector, detector, cache_dir=cache_dir, device=device))
-    mu, sigma = image_stats(data, detector, batch_size=batch_size, device=device, progress=progress)
+    mu, sigma = image_stats(files, detector, batch_size=batch_size, device=device, progress=progress)
     if distributed.is_main():
         save_ref(mu, sigma, dest)
     distributed.barrier()

@@ -458,7 +458,7 @@ def read_png(path):
     """Read a PNG written by `save_png` back as a (1, C, H, W) float tensor that `to_uint8` maps to the same bytes."""
     import PIL.Image
 
-    pixels = np.asarray(PIL.Image.open(path))
+    pixels = np.asarray(PIL.Image.open(path, formats=["PNG"]))  # decoded as what it must be, whatever its bytes
     pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
     return (torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() - 127.5) / 127.5
 

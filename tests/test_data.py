@@ -393,3 +393,8 @@ def test_a_fifo_pair_file_is_named_as_such(tmp_path):
     os.mkfifo(tmp_path / "pairs.h5")
     with pytest.raises(PairFileError, match=re.escape(f"pair file {tmp_path}/pairs.h5 is a FIFO, not a regular file")):
         PairDataset(tmp_path / "pairs.h5")
+
+
+def test_a_folder_given_as_pair_file_is_named_as_such(tmp_path):
+    with pytest.raises(PairFileError, match=re.escape(f"pair file {tmp_path} is a folder; give the .h5 file")):
+        PairDataset(tmp_path)  # it said "does not exist"

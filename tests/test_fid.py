@@ -322,3 +322,20 @@ def test_fid_calc_refuses_repeated_seeds_and_names_a_run_folders_snapshot(detect
     result = CliRunner().invoke(main, ["fid", "calc", "--network", str(run), "--num", "4", *det])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"{run}: a run folder; loading its newest snapshot, network-snapshot-000004.pt\n")
+
+
+@pytest.mark.parametrize("command", ["ref", "calc"])
+def test_bad_images_are_refused_before_the_detector_is_fetched(tmp_path, monkeypatch, command):
+    """fid ref --data and fid calc --images open their images first: a bad folder is refused without a download."""
+    import dmd.utils.download
+
+    fetched = []
+    monkeypatch.setattr(dmd.utils.download, "open_url", lambda url, **kwargs: fetched.append(url))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not a png")
+    args = {"ref": ["--data", str(bad), "--dest", str(tmp_path / "r.npz")], "calc": ["--images", str(bad)]}[command]
+    extra = ["--ref", str(tmp_path / "r.npz")] if command == "calc" else []
+    result = CliRunner().invoke(main, ["fid", command, *args, *extra])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {bad}/a.png: not a PNG image")
+    assert fetched == []

@@ -62,6 +62,8 @@ class _Sectioned:
     def format_options(self, ctx, formatter):
         sections = {}
         for param in self.get_params(ctx):
+            if isinstance(param, click.Argument):  # named in the usage line and the command's text
+                continue
             record = param.get_help_record(ctx)
             if record is not None:
                 sections.setdefault(getattr(param, "section", "Other options"), []).append(record)
