@@ -192,8 +192,8 @@ def test_errors(pngs, detector_path, tmp_path):
     ref = ["--ref", str(tmp_path / "ref.npz")]
     cases = [
         (["--images", str(pngs), *ref, "--num", "41"], "40 images, fewer than --num-images 41"),
-        (["--images", str(pngs), "--ref", str(tmp_path / "bad_ref.npz")], "missing key(s) ['sigma']"),
-        (["--images", str(pngs), "--ref", str(tmp_path / "nope.npz")], "nope.npz"),
+        (["--images", str(pngs), "--ref", str(tmp_path / "bad_ref.npz"), "--num", "40"], "missing key(s) ['sigma']"),
+        (["--images", str(pngs), "--ref", str(tmp_path / "nope.npz"), "--num", "40"], "nope.npz"),
         (["--images", str(pngs), "--network", str(PKL), *ref], "exactly one of --images and --network"),
         (["--images", str(pngs), *ref, "--repeats", "2"], "--repeats needs --network"),
         (["--network", str(PKL), *ref, "--num", "10", "--seeds", "0-4"], "--seeds gives 5 seeds"),
