@@ -49,6 +49,7 @@ from dmd.checkpoint import (
     snapshot_path,
     state_path,
 )
+from dmd.generator import SigmaError, check_sigmas
 from dmd.steps import STAT_NAMES, BatchError, fake_score_step, generated, generator_step
 from dmd.utils import distributed as dist
 from dmd.utils.common import make_grid
@@ -296,6 +297,10 @@ def check_inputs(cfg, device):
     resume_path = resolve_resume(cfg, run_dir)
     state = None if resume_path is None else load_training_state(resume_path, auto=cfg.resume == "auto")
     mu_real, teacher_sha256 = load_teacher(cfg, device)
+    try:  # inside the teacher's noise range, where it declares one (VP: ~0.001 to ~152)
+        check_sigmas(cfg.generator_sigmas, "--generator-sigmas", mu_real)
+    except SigmaError as e:
+        raise TrainError(str(e)) from None
     pairs, real = open_datasets(cfg, mu_real)
     B, B_reg = cfg.batch_size, cfg.reg_batch_size or cfg.batch_size
     reg_flag = "--reg-batch-size" if cfg.reg_batch_size else "--batch-size"

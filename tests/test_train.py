@@ -335,6 +335,16 @@ def test_a_bad_row_is_one_line_also_from_dataloader_workers(tmp_path, workers):
         assert "Traceback" not in line and "worker" not in line and len(line) < 300
 
 
+def test_generator_sigmas_outside_the_teachers_range_are_refused(tmp_path):
+    vp = TEACHER.parent / "vp_ddpmpp_cond.pkl"  # VPPrecond: sigma from ~0.001 to ~152
+    args = train_args(tmp_path / "run", None, "--max-steps", 1, "--generator-sigmas", "500,1.5", "--dry-run")
+    args[args.index("--model-path") + 1] = str(vp)
+    one_error_line(
+        run_cli(args, expect_ok=False), "--generator-sigmas: noise levels [500, 1.5] leave the network's range"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_out_of_range_flags_are_refused_by_the_parser_naming_them(tmp_path, pairs):
     # --help shows the range the command accepts (0<x<=1), and the parser refuses what lies outside it.
     result = run_cli(train_args(tmp_path / "run", pairs, "--max-steps", 1, "--lr-gen", "1e39"), expect_ok=False)
