@@ -42,8 +42,10 @@ torchrun --nproc_per_node 7 -m dmd train --network edm-cifar10-32x32-cond-vp.pkl
 # DMD2: no pairs, 5 fake-score steps per G step, GAN on the real images; a two-step generator
 python -m dmd train --recipe dmd2 --network edm.pkl --real-data cifar10-32x32.zip --output-dir runs/dmd2 \\
     --generator-sigmas 80,1.5 --max-steps 100000
-# Continue a stopped run bit for bit; lower its learning rates from here on
-python -m dmd train ... --output-dir runs/dmd-cifar10 --resume auto --allow-change lr-gen,lr-fake --lr-gen 1e-5
+# Continue a stopped run bit for bit with its own settings; train longer
+python -m dmd train --output-dir runs/dmd-cifar10 --resume auto --max-steps 300000
+# ... or lower its learning rates from here on
+python -m dmd train --output-dir runs/dmd-cifar10 --resume auto --allow-change lr-gen,lr-fake --lr-gen 1e-5
 # A CPU smoke run on a test fixture, no downloads
 python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /tmp/smoke --device cpu \\
     --lambda-reg 0 --max-steps 20 --batch-size 4 --workers 0
@@ -87,7 +89,7 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     type=click.Path(exists=True),
     metavar="PATH",
     show_default=False,
-    help="real images for DMD2's GAN: a folder or ZIP in EDM's dataset format (dataset_tool.py), e.g. "
+    help="real images for DMD2's GAN: a folder or ZIP in EDM's dataset format (`dmd make-dataset`), e.g. "
     "cifar10-32x32.zip, matching the teacher's resolution, channels and classes",
 )
 @_train(
@@ -136,7 +138,8 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     "--dry-run",
     is_flag=True,
     section=MAIN,
-    help="Check the teacher, the data and the run folder against each other, print the config, exit.",
+    help="Open everything the run needs (teacher, data, LPIPS weights, FID detector and reference, downloads), check "
+    "them against each other and the run folder, print the config, exit.",
 )
 @_recipe("--lr-gen", HYPER, type=click.FloatRange(0, 1, min_open=True), metavar="FLOAT")
 @_recipe("--lr-fake", HYPER, type=click.FloatRange(0, 1, min_open=True), metavar="FLOAT")
