@@ -325,7 +325,7 @@ def test_a_bad_row_is_one_line_also_from_dataloader_workers(tmp_path, workers):
         (train_args(tmp_path / "a", nan_pairs), ["--data-path: pair file", "row ", "NaN or inf"]),
         (
             dmd2_args(tmp_path / "b", bad_real),
-            ["--real-data: ", "img00000004.png: not a readable image"],
+            ["--real-data: ", "img00000004.png: not a PNG image"],
         ),
     ]
     for args, fragments in cases:
