@@ -1,5 +1,6 @@
 """Tests of the embedded demo: digits data, the judge, the teacher's training and pickle, and a shortened demo run."""
 
+import hashlib
 import json
 
 import pytest
@@ -7,12 +8,13 @@ import torch
 from click.testing import CliRunner
 
 from dmd.cli import main
+from dmd.demo import SHIPPED_TEACHER, SHIPPED_TEACHER_SHA256
 from dmd.demo.classifier import random_shift
 from dmd.demo.config import DemoConfig, DemoError, TeacherConfig
 from dmd.demo.digits import load_digits
 from dmd.demo.run import check_output_dir, run_demo
-from dmd.demo.teacher import TEACHER_KWARGS, ema_beta, train_teacher
-from dmd.edm.persistence import load_network
+from dmd.demo.teacher import TEACHER_KWARGS, build_teacher, ema_beta, train_teacher
+from dmd.edm.persistence import load_network, save_network_pickle
 
 
 def test_digits_upsampled_bilinearly_to_minus_one_one():
@@ -57,6 +59,18 @@ def test_teacher_training_is_seeded_and_pickles_in_edm_layout(tmp_path):
     x, sigma, c = torch.randn(3, 1, 16, 16), torch.tensor([0.1, 1.0, 50.0]), torch.eye(10)[:3]
     with torch.no_grad():
         assert torch.equal(loaded(x, sigma, c), ema_a.eval()(x, sigma, c))
+
+
+def test_shipped_teacher_is_what_its_recipe_writes(tmp_path):
+    # The file's bytes are its recorded digest, and exactly what train-teacher's writer makes of its weights in
+    # TEACHER_KWARGS' architecture; retraining itself (minutes) is benchmarks/demo_teacher.py.
+    assert hashlib.sha256(SHIPPED_TEACHER.read_bytes()).hexdigest() == SHIPPED_TEACHER_SHA256
+    shipped = load_network(SHIPPED_TEACHER)
+    net = build_teacher()
+    assert shipped.init_kwargs == net.init_kwargs
+    net.load_state_dict(shipped.state_dict())
+    save_network_pickle(net, tmp_path / "again.pkl")
+    assert (tmp_path / "again.pkl").read_bytes() == SHIPPED_TEACHER.read_bytes()
 
 
 def test_demo_config_errors_name_the_option(tmp_path):
