@@ -27,8 +27,8 @@ EVAL_SEED0 = 1_000_000  # Evaluation seeds start here, far from the pair seeds 0
 RESULTS_FORMAT = "dmd-demo-results"
 # Samples per method below which results.md warns that its FIDs mean little: 10 per feature dimension. The FID
 # estimates a 64 x 64 covariance, singular below 65 samples; samples drawn from the real digits' own feature
-# Gaussian score FID 41 at 100 samples, 7.7 at 500, 5.9 at 640, 3.6 at 1,000, 2.2 at 2,000 (mean of 10 draws; the
-# README), so below 640 the bias alone exceeds the gaps between the methods.
+# Gaussian score FID 38 at 100 samples, 7.6 at 500, 5.8 at 640, 3.4 at 1,000, 1.7 at 2,000 (mean of 10 draws,
+# benchmarks/demo_fid_floor.py), so below 640 the bias alone exceeds the gaps between the methods.
 FID_MIN_SAMPLES = 10 * FEATURE_DIM
 
 
