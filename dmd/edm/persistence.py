@@ -662,7 +662,8 @@ class _EDMPickler(pickle.Pickler):
         self.reconstruct = reconstruct  # the global named in the stream
 
     def reducer_override(self, obj):
-        # Our modules become reconstruct(meta); torch containers (ModuleDict), tensors and the rest pickle as usual.
+        # A tensor's storage becomes _load_from_bytes(blob) as in torch but keyed "0", our modules reconstruct(meta);
+        # torch containers (ModuleDict), tensors themselves and the rest pickle as usual.
         if isinstance(obj, torch.storage.TypedStorage):
             return torch.storage._load_from_bytes, (_storage_blob(obj),)
         if not (isinstance(obj, torch.nn.Module) and type(obj).__module__.startswith("dmd.edm.")):
