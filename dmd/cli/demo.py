@@ -148,7 +148,7 @@ def demo_group(ctx, teacher, full, lr, two_step, threads, progress, **options):
     "train-teacher",
     cls=Command,
     examples="""
-python -m dmd demo train-teacher --out demo_teacher.pkl   # the shipped teacher again, byte for byte (same torch)
+python -m dmd demo train-teacher --out demo_teacher.pkl   # the shipped teacher, byte for byte (torch 2.13, AVX512)
 """,
 )
 @option(
