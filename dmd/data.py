@@ -504,21 +504,55 @@ class PairDataset(Dataset):
         return torch.stack(latents), torch.stack(images), torch.stack(labels), torch.tensor(seeds, dtype=torch.int64)
 
 
-def convert_port_file(old, new, label_dim=None, batch_size=1024, progress=True):
-    """Rewrite a pair file of the port's layout as ours at `new` (atomically); return the number of pairs."""
+def _copy_pairs(src, path, *, seeds, attrs, batch_size, progress=False):
+    """Write a new pair file at `path` (atomically) planned for `seeds`, holding every complete row of the
+    PairDataset `src` as its first rows."""
     from tqdm import tqdm
 
+    shape = dict(channels=src.channels, resolution=src.resolution, label_dim=src.label_dim)
+    with _new_pair_file(path, **shape, seeds=seeds, attrs=attrs) as tmp:
+        with PairWriter(tmp) as writer, tqdm(total=len(src), unit="pair", disable=not progress) as bar:
+            for start in range(0, len(src), batch_size):
+                latents, images, labels, _ = src.read_rows(start, min(start + batch_size, len(src)))
+                writer.append(latents.numpy(), images.numpy(), labels.numpy())
+                bar.update(len(latents))
+
+
+def convert_port_file(old, new, label_dim=None, batch_size=1024, progress=True):
+    """Rewrite a pair file of the port's layout as ours at `new` (atomically); return the number of pairs."""
     src = PairDataset(old, label_dim=label_dim)
     if src.layout != "port":
         raise PairFileError(f"pair file {old} already has our layout; nothing to convert")
     with _open_h5(old) as f:
         seeds = [_int_attr(f["data"][str(i)].attrs, "seed", f"pair file {old}: /data/{i}") for i in range(len(src))]
     attrs = {"source_format": "port", "converted_from": str(old)}
-    shape = dict(channels=src.channels, resolution=src.resolution, label_dim=src.label_dim)
-    with _new_pair_file(new, **shape, seeds=seeds, attrs=attrs) as tmp:
-        with PairWriter(tmp) as writer, tqdm(total=len(src), unit="pair", disable=not progress) as bar:
-            for start in range(0, len(src), batch_size):
-                latents, images, labels, _ = src.read_rows(start, min(start + batch_size, len(src)))
-                writer.append(latents.numpy(), images.numpy(), labels.numpy())
-                bar.update(len(latents))
+    _copy_pairs(src, new, seeds=seeds, attrs=attrs, batch_size=batch_size, progress=progress)
     return len(src)
+
+
+def grow_pair_file(path, seeds, batch_size=1024):
+    """Plan the pair file `path` of our layout for `seeds`, a longer list that begins with the file's own seeds,
+    keeping its complete rows and its attributes; return its number of complete rows.
+
+    Every row is allocated when a file is created (see the module's docstring), so a file grows by being rewritten:
+    a new file planned for `seeds` receives the complete rows and then replaces the old one with `os.replace`. An
+    interruption at any moment (kill -9 included) leaves the old file or the grown one, each with every complete row;
+    the disk must hold both files meanwhile (checked before any work).
+    """
+    path = Path(path)
+    attrs = read_pair_attrs(path)
+    old, new = read_seeds(path), np.asarray(seeds, dtype=np.int64)
+    if not (len(new) > len(old) and np.array_equal(new[: len(old)], old)):
+        raise PairFileError(
+            f"pair file {path} was made for a different seed list (--num/--seeds): its {len(old)} seeds are not the "
+            f"first of this run's {len(new)}; refusing to append (choose another --out)"
+        )
+    layout = set(_INT_ATTRS) | {"format"}  # set anew by _new_pair_file; the rest (teacher, sampler) carries over
+    src = PairDataset(path)
+    try:
+        _copy_pairs(
+            src, path, seeds=new, attrs={k: v for k, v in attrs.items() if k not in layout}, batch_size=batch_size
+        )
+    finally:
+        src.close()
+    return attrs["num_complete"]

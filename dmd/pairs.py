@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmd.data import DISK_FULL, PairFileError, PairWriter, create_pair_file, read_pair_attrs, read_seeds
+from dmd.data import (
+    DISK_FULL,
+    PairFileError,
+    PairWriter,
+    create_pair_file,
+    grow_pair_file,
+    read_pair_attrs,
+    read_seeds,
+)
 from dmd.utils import distributed
 from dmd.utils.common import IntRanges, int_ranges, one_hot
 
@@ -41,9 +49,11 @@ def sample_pairs(net, seeds, first_row=0, class_balanced=False, device="cpu", **
 
 
 def prepare_pair_file(out, *, seeds, shape, settings, teacher_source):
-    """Create `out`, or check it was made by the same teacher, settings and seeds; return its number of complete rows.
+    """Create `out`, or check it was made by the same teacher and settings; return its number of complete rows.
 
-    `shape` is (channels, resolution, label_dim) and `settings` the attributes that must match to resume.
+    `shape` is (channels, resolution, label_dim) and `settings` the attributes that must match to resume. A file
+    made for the same seeds resumes; one whose seeds are the first of a longer `seeds` (a larger --num, an extended
+    --seeds) grows to plan the new ones, keeping its complete rows; any other seed list is refused.
     """
     out = Path(out)
     channels, resolution, label_dim = shape
@@ -59,12 +69,12 @@ def prepare_pair_file(out, *, seeds, shape, settings, teacher_source):
                 f"pair file {out} was made with {key}={old.get(key)!r} but this run has {key}={value!r}; "
                 "refusing to append (choose another --out)"
             )
-    if not np.array_equal(read_seeds(out), np.asarray(seeds, dtype=np.int64)):
-        raise PairFileError(
-            f"pair file {out} was made for a different seed list (--num/--seeds); refusing to append "
-            "(choose another --out)"
-        )
-    return int(old["num_complete"])
+    planned, wanted = old["num_requested"], np.asarray(seeds, dtype=np.int64)
+    if np.array_equal(read_seeds(out), wanted):
+        return int(old["num_complete"])
+    complete = grow_pair_file(out, wanted)  # refuses a list that does not begin with the file's seeds
+    print(f"{out}: grown from {planned} to {len(wanted)} planned pairs, its {complete} complete pairs kept")
+    return complete
 
 
 def _gather_to_main(obj):

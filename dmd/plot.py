@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from dmd.utils.common import parse_json
 from dmd.utils.io import atomic_path
 from dmd.utils.logger import format_duration
 
@@ -22,6 +23,10 @@ COLOURS = dict(loss_G="0.55", loss_dm="C1", loss_reg="C2", loss_gan="C6", loss_f
 COLOURS.update(grad_norm_G="C0", grad_norm_fake="C4", lr_gen="C0", lr_fake="C4")
 WIDE = {"loss_G": 3.5}
 SMOOTH_FROM = 100  # points of a curve from which a smoothed line is drawn over the faint raw one
+# DMD2's discriminator loss softplus(f(fake)) + softplus(-f(real)) (dmd/gan.py) where D outputs 0 for every image,
+# i.e. cannot tell real from generated: 2 ln 2.
+DISC_CHANCE = math.log(4)
+CHANCE_LABEL = "loss_disc at chance (D outputs 0): ln 4"
 
 
 class PlotError(RuntimeError):
@@ -30,7 +35,8 @@ class PlotError(RuntimeError):
 
 def read_stats(path):
     """The records of a stats.jsonl in file order; a torn last line (a run killed mid-write, or one still running)
-    is left out, any other line that is not a record is an error naming it."""
+    is left out, any other line that is not a record (a JSON object with a finite step, every number a float) is an
+    error naming it."""
     path = Path(path)
     if not path.parent.is_dir():
         raise PlotError(f"{path.parent}: no such folder (give the --output-dir of a `dmd train` run)")
@@ -42,10 +48,16 @@ def read_stats(path):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line, f"{path}: line {number}")  # deep nesting, too many digits: a ValueError
         except ValueError:
             record = None
-        if not isinstance(record, dict) or not _is_number(record.get("step")):
+        # An integer beyond float range would end the plot in an OverflowError wherever it is converted.
+        huge = [k for k, v in record.items() if not _fits_float(v)] if isinstance(record, dict) else []
+        if huge:
+            raise PlotError(
+                f"{path}: line {number} holds a number beyond float range under '{huge[0][:40]}'; is it corrupt?"
+            )
+        if not isinstance(record, dict) or not (_is_number(record.get("step")) and math.isfinite(record["step"])):
             if number == len(lines):
                 break
             raise PlotError(f"{path}: line {number} is not a stats record (a JSON object with a step); is it corrupt?")
@@ -57,6 +69,17 @@ def read_stats(path):
 
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fits_float(value):
+    """Whether value, if a number, converts to a float (JSON integers have no bound)."""
+    if not _is_number(value):
+        return True
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def kimg_axis(records):
@@ -124,22 +147,34 @@ def config_value(run_dir, key):
 def plot_run(run_dir, out=None):
     """Write the PNG of `run_dir`'s stats.jsonl to `out` (default RUN_DIR/stats.png) atomically; return its path.
 
-    Panels, over kimg: the losses (log scale where all positive), the gradient norms G and mu_fake report before
-    clipping (with the --grad-clip line), the FID records if any (best marked), the learning rates if they changed
-    (a resume with --allow-change). PlotError naming the file for a missing, empty or corrupt stats.jsonl.
+    Panels, over kimg: the losses (log scale where all positive; with a GAN, the discriminator's chance line ln 4),
+    the gradient norms G and mu_fake report before clipping (with the --grad-clip line), the FID records if any (best
+    marked, non-finite ones counted), the learning rates if they changed (a resume with --allow-change). PlotError
+    naming the file (and line) for a missing, empty or corrupt stats.jsonl.
     """
+    run_dir = Path(run_dir)
+    out = run_dir / "stats.png" if out is None else Path(out)
+    fig = figure(run_dir)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return out
+
+
+def figure(run_dir):
+    """The matplotlib Figure plot_run writes for `run_dir`."""
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
         raise PlotError("dmd plot needs matplotlib: pip install matplotlib") from e
 
     run_dir = Path(run_dir)
-    out = run_dir / "stats.png" if out is None else Path(out)
     records = read_stats(run_dir / "stats.jsonl")
     x_of, x_name = kimg_axis(records)
     losses = shown({k: series(records, k, x_of) for k in LOSSES})
     norms = shown({k: series(records, k, x_of) for k in GRAD_NORMS})
-    fid = series(records, "fid", x_of)
+    # Every FID record, a failed evaluation's NaN, inf or string too: drawn as a gap and counted in the legend.
+    fid_records = [dict(r, fid=r["fid"] if _is_number(r["fid"]) else math.nan) for r in records if "fid" in r]
+    fid = series(fid_records, "fid", x_of)
     rates = {k: series(records, k, x_of) for k in LEARNING_RATES}
     rates = rates if any(len(set(y)) > 1 for _, y in rates.values()) else {}  # a panel only when one changed
     panels = [p for p, has in (("losses", losses), ("norms", norms), ("fid", fid[0]), ("lr", rates)) if has]
@@ -151,6 +186,9 @@ def plot_run(run_dir, out=None):
     for ax, panel in zip(axes, panels):
         if panel == "losses":
             draw_curves(ax, losses, "loss")
+            if "loss_disc" in losses:  # a GAN run: non-GAN runs log loss_disc 0, which `shown` leaves out
+                ax.axhline(DISC_CHANCE, color=COLOURS["loss_disc"], linestyle=":", linewidth=1.2, label=CHANCE_LABEL)
+                ax.legend(fontsize=8, ncol=3, loc="best")
         elif panel == "norms":
             draw_curves(ax, norms, "gradient norm")
             clip = config_value(run_dir, "grad_clip")
@@ -163,13 +201,12 @@ def plot_run(run_dir, out=None):
             draw_curves(ax, {k: c for k, c in rates.items() if c[1]}, "learning rate", steps=True)
     axes[-1].set_xlabel(x_name)
     fig.suptitle(title(run_dir, records, x_of, x_name), fontsize=10)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return out
+    return fig
 
 
 def draw_fid(ax, x, y, x_name):
-    """The FID curve with its best (lowest) value marked and written in the legend."""
+    """The FID curve with its best (lowest) value marked and written in the legend, and the count of records
+    that are not finite (gaps in the curve) written there too."""
     ax.plot(x, y, color="C3", linewidth=1.5, marker="o", markersize=3, label="FID")
     finite = [(v, i) for i, v in enumerate(y) if math.isfinite(v)]
     if finite:
@@ -177,6 +214,9 @@ def draw_fid(ax, x, y, x_name):
         ax.plot([x[i]], [best], color="C3", marker="*", markersize=12, linestyle="none")
         label = f"best {best:.3f} at {x_name} {x[i]:g}"
         ax.plot([], [], color="C3", marker="*", markersize=8, linestyle="none", label=label)
+    if len(finite) < len(y):
+        label = f"{len(y) - len(finite)} of {len(y)} FID records not finite"
+        ax.plot([], [], color="C3", marker="x", markersize=8, linestyle="none", label=label)
     ax.set_ylabel("FID")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")

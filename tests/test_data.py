@@ -21,7 +21,9 @@ from dmd.data import (
     PairWriter,
     convert_port_file,
     create_pair_file,
+    grow_pair_file,
     read_pair_attrs,
+    read_seeds,
     write_port_layout,
 )
 
@@ -136,6 +138,32 @@ def test_reader_stops_at_num_complete(tmp_path):
     ds.close()  # HDF5 refuses a second, writable handle in the same process.
     with PairWriter(path) as writer, pytest.raises(PairFileError, match="exceed the planned 10"):
         writer.append(latents, images, labels)
+
+
+def test_grow_keeps_complete_rows_and_plans_the_new_seeds(tmp_path):
+    latents, images, labels, seeds = _pairs(n=14)
+    path = tmp_path / "pairs.h5"
+    create_pair_file(
+        path, channels=C, resolution=R, label_dim=LABEL_DIM, seeds=seeds[:10], attrs={"teacher_sha256": "ab"}
+    )
+    with PairWriter(path) as writer:
+        writer.append(latents[:4], images[:4], labels[:4])
+    for wrong, message in [
+        (seeds[:10], "its 10 seeds are not the first of this run's 10"),  # nothing to grow
+        (seeds[:8], "its 10 seeds are not the first of this run's 8"),
+        (np.r_[seeds[1:10], seeds[10:14]], "its 10 seeds are not the first of this run's 13"),
+    ]:
+        with pytest.raises(PairFileError, match=f"pair file .*pairs.h5 was made for a different seed list .*{message}"):
+            grow_pair_file(path, wrong)
+    assert grow_pair_file(path, seeds, batch_size=3) == 4
+    attrs = read_pair_attrs(path)
+    assert (attrs["num_complete"], attrs["num_requested"], attrs["teacher_sha256"]) == (4, 14, "ab")
+    np.testing.assert_array_equal(read_seeds(path), seeds)
+    _assert_rows(PairDataset(path), latents[:4], images[:4], labels[:4])
+    with PairWriter(path) as writer:  # the planned rows take the rest
+        writer.append(latents[4:], images[4:], labels[4:])
+    _assert_rows(PairDataset(path), latents, images, labels)
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs.h5"]
 
 
 def test_sigkill_while_writing_keeps_complete_rows(tmp_path):

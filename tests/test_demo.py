@@ -1,5 +1,6 @@
 """Tests of the embedded demo: digits data, the judge, the teacher's training and pickle, and a shortened demo run."""
 
+import hashlib
 import json
 
 import pytest
@@ -7,12 +8,13 @@ import torch
 from click.testing import CliRunner
 
 from dmd.cli import main
-from dmd.demo.classifier import random_shift
+from dmd.demo import SHIPPED_TEACHER, SHIPPED_TEACHER_SHA256
+from dmd.demo.classifier import FEATURE_DIM, random_shift
 from dmd.demo.config import DemoConfig, DemoError, TeacherConfig
 from dmd.demo.digits import load_digits
-from dmd.demo.run import check_output_dir, run_demo
-from dmd.demo.teacher import TEACHER_KWARGS, ema_beta, train_teacher
-from dmd.edm.persistence import load_network
+from dmd.demo.run import FID_MIN_SAMPLES, check_output_dir, results_markdown, run_demo
+from dmd.demo.teacher import TEACHER_KWARGS, build_teacher, ema_beta, train_teacher
+from dmd.edm.persistence import load_network, save_network_pickle
 
 
 def test_digits_upsampled_bilinearly_to_minus_one_one():
@@ -59,6 +61,18 @@ def test_teacher_training_is_seeded_and_pickles_in_edm_layout(tmp_path):
         assert torch.equal(loaded(x, sigma, c), ema_a.eval()(x, sigma, c))
 
 
+def test_shipped_teacher_is_what_its_recipe_writes(tmp_path):
+    # The file's bytes are its recorded digest, and exactly what train-teacher's writer makes of its weights in
+    # TEACHER_KWARGS' architecture; retraining itself (minutes) is benchmarks/demo_teacher.py.
+    assert hashlib.sha256(SHIPPED_TEACHER.read_bytes()).hexdigest() == SHIPPED_TEACHER_SHA256
+    shipped = load_network(SHIPPED_TEACHER)
+    net = build_teacher()
+    assert shipped.init_kwargs == net.init_kwargs
+    net.load_state_dict(shipped.state_dict())
+    save_network_pickle(net, tmp_path / "again.pkl")
+    assert (tmp_path / "again.pkl").read_bytes() == SHIPPED_TEACHER.read_bytes()
+
+
 def test_demo_config_errors_name_the_option(tmp_path):
     with pytest.raises(DemoError, match="--num-eval"):
         DemoConfig(num_eval=5)
@@ -71,10 +85,16 @@ def test_demo_config_errors_name_the_option(tmp_path):
     assert result.exit_code == 1 and "--network" in result.output  # --teacher: the old spelling of --network
 
 
-def test_short_demo_end_to_end(tmp_path):
+def test_short_demo_end_to_end(tmp_path, capsys):
     # Under a minute on an idle 2-core CPU: 128 pairs, 30 steps per student, 200 samples.
     cfg = DemoConfig(output_dir=str(tmp_path), num_pairs=128, max_steps=30, batch_size=16, num_eval=200, two_step=True)
     results = run_demo(cfg)
+    # The demo's console is its own: none of what the training loop prints (its config, summary, losses: all in
+    # each student's log.txt) reaches it.
+    printed = set(capsys.readouterr().out.splitlines())
+    for key in ("dmd", "regression", "dm", "dmd2", "dmd2_2step"):
+        logged = {line for line in (tmp_path / "train" / key / "log.txt").read_text().splitlines() if line.strip()}
+        assert logged and not logged & printed, logged & printed
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["format"] == "dmd-demo-results" and on_disk["config"] == cfg.to_dict()
     keys = ["teacher_35nfe", "teacher_1step", "dmd", "regression", "dm", "dmd2", "dmd2_2step"]
@@ -92,6 +112,24 @@ def test_short_demo_end_to_end(tmp_path):
     report = (tmp_path / "results.md").read_text()
     assert "| DMD (DM + regression) | 1 |" in report and "30 steps at batch 16" in report
     assert "check" not in report.lower() and "issue" not in report.lower()
+    assert "200 samples per method are too few" in report  # num_eval below FID_MIN_SAMPLES
+
+
+@pytest.mark.parametrize("num_eval, warned", [(20, True), (639, True), (640, False), (1000, False)])
+def test_results_warn_when_too_few_samples_for_fid(num_eval, warned):
+    # 64-d judge features: below 10 samples per dimension the FID of samples drawn from the real digits' own
+    # distribution is already several points (README), so the table cannot be read.
+    row = dict(key="dmd", method="DMD", nfe=1, fid=3.0, accuracy=0.95, samples_per_s=1000.0)
+    results = dict(
+        config=DemoConfig(num_eval=num_eval).to_dict(),
+        rows=[row],
+        classifier=dict(holdout_accuracy=0.98, feature_dim=FEATURE_DIM),
+        timings_s=dict(total=1.0),
+        machine=dict(cpu_count=2, torch_threads=1, load_average_1min=0.0),
+    )
+    report = results_markdown(results)
+    warning = f"{num_eval} samples per method are too few for a {FEATURE_DIM}-d FID"
+    assert (warning in report) == warned and FID_MIN_SAMPLES == 10 * FEATURE_DIM == 640
 
 
 def test_bad_teacher_file_is_one_line(tmp_path):

@@ -128,7 +128,8 @@ def test_resume_refuses_another_teacher_setting_or_seed_list(tmp_path):
         (dict(S_churn=1.0), "was made with S_churn=0.0 but this run has S_churn=1.0"),
         (dict(class_balanced=True), "was made with class_balanced=False"),
         (dict(seeds="1-4"), "was made for a different seed list"),
-        (dict(num=5), "was made for a different seed list"),
+        (dict(seeds="0-2,9,10"), "was made for a different seed list"),
+        (dict(num=3), r"was made for a different seed list \(--num/--seeds\): its 4 seeds are not the first of this"),
     ]:
         args = dict(network=TEACHER, out=out, num=4, num_steps=3, device="cpu", progress=False)
         with pytest.raises(PairFileError, match=f"pair file .*pairs.h5 {message}"):
@@ -136,6 +137,57 @@ def test_resume_refuses_another_teacher_setting_or_seed_list(tmp_path):
     _make(out, 4, num_steps=3)  # Same settings on a complete file: nothing to do, nothing changes.
     after = _contents(out)
     assert all(np.array_equal(before[0][k], after[0][k]) for k in before[0]) and before[1].keys() == after[1].keys()
+
+
+def test_extending_the_seed_list_grows_the_file(tmp_path, capsys):
+    # Batches of 2 throughout: a row's floats depend on the batch it was sampled in (tests/test_sampler.py).
+    grown, whole = _make(tmp_path / "grown.h5", 4, num_steps=3, batch_size=2), tmp_path / "whole.h5"
+    _make(grown, 6, num_steps=3, batch_size=2)  # a larger --num: seeds 0-3 are the first of 0-5
+    assert "grown.h5: grown from 4 to 6 planned pairs, its 4 complete pairs kept" in capsys.readouterr().out
+    _assert_same_file(grown, _make(whole, 6, num_steps=3, batch_size=2))
+    _make(grown, 8, seeds="0-5,20,30", num_steps=3, batch_size=2)  # an extended --seeds
+    _make(whole, 8, seeds="0-5,20,30", num_steps=3, batch_size=2)
+    _assert_same_file(grown, whole)
+    assert [p.name for p in tmp_path.iterdir()] == ["grown.h5", "whole.h5"]  # no temporary file left
+
+
+# make-pairs growing a 4-pair file to 8 (batches of 4), killed with SIGKILL at argv[1]: when the grown copy is
+# complete, just before it replaces the old file, or just after.
+_KILLED_GROW = """
+import os, signal, sys
+from dmd import data
+from dmd.pairs import make_pairs
+
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_replace = os.replace
+os.replace = die if sys.argv[1] == "before replace" else lambda *args: die(real_replace(*args))
+make_pairs(sys.argv[2], sys.argv[3], 8, num_steps=3, batch_size=4, device="cpu", progress=False)
+"""
+
+
+def test_sigkill_while_growing_keeps_every_complete_row(tmp_path):
+    whole = _make(tmp_path / "whole.h5", 8, num_steps=3, batch_size=4)
+    for point in ("before replace", "after replace"):
+        out = _make(tmp_path / point / "pairs.h5", 4, num_steps=3, batch_size=4)
+        before = out.read_bytes()
+        killed = subprocess.run(
+            [sys.executable, "-c", _KILLED_GROW, point, str(TEACHER), str(out)],
+            env=_subprocess_env(),
+            capture_output=True,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+        if point == "after replace":  # the grown file: the same 4 complete rows, 8 planned
+            grown = PairDataset(out)
+            assert (grown.num_pairs, len(data.read_seeds(out))) == (4, 8)
+            for a, b in zip(grown.read_rows(0, 4), PairDataset(whole).read_rows(0, 4)):
+                assert torch.equal(a, b)
+            grown.close()
+        else:
+            assert out.read_bytes() == before  # the old file, untouched
+        _make(out, 8, num_steps=3, batch_size=4)  # the same command again finishes the grown file
+        _assert_same_file(out, whole)
 
 
 def test_make_pairs_command_errors(tmp_path):

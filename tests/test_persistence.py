@@ -143,6 +143,36 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, class_name):
     assert "torch_utils" not in sys.modules and "torch_utils.persistence" not in sys.modules
 
 
+def test_same_weights_give_the_same_bytes(tmp_path):
+    # torch names each nested storage blob by its memory address, so two copies of one network pickled differently.
+    first, second, reloaded = tmp_path / "first.pkl", tmp_path / "second.pkl", tmp_path / "reloaded.pkl"
+    save_network_pickle(_tiny("EDMPrecond"), first)
+    save_network_pickle(_tiny("EDMPrecond"), second)
+    save_network_pickle(load_network(first), reloaded)  # a third copy, built from the file's own _init_kwargs
+    assert first.read_bytes() == second.read_bytes() == reloaded.read_bytes()
+    net = _tiny("EDMPrecond")
+    assert all(torch.equal(a, b) for a, b in zip(load_network(second).state_dict().values(), net.state_dict().values()))
+    with torch.no_grad():
+        net.model.enc["8x8_conv"].weight[0, 0, 0, 0] += 1  # one changed weight changes the file
+    save_network_pickle(net, second)
+    assert first.read_bytes() != second.read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
+def test_storage_blob_is_torchs_legacy_format(dtype):
+    # A blob is what torch.save(storage, _use_new_zipfile_serialization=False) writes, with key "0" for the address,
+    # so that torch's own loader (EDM's path: torch.storage._load_from_bytes) reads it.
+    storage = torch.arange(5).to(dtype)[1:]._typed_storage()  # a view: the whole storage is written, as torch does
+    f = io.BytesIO()
+    torch.save(storage, f, _use_new_zipfile_serialization=False)
+    key = str(storage._untyped_storage._cdata)
+    torchs = f.getvalue().replace(b"X" + struct.pack("<I", len(key)) + key.encode(), b"X\x01\x00\x00\x000")
+    blob = persistence._storage_blob(storage)
+    assert blob == torchs
+    loaded = torch.storage._load_from_bytes(blob)
+    assert torch.equal(torch.tensor([], dtype=dtype).set_(loaded), torch.arange(5).to(dtype))
+
+
 def test_compute_dtype_is_not_written(tmp_path):
     # A run's bf16 override is no part of the network; written as a torch.dtype, our own loader refused the file.
     net = set_compute_dtype(_tiny("EDMPrecond"), torch.bfloat16)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dmd.cli import main
-from dmd.plot import kimg_axis, smooth
+from dmd.plot import figure, kimg_axis, smooth
 
 TEACHER = Path(__file__).parent / "fixtures" / "edm_ddpmpp_cond.pkl"
 needs_matplotlib = pytest.mark.skipif(
@@ -28,8 +28,8 @@ def png_height(panels):
 def record(step, **extra):
     """A stats.jsonl record of a DMD run at global batch 56 (regression off, no GAN)."""
     values = dict(loss_G=1 / step, loss_dm=1 / step, loss_reg=0.0, loss_gan=0.0, loss_fake=0.5, loss_disc=0.0)
-    values.update(grad_norm_G=2.0, grad_norm_fake=9.0, img_per_s=100.0, lr_gen=5e-5, lr_fake=5e-5)
-    return dict(step=step, kimg=step * 0.056, elapsed_s=step * 0.5, **values, **extra)
+    values.update(grad_norm_G=2.0, grad_norm_fake=9.0, img_per_s=100.0, lr_gen=5e-5, lr_fake=5e-5, **extra)
+    return dict(step=step, kimg=step * 0.056, elapsed_s=step * 0.5, **values)
 
 
 def write_stats(run_dir, records, tail=""):
@@ -88,6 +88,39 @@ def test_panels_follow_the_records(tmp_path, extra, panels):
     assert not (run_dir / "stats.png").exists()
 
 
+def lines_of(ax):
+    """{legend label: (x data, y data)} of the lines an axes draws."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("gan", [True, False])
+def test_chance_line_of_the_discriminator(tmp_path, gan):
+    # DMD2's discriminator loss softplus(f(fake)) + softplus(-f(real)) is 2 ln 2 = ln 4 where D outputs 0 (chance).
+    records = [record(step, loss_disc=1.39 if gan else 0.0, loss_gan=0.7 if gan else 0.0) for step in (10, 20, 30)]
+    fig = figure(write_stats(tmp_path / "run", records))
+    losses = lines_of(fig.axes[0])
+    chance = [y for label, (_, y) in losses.items() if "chance" in label]
+    assert chance == ([[math.log(4)] * 2] if gan else []), losses.keys()
+    assert ("loss_disc" in losses) == gan
+    assert all("chance" not in label for ax in fig.axes[1:] for label in lines_of(ax))
+
+
+@needs_matplotlib
+def test_non_finite_fid_records_are_plotted_as_gaps(tmp_path):
+    # FID lines of a failed evaluation: NaN, inf, a string; the finite ones are drawn, the others counted.
+    fids = [{"step": 10, "fid": 9.0}, {"step": 20, "fid": float("nan")}, {"step": 30, "fid": float("inf")}]
+    fids += [{"step": 40, "fid": "nan"}, {"step": 50, "fid": 4.0}]
+    run_dir = write_stats(tmp_path / "run", [record(step) for step in (10, 20, 30, 40, 50)] + fids)
+    fig = figure(run_dir)
+    fid = lines_of(fig.axes[-1])
+    assert fid["FID"][1][0] == 9.0 and fid["FID"][1][-1] == 4.0 and len(fid["FID"][1]) == 5
+    assert "best 4.000 at kimg 2.8" in fid and "3 of 5 FID records not finite" in fid
+    run_dir = write_stats(tmp_path / "none", [record(10), {"step": 10, "fid": float("nan")}])
+    assert "1 of 1 FID records not finite" in lines_of(figure(run_dir).axes[-1])
+    assert plot(run_dir).exit_code == 0
+
+
 def test_fid_records_without_kimg_take_it_from_the_steps():
     x_of, name = kimg_axis([record(10), {"step": 20, "fid": 5.0}])
     assert name == "kimg" and x_of({"step": 20, "fid": 5.0}) == pytest.approx(1.12)
@@ -113,6 +146,12 @@ def test_smoothing_is_an_unbiased_ema_that_skips_gaps():
         ("corrupt", "stats.jsonl: line 2 is not a stats record (a JSON object with a step); is it corrupt?"),
         ("binary", "stats.jsonl: line 1 is not a stats record"),
         ("nothing to plot", "stats.jsonl holds no losses, gradient norms or FID to plot"),
+        ("huge integer", "stats.jsonl: line 1 holds a number beyond float range under 'loss_G'; is it corrupt?"),
+        ("huge FID", "stats.jsonl: line 2 holds a number beyond float range under 'fid'; is it corrupt?"),
+        ("huge step", "stats.jsonl: line 1 holds a number beyond float range under 'step'; is it corrupt?"),
+        ("too many digits", "stats.jsonl: line 1 is not a stats record"),
+        ("deep nesting", "stats.jsonl: line 1 is not a stats record"),
+        ("infinite step", "stats.jsonl: line 1 is not a stats record"),
     ],
 )
 def test_unplottable_stats_give_one_error_line(tmp_path, case, fragment):
@@ -125,6 +164,12 @@ def test_unplottable_stats_give_one_error_line(tmp_path, case, fragment):
         "corrupt": json.dumps(record(1)) + "\nnot json\n" + json.dumps(record(2)) + "\n",
         "binary": "\x00\x01\x02\n\x03\n",
         "nothing to plot": json.dumps({"step": 1, "img_per_s": 5.0}) + "\n",
+        "huge integer": '{"step": 1, "loss_G": 1' + "0" * 400 + "}\n" + json.dumps(record(2)) + "\n",
+        "huge FID": json.dumps(record(1)) + '\n{"step": 1, "fid": 1' + "0" * 400 + "}\n",
+        "huge step": '{"step": 1' + "0" * 400 + "}\n" + json.dumps(record(2)) + "\n",
+        "too many digits": '{"step": 1, "loss_G": 1' + "0" * 5000 + "}\n" + json.dumps(record(2)) + "\n",
+        "deep nesting": '{"step": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n" + json.dumps(record(2)) + "\n",
+        "infinite step": '{"step": Infinity, "loss_G": 1.0}\n' + json.dumps(record(2)) + "\n",
     }
     if case in contents:
         (run_dir / "stats.jsonl").write_text(contents[case])

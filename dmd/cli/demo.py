@@ -17,6 +17,7 @@ from dmd.cli.options import (
     sentence,
 )
 from dmd.config import ConfigError
+from dmd.demo import SHIPPED_TEACHER_THREADS
 from dmd.demo.config import DemoConfig, DemoError, DemoInterrupted, TeacherConfig
 
 
@@ -53,14 +54,9 @@ def _set_threads(threads):
     return threads
 
 
-def _threads_option():
+def _threads_option(default=0, help="Torch CPU threads; 0: one per free core (cores less the load average)."):
     return option(
-        "--threads",
-        default=0,
-        type=click.IntRange(min=0),
-        metavar="INT",
-        section="Performance",
-        help="Torch CPU threads; 0: one per free core (cores less the load average).",
+        "--threads", default=default, type=click.IntRange(min=0), metavar="INT", section="Performance", help=help
     )
 
 
@@ -152,7 +148,7 @@ def demo_group(ctx, teacher, full, lr, two_step, threads, progress, **options):
     "train-teacher",
     cls=Command,
     examples="""
-python -m dmd demo train-teacher --threads 1 --out demo_teacher.pkl   # the shipped teacher again (same torch, 1 thread)
+python -m dmd demo train-teacher --out demo_teacher.pkl   # the shipped teacher, byte for byte (torch 2.13, AVX512)
 """,
 )
 @option(
@@ -177,7 +173,10 @@ python -m dmd demo train-teacher --threads 1 --out demo_teacher.pkl   # the ship
     TeacherConfig, "--batch-size", "--batch", section="Main", type=COUNT, metavar="INT", help="images per step"
 )
 @config_option(TeacherConfig, "--lr", section="Main", type=POSITIVE, metavar="FLOAT")
-@_threads_option()
+@_threads_option(
+    SHIPPED_TEACHER_THREADS,
+    "Torch CPU threads, part of the recipe (float sums split across threads); 0: one per free core.",
+)
 @progress_option()
 def demo_train_teacher_command(out, threads, progress, **options):
     """Train the demo's digits teacher with EDM's loss and save it as an EDM pickle (reproducible from --seed)."""

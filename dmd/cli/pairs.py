@@ -24,6 +24,9 @@ from dmd.cli.options import (
 # 100k pairs from EDM's conditional CIFAR-10 teacher, 10k per class, one seed per pair; rerun to resume
 python -m dmd make-pairs --network https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl \\
     --out data/cifar10-pairs.h5 --num 100000 --class-balanced
+# The same file grown to 200k pairs (seeds 0-199999): its 100k pairs are kept, the new ones appended
+python -m dmd make-pairs --network https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl \\
+    --out data/cifar10-pairs.h5 --num 200000 --class-balanced
 # The same file on 8 GPUs ("--" keeps torchrun from parsing --num)
 torchrun --nproc_per_node 8 -m dmd -- make-pairs --network edm.pkl --out data/cifar10-pairs.h5 --num 100000
 """,
@@ -36,7 +39,7 @@ torchrun --nproc_per_node 8 -m dmd -- make-pairs --network edm.pkl --out data/ci
     callback=output_path,
     metavar="FILE",
     section="Main",
-    help="Pair file to write, or to resume.",
+    help="Pair file to write, to resume, or to grow (a longer seed list that begins with the file's).",
 )
 @option("--num", required=True, type=COUNT, metavar="INT", section="Main", help="Number of pairs.")
 @option(
@@ -54,7 +57,7 @@ torchrun --nproc_per_node 8 -m dmd -- make-pairs --network edm.pkl --out data/ci
 @cache_option()
 @progress_option()
 def make_pairs_command(network, out, num, seeds, **options):
-    """Sample teacher noise-image pairs into an HDF5 pair file (resumes an interrupted file)."""
+    """Sample teacher noise-image pairs into an HDF5 pair file (resumes an interrupted one, grows a finished one)."""
     from dmd.data import PairFileError
     from dmd.edm.persistence import NetworkLoadError
     from dmd.pairs import make_pairs

@@ -9,6 +9,7 @@ write results.md, results.json and grids.
 """
 
 import contextlib
+import io
 import json
 import os
 import platform
@@ -19,10 +20,16 @@ from pathlib import Path
 
 import torch
 
+from dmd.demo.classifier import FEATURE_DIM
 from dmd.demo.config import GRID_COLUMNS, DemoError, DemoInterrupted
 
 EVAL_SEED0 = 1_000_000  # Evaluation seeds start here, far from the pair seeds 0..num_pairs-1.
 RESULTS_FORMAT = "dmd-demo-results"
+# Samples per method below which results.md warns that its FIDs mean little: 10 per feature dimension. The FID
+# estimates a 64 x 64 covariance, singular below 65 samples; samples drawn from the real digits' own feature
+# Gaussian score FID 38 at 100 samples, 7.6 at 500, 5.8 at 640, 3.4 at 1,000, 1.7 at 2,000 (mean of 10 draws,
+# benchmarks/demo_fid_floor.py), so below 640 the bias alone exceeds the gaps between the methods.
+FID_MIN_SAMPLES = 10 * FEATURE_DIM
 
 
 # The students: (key, title, losses). DMD is the paper's loss and the next two ablate it; DMD2 replaces the pairs by
@@ -120,7 +127,10 @@ def distil(cfg, out, key, losses, data):
         workers=0,
         resume="auto",
     )
-    result = train(train_cfg)
+    # The demo's console is its own: the loop's start summary and losses go to the student's log.txt only.
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train(train_cfg)
+    print(f"  step {result['step']} of {cfg.max_steps}; its losses: {Path(train_cfg.output_dir) / 'log.txt'}")
     if result["stopped"]:
         raise DemoInterrupted(f"stopped by a signal at step {result['step']} of the {key} student")
     snapshot = list_checkpoints(train_cfg.output_dir, "network-snapshot")[-1]
@@ -198,6 +208,18 @@ def machine():
     )
 
 
+def fid_warning(num_eval, feature_dim):
+    """results.md's warning lines when `num_eval` samples are too few for a FID on `feature_dim`-d features."""
+    if num_eval >= FID_MIN_SAMPLES:
+        return []
+    return [
+        f"**Warning: {num_eval} samples per method are too few for a {feature_dim}-d FID** (at least "
+        f"{FID_MIN_SAMPLES}, 10 per feature dimension): its bias alone, the FID of samples drawn from the real "
+        "digits themselves, is larger than the gaps between methods. Rerun with a larger --num-eval to compare them.",
+        "",
+    ]
+
+
 def results_markdown(results):
     """Render results.json as the Markdown report (settings, table, timings)."""
     cfg, rows = results["config"], results["rows"]
@@ -213,6 +235,7 @@ def results_markdown(results):
         f"real digits{two_step}. {cfg['num_eval']} samples per method "
         f"(classes cycling, seeds {EVAL_SEED0}+).",
         "",
+        *fid_warning(cfg["num_eval"], results["classifier"]["feature_dim"]),
         "| method | NFE | digits FID (lower is better) | class accuracy | samples/s |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
@@ -324,8 +347,6 @@ def _run_demo(cfg):
     rows = evaluate(cfg, methods, classifier, ref_stats, out)
     lap("evaluate", t)
     timings["total"] = time.perf_counter() - start
-
-    from dmd.demo.classifier import FEATURE_DIM
 
     results = {
         "format": RESULTS_FORMAT,

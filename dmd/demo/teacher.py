@@ -2,7 +2,8 @@
 
 Trained with EDM's loss (log-normal sigma, P_mean -1.2, P_std 1.2, weight lambda(sigma) = 1/sigma^2 + 1/sigma_data^2),
 Adam and an EMA with EDM's ramp-up, every random draw seeded, and saved in EDM's pickle layout, so the demo loads it
-exactly as it would load a released EDM network. `python -m dmd demo train-teacher` retrains it.
+exactly as it would load a released EDM network. `python -m dmd demo train-teacher` retrains it, to the same bytes with
+the same torch version, thread count and CPU kernels (AVX512; dmd.demo.SHIPPED_TEACHER_SHA256).
 """
 
 import copy

@@ -606,17 +606,69 @@ def _reconstruct_global():
             sys.modules.pop(name, None)
 
 
-# pickle.Pickler writing each of our modules the way EDM's persistent classes reduce themselves (edm-format.md 1.2).
+def _storage_blob(storage):
+    """The nested blob torch's pickling of `storage` (a TypedStorage) holds, except that its key is "0".
+
+    torch writes torch.save(storage, _use_new_zipfile_serialization=False): five protocol-2 pickles (magic number,
+    protocol version, system info, the storage's persistent id, the list of keys), the element count as an int64,
+    then the elements in native byte order. It keys the storage by its memory address, so the same weights pickled
+    twice gave different bytes; the key only pairs the persistent id with the data, and any string serves.
+    """
+    key, untyped = "0", storage._untyped_storage.cpu()
+    numel = storage._size()
+    system = {
+        "protocol_version": torch.serialization.PROTOCOL_VERSION,
+        "little_endian": sys.byteorder == "little",
+        "type_sizes": {
+            "short": torch.serialization.SHORT_SIZE,
+            "int": torch.serialization.INT_SIZE,
+            "long": torch.serialization.LONG_SIZE,
+        },
+    }
+    f = io.BytesIO()
+    for header in (torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION, system):
+        pickle.dump(header, f, protocol=2)
+    root = pickle.Pickler(f, protocol=2)
+    storage_type = getattr(torch, storage._pickle_storage_type())  # e.g. torch.FloatStorage, a global in the stream
+    root.persistent_id = lambda obj: ("storage", storage_type, key, "cpu", numel, None) if obj is storage else None
+    root.dump(storage)
+    pickle.dump([key], f, protocol=2)
+    f.write(struct.pack("<q", numel))
+    f.write(torch.empty(0, dtype=torch.uint8).set_(untyped).numpy().tobytes())  # (nbytes,): the raw elements
+    return f.getvalue()
+
+
+def _interned(value):
+    """`value` with every string in its plain lists, tuples and dicts interned (new containers, other objects kept).
+
+    pickle writes a string met before as a reference to it, by object identity, so equal strings from different
+    sources (a class's name, a literal kwarg, a kwarg read back from a file) would make the bytes depend on how the
+    network was built; interned, every equal string is one object.
+    """
+    if type(value) is str:
+        return sys.intern(value)
+    if type(value) in (list, tuple):
+        return type(value)(map(_interned, value))
+    if type(value) in (dict, collections.OrderedDict):
+        return type(value)((_interned(k), _interned(v)) for k, v in value.items())
+    return value
+
+
+# pickle.Pickler writing each of our modules the way EDM's persistent classes reduce themselves (edm-format.md 1.2),
+# and each tensor storage as torch does but under a fixed key, so that the same weights always give the same bytes.
 class _EDMPickler(pickle.Pickler):
     def __init__(self, file, reconstruct):
         super().__init__(file, protocol=4)
         self.reconstruct = reconstruct  # the global named in the stream
 
     def reducer_override(self, obj):
-        # Our modules become reconstruct(meta); torch containers (ModuleDict), tensors and the rest pickle as usual.
+        # A tensor's storage becomes _load_from_bytes(blob) as in torch but keyed "0", our modules reconstruct(meta);
+        # torch containers (ModuleDict), tensors themselves and the rest pickle as usual.
+        if isinstance(obj, torch.storage.TypedStorage):
+            return torch.storage._load_from_bytes, (_storage_blob(obj),)
         if not (isinstance(obj, torch.nn.Module) and type(obj).__module__.startswith("dmd.edm.")):
             return NotImplemented
-        state = obj.__getstate__()
+        state = _interned(obj.__getstate__())
         # A run's override of the U-Net dtype (dmd train --precision) is not part of the network, and a torch.dtype
         # in the stream would be a global no network pickle names.
         state.pop("compute_dtype", None)
@@ -639,6 +691,7 @@ def save_network_pickle(net: torch.nn.Module, path: Union[str, os.PathLike]) -> 
     `net` is one of our preconditioners (else ValueError). A frozen eval-mode CPU copy is written as 'ema', the other
     entries empty, and the caller's network is left untouched. `load_network` reads the weights back bit for bit; the
     embedded source only imports EDM's `training.networks`, so that EDM's own loader rebuilds it with EDM's classes.
+    The same class, kwargs and weights always give the same bytes, so a file's sha256 identifies its network.
     """
     if type(net).__name__ not in PRECONDITIONERS:
         raise ValueError(f"save_network_pickle writes one of {', '.join(PRECONDITIONERS)}, not {type(net).__name__}")
