@@ -165,7 +165,7 @@ def figure(run_dir):
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise PlotError("dmd plot needs matplotlib: pip install matplotlib") from e
+        raise PlotError("dmd plot needs matplotlib: pip install 'dmd-distill[plot]'") from e
 
     run_dir = Path(run_dir)
     records = read_stats(run_dir / "stats.jsonl")

@@ -183,4 +183,5 @@ def test_missing_matplotlib_names_the_pip_command(tmp_path, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)  # `import` of it now fails as if absent
     result = plot(write_stats(tmp_path / "run", [record(1)]))
-    assert result.exit_code == 1 and result.output == "Error: dmd plot needs matplotlib: pip install matplotlib\n"
+    assert result.exit_code == 1
+    assert result.output == "Error: dmd plot needs matplotlib: pip install 'dmd-distill[plot]'\n"

@@ -20,7 +20,7 @@ def load_digits(resolution=RESOLUTION):
     try:
         from sklearn.datasets import load_digits as sklearn_load_digits
     except ImportError as e:
-        raise DigitsUnavailableError("the demo needs scikit-learn: pip install -e '.[demo]'") from e
+        raise DigitsUnavailableError("the demo needs scikit-learn: pip install 'dmd-distill[demo]'") from e
     digits = sklearn_load_digits()
     x = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / PIXEL_MAX  # (1797, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)  # stays in [0, 1]
