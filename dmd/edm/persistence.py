@@ -624,15 +624,15 @@ def load_network(
     state_dict = stub_state_dict(stub, path)
     try:
         check_init_kwargs(init_kwargs)
-        with _MetaFactories():  # shapes only, nothing allocated: the file's tensors are checked before the build
-            shapes = {k: v.shape for k, v in build_network(stub.class_name, init_kwargs).state_dict().items()}
+        with _MetaFactories():  # shapes only, nothing allocated or drawn: the file's tensors are checked first
+            net = build_network(stub.class_name, init_kwargs)
     except Exception as e:  # the kwargs come from the file, so whatever stops the build is the file's fault
         raise NetworkLoadError(f"{path}: cannot build '{key}' ({stub.class_name}): {_clip(e, 300)}") from e
-    _check_weights(path, stub.class_name, shapes, state_dict)
-    net = build_network(stub.class_name, init_kwargs)
-    # assign: the network takes the file's tensors, dtype included. EDM2's layers cast each weight to float32 before
-    # use, but scale it by its gain (out_gain, emb_gain) in the gain's own dtype: EDM2 samples its float16 releases
-    # with that rounding, 1e-4 of the output, and so do we. Students are built in float32, as EDM2 trains.
+    _check_weights(path, stub.class_name, {k: v.shape for k, v in net.state_dict().items()}, state_dict)
+    # assign: the network takes the file's tensors in place of its meta ones, dtype included. EDM2's layers cast each
+    # weight to float32 before use, but scale it by its gain (out_gain, emb_gain) in the gain's own dtype: EDM2
+    # samples its float16 releases with that rounding, 1e-4 of the output, and so do we. Students are built in
+    # float32, as EDM2 trains.
     net.load_state_dict(state_dict, strict=True, assign=True)
     if "encoder" in data:
         net.encoder_info = _encoder_info(path, data["encoder"], net.img_channels)
