@@ -7,12 +7,15 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import struct
 import subprocess
 import sys
 import threading
+import types
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +36,10 @@ from dmd.edm.persistence import (
     stub_state_dict,
 )
 from dmd.edm.precond import build_network, set_compute_dtype
+from dmd.edm2 import EncoderInfo
 
 FIXTURES = Path(__file__).parent / "fixtures"
+EDM2 = FIXTURES / "edm2"
 NAMES = {"edm_ddpmpp_cond": "EDMPrecond", "vp_ddpmpp_cond": "VPPrecond"}
 TINY_SONG = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
 TINY_NETS = {
@@ -43,6 +48,17 @@ TINY_NETS = {
     "VEPrecond": dict(TINY_SONG, embedding_type="fourier", encoder_type="residual", resample_filter=[1, 3, 3, 1]),
     "iDDPMPrecond": dict(TINY_SONG, model_type="DhariwalUNet", label_dim=10),
 }
+TINY_EDM2 = dict(  # edm2_img_cond's kwargs
+    img_resolution=8,
+    img_channels=3,
+    label_dim=10,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[4],
+    channels_per_head=16,
+    logvar_channels=8,
+)
 
 
 # Pickles as a call of `func(*args)`, the way a malicious pickle smuggles code in; a `state` is then set on the result.
@@ -63,9 +79,9 @@ def _tiny(class_name):
     return net
 
 
-def _patched(tmp_path, old, new):
-    """A copy of the EDM fixture with the first occurrence of `old` replaced by the same-length `new`."""
-    data = (FIXTURES / "edm_ddpmpp_cond.pkl").read_bytes()
+def _patched(tmp_path, old, new, fixture=FIXTURES / "edm_ddpmpp_cond.pkl"):
+    """A copy of a fixture (EDM's by default) with the first occurrence of `old` replaced by the same-length `new`."""
+    data = fixture.read_bytes()
     assert len(old) == len(new) and old in data
     path = tmp_path / "patched.pkl"
     path.write_bytes(data.replace(old, new, 1))
@@ -122,6 +138,67 @@ def test_torch_storage_loader_is_never_called(monkeypatch):
 
     monkeypatch.setattr(torch.storage, "_load_from_bytes", refuse)
     assert len(stub_state_dict(read_network_pickle(FIXTURES / "edm_ddpmpp_cond.pkl")["ema"])) == 149
+
+
+def test_edm2_pickle_loads_with_its_encoder():
+    data = read_network_pickle(EDM2 / "edm2_latent_cond.pkl")
+    assert isinstance(data, dict) and list(data) == ["encoder", "dataset_kwargs", "loss_fn", "ema"]
+    assert data["loss_fn"].class_name == "EDM2Loss" and data["loss_fn"].state["P_mean"] == -0.4
+
+    assert load_network(EDM2 / "edm2_img_cond.pkl").encoder_info == EncoderInfo("StandardRGBEncoder")
+    info = load_network(EDM2 / "edm2_latent_cond.pkl").encoder_info
+    scale = np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28])  # EDM2's defaults: final_std / raw_std
+    bias = np.float32(0) - np.float32([5.81, 3.25, 0.12, -2.15]) * scale
+    expected = EncoderInfo(
+        "StabilityVAEEncoder", "stabilityai/sd-vae-ft-mse", tuple(scale.tolist()), tuple(bias.tolist()), 8
+    )
+    assert info == expected
+    assert "dnnlib" not in sys.modules and "torch_utils" not in sys.modules
+    with pytest.raises(NetworkLoadError, match="'loss_fn' is a EDM2Loss, not one of the networks we build .*Precond"):
+        load_network(EDM2 / "edm2_latent_cond.pkl", key="loss_fn")
+
+
+def _respelled(data, old, new):
+    """A protocol-4 pickle with its one `old` replaced by `new` of another length, the frame around it resized."""
+    at = data.index(old)
+    assert data.count(old) == 1
+    frame = max(pos for op, _, pos in pickletools.genops(data) if op.name == "FRAME" and pos < at)
+    size = struct.unpack("<Q", data[frame + 1 : frame + 9])[0] + len(new) - len(old)
+    return data[: frame + 1] + struct.pack("<Q", size) + data[frame + 9 : at] + new + data[at + len(old) :]
+
+
+def test_edm2_pickle_written_by_numpy_1(tmp_path):
+    # EDM2's releases were written by numpy 1.x, which names numpy.core.multiarray._reconstruct for an array.
+    path = tmp_path / "numpy1.pkl"
+    data = (EDM2 / "edm2_latent_cond.pkl").read_bytes()
+    path.write_bytes(_respelled(data, b"\x8c\x16numpy._core.multiarray", b"\x8c\x15numpy.core.multiarray"))
+    assert b"numpy.core.multiarray" in path.read_bytes()
+    assert load_network(path).encoder_info == load_network(EDM2 / "edm2_latent_cond.pkl").encoder_info
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (b"StabilityVAEEncoder", b"StabilityXAEEncoder", "'encoder' is a StabilityXAEEncoder, not one of EDM2's"),
+        (b"\x8c\x02f4", b"\x8c\x02i4", "the encoder's 'scale' is not 4 floats"),
+    ],
+)
+def test_edm2_encoder_is_checked(tmp_path, old, new, message):
+    path = _patched(tmp_path, old, new, fixture=EDM2 / "edm2_latent_cond.pkl")
+    with pytest.raises(NetworkLoadError, match=f"^{re.escape(str(path))}: {message}"):
+        load_network(path)
+
+
+def test_edm2_shape_mismatch_is_summarised(tmp_path):
+    # The network's _init_kwargs patched to model_channels=32 (the U-Net's own persistent copy keeps 16).
+    path = _patched(tmp_path, b"j,\x08\x00\x00K\x10", b"j,\x08\x00\x00K\x20", fixture=EDM2 / "edm2_img_cond.pkl")
+    with pytest.raises(NetworkLoadError) as error:
+        load_network(path)
+    message = str(error.value)
+    assert re.match(
+        rf"{re.escape(str(path))}: the weights do not fit the Precond .* size mismatch in \d+ of 63", message
+    )
+    assert len(message) < 500
 
 
 @pytest.mark.parametrize("class_name", list(TINY_NETS))
@@ -229,6 +306,61 @@ def test_code_in_a_pickle_is_refused_before_it_runs(tmp_path, global_name):
     path = tmp_path / "evil.pkl"
     path.write_bytes(_evil_streams(sentinel)[global_name])
     with pytest.raises(UnsafePickleError, match=f"{re.escape(str(path))}: .* the global '{global_name}'"):
+        load_network(path)
+    assert not sentinel.exists()
+
+
+# dnnlib.util.EasyDict, the top level of EDM2's pickles; `_dnnlib()` lets pickle name it so while a test writes.
+class EasyDict(dict):
+    pass
+
+
+EasyDict.__module__ = "dnnlib.util"
+
+
+@contextmanager
+def _dnnlib():
+    util = types.ModuleType("dnnlib.util")
+    util.EasyDict = EasyDict
+    package = types.ModuleType("dnnlib")
+    package.util = util
+    sys.modules.update({"dnnlib": package, "dnnlib.util": util})
+    try:
+        yield
+    finally:
+        for name in ("dnnlib", "dnnlib.util"):
+            sys.modules.pop(name, None)
+
+
+def _array(shape, dtype, data, made=None):
+    """A numpy array as numpy pickles it: _reconstruct(ndarray, (0,), b'b'), then BUILD (version, shape, dtype, C
+    order, data); `made` replaces _reconstruct's arguments."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    made = (np.ndarray, (0,), b"b") if made is None else made
+    return Call(_reconstruct, *made, state=(1, shape, np.dtype(dtype), False, data))
+
+
+@pytest.mark.parametrize("route", ["call", "object array", "numpy.load"])
+def test_code_in_an_edm2_pickle_is_refused_before_it_runs(tmp_path, route):
+    sentinel = tmp_path / "SENTINEL"
+    run = Call(os.system, f"touch {sentinel}")
+    refused = (UnsafePickleError, f"the global '{os.system.__module__}.system'")
+    if route == "call":
+        scale = run
+    elif route == "object array":  # numpy unpickles an object array's items, calls included
+        scale, refused = _array((1,), "O", [run]), (NetworkLoadError, "sets the state of an object made by numpy")
+    else:  # numpy.load(allow_pickle=True) of a file that pickles the call
+        np.save(tmp_path / "run.npy", np.array([run], dtype=object), allow_pickle=True)
+        scale, refused = Call(np.load, str(tmp_path / "run.npy"), None, True), (UnsafePickleError, "'numpy.load'")
+    encoder = Persistent("StabilityVAEEncoder", {"vae_name": "stabilityai/sd-vae-ft-mse", "scale": scale})
+    path = tmp_path / "evil.pkl"
+    with _dnnlib():
+        path.write_bytes(_dumps(EasyDict(encoder=encoder)))
+    error, phrase = refused
+    with pytest.raises(error, match=f"^{re.escape(str(path))}: .*{re.escape(phrase)}"):
         load_network(path)
     assert not sentinel.exists()
 
@@ -426,6 +558,10 @@ def _bombs():
         small = torch.FloatStorage(1)
     pairs = [(f"k{i}", None) for i in range(10_000)]
     blob = _legacy_blob(2**16, bytes(2**18))
+    edm2 = dict(TINY_EDM2, img_resolution=8)
+
+    def vae(**state):
+        return EasyDict(encoder=Persistent("StabilityVAEEncoder", state))
 
     bombs = {
         "repeated_child": ({"ema": _network("EDMPrecond", tiny, modules={"model": twice})}, "repeats a module"),
@@ -462,8 +598,23 @@ def _bombs():
         "blob_decoded_again": ({"ema": [Call(load_blob, blob) for _ in range(10_000)]}, "more tensor data than"),
         "void_scalar": ({"ema": Call(persistence._numpy_scalar(), np.dtype("V2000000000"))}, "numpy scalar"),
         "ordered_dict_copies": ({"ema": [Call(collections.OrderedDict, pairs) for _ in range(2_000)]}, "OrderedDict"),
+        # EDM2: an EasyDict at the top, numpy arrays in the encoder, EDM2's Precond.
+        "edm2_array_declared_huge": (vae(scale=_array((10**10,), "f4", bytes(16))), "declares 10000000000 elements"),
+        "edm2_array_of_objects": (vae(scale=_array((2,), "O", [1, 2])), "not a plain numeric array"),
+        "edm2_array_of_voids": (vae(scale=_array((1,), "V2000000000", b"")), "not a plain numeric array"),
+        "edm2_array_made_oddly": (vae(scale=_array((1,), "f4", bytes(4), (np.ndarray, (10**9,), b"b"))), "never make"),
+        "edm2_easydict_copies": ([Call(EasyDict, pairs) for _ in range(2_000)], "not a readable network pickle"),
+        "edm2_wider_than_sane": (
+            EasyDict(ema=_network("Precond", dict(edm2, model_channels=10**6))),
+            "'model_channels'",
+        ),
+        "edm2_logvar_wide": (EasyDict(ema=_network("Precond", dict(edm2, logvar_channels=10**9))), "'logvar_channels'"),
+        "edm2_no_heads": (EasyDict(ema=_network("Precond", dict(edm2, channels_per_head=0))), "'channels_per_head'"),
+        "edm2_wide_declared": (EasyDict(ema=_network("Precond", dict(edm2, model_channels=1024))), "missing"),
+        "edm2_bad_balance": (EasyDict(ema=_network("Precond", dict(edm2, label_balance="x"))), "'label_balance'"),
     }
-    data = {name: (_dumps(obj), phrase) for name, (obj, phrase) in bombs.items()}
+    with _dnnlib():
+        data = {name: (_dumps(obj), phrase) for name, (obj, phrase) in bombs.items()}
     # Raw streams: a tuple nested 10**6 deep as a dict key (hashing it overflowed the C stack), lists nested 10**5
     # deep in the kwargs (raw RecursionError), a bytes opcode declaring 4 GiB, and 600,000 opcodes (OrderedDict()s).
     deep_list = ("@@DEEP@@", b"(" * 10**5 + b"l" * 10**5)
@@ -523,6 +674,7 @@ def test_small_hostile_pickles_fail_fast_within_a_memory_limit(tmp_path):
         "wide_expanded",
         "blob_decoded_again",
         "ordered_dict_copies",
+        "edm2_easydict_copies",
         "deep_tuple_key",
         "deep_kwargs",
         "call_flood",
@@ -547,6 +699,19 @@ def test_small_hostile_pickles_fail_fast_within_a_memory_limit(tmp_path):
         if not (outcome.startswith(f"{path}: ") and phrase in outcome and len(outcome) < 500 and seconds < 5):
             failures.append(f"{Path(path).stem}: {outcome[:300]!r} after {seconds:.1f} s (wanted {phrase!r})")
     assert not failures, "\n".join(failures)
+
+
+def test_integer_weights_are_refused(tmp_path):
+    # Loaded with assign=True, each tensor keeps the file's dtype; an integer one would make an integer weight.
+    with torch.device("meta"):
+        net = build_network("Precond", TINY_EDM2)
+    stubs = _stub_tree(net, lambda shape: torch.zeros(shape, dtype=torch.int8))
+    stubs.state.update(_init_args=(), _init_kwargs=TINY_EDM2)
+    path = tmp_path / "integers.pkl"
+    with _dnnlib():
+        path.write_bytes(_dumps(EasyDict(ema=stubs)))
+    with pytest.raises(NetworkLoadError, match=r"the Precond .*: 63 tensors \(unet.out_gain, .*\) are not floating"):
+        load_network(path)
 
 
 def test_shape_mismatch_is_summarised(tmp_path):

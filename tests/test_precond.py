@@ -345,7 +345,7 @@ def test_copy_network_is_independent():
 
 
 def test_build_errors_name_the_culprit():
-    assert set(PRECONDITIONERS) == {"EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond"}
+    assert set(PRECONDITIONERS) == {"EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "Precond"}  # EDM2's too
     with pytest.raises(ValueError, match="unknown network class 'training.networks.EDMPrecond'"):
         build_network("training.networks.EDMPrecond", {})
     with pytest.raises(ValueError, match="unknown model_type 'UNet2D'"):

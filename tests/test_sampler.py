@@ -5,24 +5,28 @@ import pytest
 import torch
 
 from dmd.edm.persistence import load_network
-from dmd.edm.sampler import StackedRandomGenerator, check_schedule, edm_sampler
+from dmd.edm.precond import build_network
+from dmd.edm.sampler import GuidedDenoiser, StackedRandomGenerator, check_guide, check_schedule, edm_sampler
 from dmd.utils.common import one_hot, to_uint8
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = ["edm_ddpmpp_cond", "vp_ddpmpp_cond"]
+EDM2_NAMES = ["edm2_img_cond", "edm2_img_guide", "edm2_latent_cond"]
 
 
-# Passes calls through to a denoiser and records what the sampler hands it.
+# Passes calls through to a denoiser and records what the sampler hands it: x and a 0-d sigma in float64 as EDM's
+# sampler passes them, float32 as EDM2's does.
 class Recording:
-    def __init__(self, net):
+    def __init__(self, net, dtype=torch.float64):
         self.net = net
+        self.dtype = dtype
         self.sigmas = []
 
     def __getattr__(self, name):
         return getattr(self.net, name)
 
     def __call__(self, x, sigma, class_labels=None):
-        assert x.dtype == torch.float64 and sigma.dtype == torch.float64 and sigma.ndim == 0  # as EDM passes them
+        assert x.dtype == self.dtype and sigma.dtype == self.dtype and sigma.ndim == 0
         self.sigmas.append(sigma.item())
         return self.net(x, sigma, class_labels)
 
@@ -41,9 +45,23 @@ class PointMass:
         return self.mu.expand_as(x).to(torch.float32)
 
 
+# The same without EDM's interface (no sigma range, no round_sigma), as EDM2's networks are.
+class PointMass2:
+    def __init__(self, mu):
+        self.mu = mu
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.mu.expand_as(x).to(torch.float32)
+
+
 @pytest.fixture(scope="module")
 def nets():
     return {name: load_network(FIXTURES / f"{name}.pkl") for name in NAMES}
+
+
+@pytest.fixture(scope="module")
+def edm2_nets():
+    return {name: load_network(FIXTURES / "edm2" / f"{name}.pkl") for name in EDM2_NAMES}
 
 
 def _draw(net, seeds):
@@ -155,3 +173,122 @@ def test_schedules_that_cannot_run_are_refused_and_the_range_is_clamped_as_edm_d
             edm_sampler(edm, latents, torch.eye(10)[:1], **kwargs)
     with pytest.raises(ValueError, match=r"within the network's range \[0.00\d+, 152.\d+\] \(they give \[200, 152"):
         check_schedule(vp, 18, 200, 300, 7)
+
+
+# EDM2's networks and guidance.
+
+
+def _edm2_sample(net, ref, **kwargs):
+    """EDM2's generate_images.py for seeds 0-3 in 8 steps: latents, then labels, drawn per seed."""
+    latents, class_idx, rnd = _draw(net, [0, 1, 2, 3])
+    torch.testing.assert_close(latents, torch.from_numpy(ref["sampler_latents"]), rtol=0, atol=2e-6)  # as EDM's
+    assert torch.equal(class_idx, torch.from_numpy(ref["sampler_class_idx"]))
+    return edm_sampler(net, latents, one_hot(class_idx, net.label_dim), randn_like=rnd.randn_like, **kwargs)
+
+
+@pytest.mark.parametrize("name", EDM2_NAMES)
+def test_sampler_matches_edm2(edm2_nets, name):
+    ref = np.load(FIXTURES / "edm2" / f"{name}.npz")
+    net = Recording(edm2_nets[name], dtype=torch.float32)
+    out = _edm2_sample(net, ref, num_steps=8)
+    assert out.dtype == torch.float32 and len(net.sigmas) == 15
+    assert net.sigmas[0] == pytest.approx(80, rel=1e-6) and net.sigmas[-1] == pytest.approx(0.002, rel=1e-6)
+    assert (out - torch.from_numpy(ref["sampler_out"])).abs().max() <= 1e-4 * np.abs(ref["sampler_out"]).max()
+
+
+def test_guided_sampler_matches_edm2(edm2_nets):
+    ref = np.load(FIXTURES / "edm2" / "edm2_img_cond.npz")
+    net, guide = edm2_nets["edm2_img_cond"], edm2_nets["edm2_img_guide"]
+    out = _edm2_sample(net, ref, num_steps=8, guide=guide, guidance=float(ref["guidance"]))
+    assert (out - torch.from_numpy(ref["guided_out"])).abs().max() <= 1e-4 * np.abs(ref["guided_out"]).max()
+    unguided = torch.from_numpy(ref["sampler_out"])
+    assert (out - unguided).abs().max() > 1e-2 * unguided.abs().max()  # the guide moves the samples
+
+
+# Counts the calls of a network it passes through.
+class Counting(Recording):
+    def __init__(self, net):
+        super().__init__(net, dtype=None)
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.sigmas.append(sigma)
+        return self.net(x, sigma, class_labels)
+
+
+def test_guidance_one_is_the_teacher_alone(edm2_nets):
+    net, guide = edm2_nets["edm2_img_cond"], Counting(edm2_nets["edm2_img_guide"])
+    ref = np.load(FIXTURES / "edm2" / "edm2_img_cond.npz")
+    x, sigma, labels = (torch.from_numpy(ref[k]) for k in ("x", "sigma", "labels"))
+    with torch.no_grad():
+        assert torch.equal(GuidedDenoiser(net, guide, 1)(x, sigma, labels), net(x, sigma, labels))
+    assert torch.equal(_edm2_sample(net, ref, num_steps=4, guide=guide), _edm2_sample(net, ref, num_steps=4))
+    assert guide.sigmas == []
+
+
+def test_guided_denoiser_is_edm2s_lerp(edm2_nets):
+    net, guide = edm2_nets["edm2_img_cond"], edm2_nets["edm2_img_guide"]
+    ref = np.load(FIXTURES / "edm2" / "edm2_img_cond.npz")
+    x, sigma, labels = (torch.from_numpy(ref[k]) for k in ("x", "sigma", "labels"))
+    with torch.no_grad():
+        D_x, D_guide = net(x, sigma, labels), guide(x, sigma, labels)
+        guided = GuidedDenoiser(net, guide, 1.7)
+        torch.testing.assert_close(guided(x, sigma, labels), D_guide + 1.7 * (D_x - D_guide))
+        assert torch.equal(GuidedDenoiser(net, guide, 0)(x, sigma, labels), D_guide)
+    assert (guided.img_resolution, guided.img_channels, guided.label_dim, guided.sigma_data) == (8, 3, 10, 0.5)
+    assert not hasattr(guided, "round_sigma") and not hasattr(guided, "sigma_min")  # EDM2's interface, as the net's
+
+
+def test_guided_edm_teacher_keeps_edms_sampler(nets):
+    edm, vp = nets["edm_ddpmpp_cond"], nets["vp_ddpmpp_cond"]
+    guided = GuidedDenoiser(edm, vp, 2.0)
+    assert (guided.sigma_min, guided.sigma_max, guided.round_sigma) == (vp.sigma_min, vp.sigma_max, edm.round_sigma)
+    latents, class_idx, _ = _draw(edm, [0, 1])
+    plain = edm_sampler(edm, latents, one_hot(class_idx, 10), num_steps=3)
+    assert torch.equal(edm_sampler(GuidedDenoiser(edm, vp, 1), latents, one_hot(class_idx, 10), num_steps=3), plain)
+    assert plain.dtype == torch.float64
+
+
+def check_guide_classes(net, label_dim):
+    """check_guide(net, a guide shaped like net with `label_dim` classes)."""
+    guide = type("Guide", (), dict(img_resolution=net.img_resolution, img_channels=net.img_channels))()
+    guide.label_dim = label_dim
+    check_guide(net, guide)
+
+
+def test_guides_that_do_not_fit_are_refused(edm2_nets):
+    net, latent = edm2_nets["edm2_img_cond"], edm2_nets["edm2_latent_cond"]
+    tiny = dict(img_resolution=8, img_channels=3, model_channels=8, channel_mult=[1, 2], num_blocks=1)
+    uncond = build_network("Precond", dict(tiny, label_dim=0, attn_resolutions=[4], channels_per_head=8))
+    GuidedDenoiser(net, uncond, 1.5)  # an unconditional guide: classifier-free guidance
+    cases = [
+        (net, latent, 1.5, r"works on 8x8x4 images, the network on 8x8x3"),
+        (uncond, net, 1.5, r"guiding network is conditional \(10 classes\) but the network is unconditional"),
+        (net, net, float("nan"), r"--guidance must be a finite number"),
+    ]
+    for teacher, guide, weight, message in cases:
+        with pytest.raises(ValueError, match=message):
+            GuidedDenoiser(teacher, guide, weight)
+    with pytest.raises(ValueError, match=r"has 1000 classes, the network 10"):
+        check_guide_classes(net, 1000)
+    with pytest.raises(ValueError, match=r"--guidance 2 needs a guiding network"):
+        edm_sampler(net, torch.zeros(1, 3, 8, 8), guidance=2)
+
+
+@pytest.mark.parametrize("S_churn", [0, 30])
+def test_edm2_sampling_conventions(S_churn):
+    # A network without EDM's interface gets EDM2's sampler: 32 steps by default, float32, no clamping to a range,
+    # and noise drawn only on the steps that churn (EDM draws it on every step).
+    mu = torch.tensor([0.25, -0.5]).reshape(1, 2, 1, 1)
+    net, draws = Recording(PointMass2(mu), dtype=torch.float32), []
+
+    def randn_like(x):
+        draws.append(x.dtype)
+        return torch.randn_like(x)
+
+    out = edm_sampler(net, torch.randn(3, 2, 4, 4), randn_like=randn_like, S_churn=S_churn, S_min=0.05, S_max=50)
+    assert out.dtype == torch.float32 and len(net.sigmas) == 63 and net.sigmas[0] == pytest.approx(80, rel=1e-6)
+    churned = sum(0.05 <= t <= 50 for t in net.sigmas[1::2])  # the Heun calls sit at t_1 ... t_31; t_0 = 80 > 50
+    assert draws == [torch.float32] * (churned if S_churn else 0)
+    assert (out - mu).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="--S-churn must be non-negative"):
+        edm_sampler(net, torch.randn(1, 2, 4, 4), S_churn=-1)

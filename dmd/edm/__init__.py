@@ -1,4 +1,5 @@
-"""EDM-compatible core: networks, preconditioners, a safe loader for EDM's pickles, and EDM's sampler."""
+"""EDM-compatible core: networks, preconditioners, a safe loader for EDM's and EDM2's pickles, and the sampler of both
+with guidance (EDM2's own network family lives in dmd.edm2)."""
 
 # Networks, preconditioners, the EDM pickle loader/writer and EDM's sampler (re-exported).
 from dmd.edm.layers import (  # noqa: F401
@@ -26,5 +27,5 @@ from dmd.edm.precond import (  # noqa: F401
     copy_network,
     iDDPMPrecond,
 )
-from dmd.edm.sampler import StackedRandomGenerator, edm_sampler  # noqa: F401
+from dmd.edm.sampler import GuidedDenoiser, StackedRandomGenerator, check_guide, edm_sampler  # noqa: F401
 from dmd.edm.unets import DhariwalUNet, SongUNet  # noqa: F401

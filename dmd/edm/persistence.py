@@ -1,9 +1,10 @@
-"""Read EDM's network pickles without running any of their code, and write our networks in the same layout.
+"""Read EDM's and EDM2's network pickles without running any of their code, and write our networks in EDM's layout.
 
-EDM pickles every network as `torch_utils.persistence._reconstruct_persistent_obj(meta)`, where `meta` carries the
-defining module's whole source, which EDM's loader `exec`s. We never do: a restricted unpickler resolves only the
-handful of globals such a pickle names (edm-format.md 1.4), turns each persistent object into an inert
-`PersistentStub`, walks the stubs into a state dict, and loads that into our own class built from `_init_kwargs`.
+EDM and EDM2 pickle every network as `torch_utils.persistence._reconstruct_persistent_obj(meta)`, where `meta` carries
+the defining module's whole source, which their loaders `exec`. We never do: a restricted unpickler resolves only the
+handful of globals such a pickle names (edm-format.md 1.4; EDM2 adds `dnnlib.util.EasyDict` and numpy arrays), turns
+each persistent object into an inert `PersistentStub`, walks the stubs into a state dict, and loads that into our own
+class built from `_init_kwargs`.
 
 A file is distrusted throughout, so that a small one cannot exhaust memory or time: its opcodes are scanned before it
 runs (count, nesting, what BUILD may touch), every allowed global checks its arguments, the walk refuses cycles and
@@ -16,6 +17,7 @@ import contextlib
 import copy
 import io
 import itertools
+import math
 import os
 import pickle
 import pickletools
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from dmd.edm.precond import PRECONDITIONERS, build_network, check_init_kwargs
+from dmd.edm2.encoders import EncoderInfo
 from dmd.generator import SNAPSHOT_FORMAT, STATE_FORMAT
 from dmd.utils.download import open_url, sha256_file
 from dmd.utils.io import atomic_path
@@ -47,6 +50,7 @@ MAX_NESTING = 1_000  # objects inside objects (hashing a tuple nested ~10**6 dee
 MAX_MODULE_DEPTH = 32  # modules inside modules
 MAX_TENSORS = 100_000  # tensor storages decoded, and entries of the state dict
 MAX_KEY_CHARS = 1 << 24  # characters of all state-dict keys together
+MAX_ARRAY_ELEMENTS = 1 << 16  # elements of one numpy array (EDM2's encoder holds two of 4 elements)
 
 
 class NetworkLoadError(RuntimeError):
@@ -69,6 +73,43 @@ class PersistentStub:
 class _ModuleDictState:
     def __setstate__(self, state):
         self.state = state
+
+
+# Stands in for dnnlib.util.EasyDict, the top level of EDM2's pickles: a dict made empty (NEWOBJ) and filled by
+# SETITEMS. Called with arguments (REDUCE), which EDM2's pickles never do, a dict would copy whatever it is given.
+class _EasyDict(dict):
+    def __init__(self, *args, **kwargs):
+        if args or kwargs:
+            raise TypeError("dnnlib.util.EasyDict is called with arguments")
+        super().__init__()
+
+
+# What the global numpy.ndarray resolves to: the type argument numpy's pickles hand _reconstruct, callable by nothing.
+_NDARRAY = object()
+
+
+# A numpy array as numpy pickles it: made empty by _reconstruct(ndarray, (0,), b'b'), then given its state
+# (version, shape, dtype, fortran order, bytes) by BUILD. numpy's own __setstate__ never sees the state: it is
+# checked (a plain numeric array of at most MAX_ARRAY_ELEMENTS whose bytes are all there) and copied into `array`.
+class _NumpyArray:
+    def __init__(self, path):
+        self.path = path
+        self.array = None
+
+    def __setstate__(self, state):
+        version, shape, dtype, fortran, data = state if isinstance(state, tuple) and len(state) == 5 else (None,) * 5
+        numeric = isinstance(dtype, np.dtype) and dtype.kind in "biuf" and dtype.itemsize <= 8
+        shaped = isinstance(shape, tuple) and len(shape) <= 8 and all(map(_is_count, shape))
+        if not (version == 1 and numeric and shaped and isinstance(fortran, bool) and isinstance(data, bytes)):
+            raise NetworkLoadError(f"{self.path}: a numpy array is not a plain numeric array")
+        numel = math.prod(shape)
+        if numel > MAX_ARRAY_ELEMENTS or len(data) != numel * dtype.itemsize:
+            raise NetworkLoadError(
+                f"{self.path}: a numpy array declares {numel} elements of {dtype} and holds {len(data)} bytes; "
+                f"a network pickle's arrays hold their bytes and at most {MAX_ARRAY_ELEMENTS} elements"
+            )
+        order = "F" if fortran else "C"
+        self.array = np.frombuffer(data, dtype).reshape(shape, order=order).astype(dtype.newbyteorder("="))
 
 
 def _clip(text, limit=120):
@@ -106,11 +147,16 @@ class _Bounded:
 
 
 # What BUILD (set an object's state) may act on, with the deepest state it may set there: EDM's pickles use it only on
-# ModuleDicts and on numpy dtypes (a flat tuple). A tensor's __setstate__ calls set_, which grows the storage to any
-# size it is given, so every other target is refused before the stream runs. Items are only ever added to plain
-# containers and OrderedDicts.
-_BUILDABLE = {("new", "torch.nn.modules.container.ModuleDict"): MAX_NESTING, ("call", "numpy.dtype"): 1}
-_FILLABLE = {None, ("call", "collections.OrderedDict")}
+# ModuleDicts and on numpy dtypes (a flat tuple), EDM2's also on numpy arrays (a tuple holding the shape and a dtype).
+# A tensor's __setstate__ calls set_, which grows the storage to any size it is given, so every other target is
+# refused before the stream runs. Items are only ever added to plain containers, OrderedDicts and EDM2's EasyDict.
+_BUILDABLE = {
+    ("new", "torch.nn.modules.container.ModuleDict"): MAX_NESTING,
+    ("call", "numpy.dtype"): 1,
+    ("call", "numpy._core.multiarray._reconstruct"): 3,
+    ("call", "numpy.core.multiarray._reconstruct"): 3,
+}
+_FILLABLE = {None, ("call", "collections.OrderedDict"), ("new", "dnnlib.util.EasyDict")}
 _FILLERS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"}
 _STRINGS = {"UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 
@@ -201,8 +247,8 @@ def _scan(f, path):
         stack += [result] * pushed
 
 
-# pickle.Unpickler that resolves only the globals of an EDM network pickle, refuses everything else by name, and
-# checks the arguments of every call it allows; _scan has checked the stream's shape before it runs.
+# pickle.Unpickler that resolves only the globals of an EDM or EDM2 network pickle, refuses everything else by name,
+# and checks the arguments of every call it allows; _scan has checked the stream's shape before it runs.
 class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, file, path, size):
         super().__init__(file)
@@ -220,6 +266,10 @@ class _SafeUnpickler(pickle.Unpickler):
             ("numpy", "dtype"): self._numpy_dtype,
             ("numpy._core.multiarray", "scalar"): self._numpy_scalar,  # written by numpy 2
             ("numpy.core.multiarray", "scalar"): self._numpy_scalar,  # written by numpy 1 (the 2022 releases)
+            ("dnnlib.util", "EasyDict"): _EasyDict,  # EDM2's top level
+            ("numpy", "ndarray"): _NDARRAY,  # EDM2's latent encoder holds float32 arrays
+            ("numpy._core.multiarray", "_reconstruct"): self._numpy_array,  # written by numpy 2
+            ("numpy.core.multiarray", "_reconstruct"): self._numpy_array,  # written by numpy 1 (EDM2's releases)
         }
 
     def find_class(self, module, name):
@@ -310,6 +360,12 @@ class _SafeUnpickler(pickle.Unpickler):
         if not (number and isinstance(data, bytes) and len(data) == dtype.itemsize):
             raise NetworkLoadError(f"{self.path}: a numpy scalar of dtype {_clip(dtype, 40)} is not a plain number")
         return _numpy_scalar()(dtype, data)
+
+    def _numpy_array(self, subtype, shape, dtype):
+        # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') and sets the real one by BUILD.
+        if not (subtype is _NDARRAY and shape == (0,) and dtype == b"b"):
+            raise NetworkLoadError(f"{self.path}: a numpy array is made in a way numpy's own pickles never make one")
+        return _NumpyArray(self.path)
 
 
 def _numpy_scalar():
@@ -485,6 +541,9 @@ def _check_weights(path, class_name, shapes, state_dict):
     unexpected = [k for k in state_dict if k not in shapes]
     if missing or unexpected:
         raise NetworkLoadError(f"{misfit}: {_some(missing, 'missing')}, {_some(unexpected, 'unexpected')}")
+    integral = [k for k, t in state_dict.items() if not t.is_floating_point()]
+    if integral:
+        raise NetworkLoadError(f"{misfit}: {_some(integral, 'tensors')} are not floating point")
     wrong = [k for k, shape in shapes.items() if state_dict[k].shape != shape]
     if wrong:
         k = wrong[0]
@@ -522,13 +581,16 @@ def load_network(
     cache_dir: Union[str, os.PathLike, None] = None,
     device: Union[str, torch.device] = "cpu",
 ) -> torch.nn.Module:
-    """Load network `key` of an EDM pickle (path, file:// or http(s):// URL) into our classes, in eval mode, frozen.
+    """Load network `key` of an EDM or EDM2 pickle (path, file:// or http(s):// URL) into our classes, in eval mode,
+    frozen.
 
-    `source` is a model EDM released, a `network-snapshot-*.pkl` of EDM's training or a file `save_network_pickle`
-    wrote; URLs are downloaded once into `cache_dir` (else $DMD_CACHE_DIR, else ~/.cache/dmd). The network is rebuilt
-    from the pickle's `_init_kwargs` as one of our `EDMPrecond`, `VPPrecond`, `VEPrecond`, `iDDPMPrecond` (EDM's
-    interface and state-dict keys), its weights loaded strictly, and moved to `device`. No code from the file runs:
-    a global outside the few an EDM network pickle needs raises UnsafePickleError, any other bad file (dmd's own
+    `source` is a model EDM or EDM2 released, a snapshot of their training or a file `save_network_pickle` wrote;
+    URLs are downloaded once into `cache_dir` (else $DMD_CACHE_DIR, else ~/.cache/dmd). The network is rebuilt from
+    the pickle's `_init_kwargs` as one of our `EDMPrecond`, `VPPrecond`, `VEPrecond`, `iDDPMPrecond` (EDM's interface)
+    or EDM2's `Precond` (dmd.edm2.networks), its weights loaded strictly, each in the dtype the file stores it in
+    (EDM2's releases: float16, which EDM2's own sampler uses as such), and moved to `device`. An EDM2 pickle's
+    `encoder` is read as data into `net.encoder_info` (dmd.edm2.EncoderInfo). No code from the file runs: a global
+    outside the few an EDM or EDM2 network pickle needs raises UnsafePickleError, any other bad file (dmd's own
     torch.save files included: `DMDGenerator` reads those) NetworkLoadError naming it. A missing local file raises
     FileNotFoundError, a failed download dmd.utils.download.DownloadError.
 
@@ -562,14 +624,31 @@ def load_network(
     state_dict = stub_state_dict(stub, path)
     try:
         check_init_kwargs(init_kwargs)
-        with _MetaFactories():  # shapes only, nothing allocated: the file's tensors are checked before the build
-            shapes = {k: v.shape for k, v in build_network(stub.class_name, init_kwargs).state_dict().items()}
+        with _MetaFactories():  # shapes only, nothing allocated or drawn: the file's tensors are checked first
+            net = build_network(stub.class_name, init_kwargs)
     except Exception as e:  # the kwargs come from the file, so whatever stops the build is the file's fault
         raise NetworkLoadError(f"{path}: cannot build '{key}' ({stub.class_name}): {_clip(e, 300)}") from e
-    _check_weights(path, stub.class_name, shapes, state_dict)
-    net = build_network(stub.class_name, init_kwargs)
-    net.load_state_dict(state_dict, strict=True)
+    _check_weights(path, stub.class_name, {k: v.shape for k, v in net.state_dict().items()}, state_dict)
+    # assign: the network takes the file's tensors in place of its meta ones, dtype included. EDM2's layers cast each
+    # weight to float32 before use, but scale it by its gain (out_gain, emb_gain) in the gain's own dtype: EDM2
+    # samples its float16 releases with that rounding, 1e-4 of the output, and so do we. Students are built in
+    # float32, as EDM2 trains.
+    net.load_state_dict(state_dict, strict=True, assign=True)
+    if "encoder" in data:
+        net.encoder_info = _encoder_info(path, data["encoder"], net.img_channels)
     return net.eval().requires_grad_(False).to(device)
+
+
+def _encoder_info(path, encoder, img_channels):
+    """Return the EncoderInfo of an EDM2 pickle's `encoder` entry, its attributes read as data; NetworkLoadError naming
+    the file if it is not one of EDM2's encoders with sane attributes."""
+    if not (isinstance(encoder, PersistentStub) and isinstance(encoder.state, dict)):
+        raise NetworkLoadError(f"{path}: 'encoder' holds a {type(encoder).__name__}, not an EDM2 encoder")
+    attributes = {k: v.array if isinstance(v, _NumpyArray) else v for k, v in encoder.state.items()}
+    try:
+        return EncoderInfo.from_attributes(encoder.class_name, attributes, img_channels)
+    except ValueError as e:
+        raise NetworkLoadError(f"{path}: {e}") from e
 
 
 def network_fingerprint(source: Union[str, os.PathLike], *, cache_dir: Union[str, os.PathLike, None] = None) -> str:

@@ -3,7 +3,8 @@
 All four keep EDM's interface `net(x, sigma, class_labels=None, force_fp32=False, **model_kwargs)` and attributes
 (img_resolution, img_channels, label_dim, use_fp16, sigma_min, sigma_max, round_sigma, model, ...), so EDM's
 pickled teachers and samplers drop in. Each also keeps `init_kwargs`, a plain dict of its constructor kwargs from
-which `build_network` rebuilds the same architecture.
+which `build_network` rebuilds the same architecture. `PRECONDITIONERS` also holds EDM2's `Precond`
+(dmd.edm2.networks), so that one registry builds, copies and bounds the networks of both families.
 """
 
 import copy
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from dmd.edm.unets import DhariwalUNet, SongUNet
+from dmd.edm2.networks import Precond
 
 MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 
@@ -109,6 +111,12 @@ class Preconditioner(torch.nn.Module):
         _, _, c_in, c_noise = self.scalings(sigma)
         h = self.model.encode((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         return h.to(torch.float32)
+
+    def bottleneck_shape(self):
+        """Return (C', H', W'), the shape of one sample's bottleneck features, from the architecture alone."""
+        name, first = next(iter(self.model.dec.items()))  # '{r}x{r}_in0', the block that takes the bottleneck
+        resolution = int(name.split("x")[0])
+        return first.in_channels, resolution, resolution
 
     def _unet_inputs(self, x, sigma, class_labels, force_fp32):
         """Return x, sigma (N or 1, 1, 1, 1), the class labels and the compute dtype, prepared as `forward` does."""
@@ -288,17 +296,20 @@ class iDDPMPrecond(Preconditioner):
         return c_skip, c_out, c_in, c_noise
 
 
+# Every network class we build, by the class name its pickles and our checkpoints record: EDM's four and EDM2's.
 PRECONDITIONERS = {
     "EDMPrecond": EDMPrecond,
     "VPPrecond": VPPrecond,
     "VEPrecond": VEPrecond,
     "iDDPMPrecond": iDDPMPrecond,
+    "Precond": Precond,
 }
 
 
 # Sane ranges of the constructor kwargs that size a network or run a Python loop, checked before a network is built
-# from a file: wide enough for every EDM configuration (ImageNet-64 ADM: 192 channels, 4 levels of 3 blocks, 1000
-# classes), narrow enough that no file makes a constructor loop or allocate without end.
+# from a file: wide enough for every EDM and EDM2 configuration (ImageNet-64 ADM: 192 channels, 4 levels of 3 blocks,
+# 1000 classes; EDM2-XXL: 448 channels, 64-channel heads), narrow enough that no file makes a constructor loop or
+# allocate without end. EDM2 leaves channel_mult_noise and channel_mult_emb None to derive them from channel_mult.
 _COUNT_LIMITS = {
     "img_resolution": (1, 4096),
     "img_channels": (1, 64),
@@ -309,20 +320,23 @@ _COUNT_LIMITS = {
     "channel_mult_noise": (1, 64),
     "num_blocks": (1, 8),
     "M": (1, 10_000),  # iDDPMPrecond builds its table u[0..M] in a Python loop of M steps
+    "logvar_channels": (1, 4096),
+    "channels_per_head": (1, 4096),
 }
+_DERIVED_IF_NONE = {"channel_mult_noise", "channel_mult_emb"}
 _LIST_LIMITS = {"channel_mult": (1, 8, 1, 64), "attn_resolutions": (0, 64, 1, 4096)}  # (entries, entry range)
 
 
 def check_init_kwargs(init_kwargs):
     """Raise ValueError naming the first constructor kwarg outside its sane range (_COUNT_LIMITS, _LIST_LIMITS);
-    resample_filter must be 1 to 16 numbers and img_resolution a power of two, as EDM's datasets are."""
+    resample_filter must be 1 to 16 numbers and img_resolution a power of two, as EDM's and EDM2's datasets are."""
 
     def count(name, value, low, high):
         if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= high):
             raise ValueError(f"'{name}' must be an integer from {low} to {high}, not {reprlib.repr(value)}")
 
     for name, (low, high) in _COUNT_LIMITS.items():
-        if name in init_kwargs:
+        if name in init_kwargs and not (name in _DERIVED_IF_NONE and init_kwargs[name] is None):
             count(name, init_kwargs[name], low, high)
     for name, (shortest, longest, low, high) in _LIST_LIMITS.items():
         value = init_kwargs.get(name, [low] * shortest)

@@ -1,0 +1,51 @@
+"""What EDM2's pickles say about the space a network runs in (EDM2's `training/encoders.py`), kept as data.
+
+EDM2 pickles an `encoder` object beside every network: `StandardRGBEncoder` for pixel models (uint8 x maps to
+x / 127.5 - 1, decoded as x * 127.5 + 128 clipped to [0, 255]) and `StabilityVAEEncoder` for latent models (the
+Stable Diffusion VAE named `vae_name`; final latent = raw latent * scale + bias per channel, decoded as
+(x - bias) / scale through the VAE). `dmd.edm.load_network` reads its attributes, never its code, into `EncoderInfo`
+and keeps it as `net.encoder_info`.
+"""
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+ENCODERS = ("StandardRGBEncoder", "StabilityVAEEncoder")  # EDM2's encoder classes, as named in its pickles
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    class_name: str  # One of ENCODERS.
+    vae_name: Optional[str] = None  # StabilityVAEEncoder: the VAE, e.g. 'stabilityai/sd-vae-ft-mse'.
+    scale: Optional[Tuple[float, ...]] = None  # StabilityVAEEncoder: per latent channel, float32 values.
+    bias: Optional[Tuple[float, ...]] = None  # StabilityVAEEncoder: per latent channel, float32 values.
+    batch_size: Optional[int] = None  # StabilityVAEEncoder: images per VAE call in EDM2.
+
+    @classmethod
+    def from_attributes(cls, class_name, attributes, channels):
+        """Return the EncoderInfo of an EDM2 encoder pickled as `class_name` with these attributes (numpy arrays as
+        arrays), for a network of `channels` channels; ValueError naming the first attribute that is not sane."""
+        if class_name not in ENCODERS:
+            raise ValueError(f"'encoder' is a {str(class_name)[:40]}, not one of EDM2's ({', '.join(ENCODERS)})")
+        if class_name == "StandardRGBEncoder":  # no attributes
+            return cls(class_name)
+
+        def per_channel(name):
+            array = attributes.get(name)
+            if not (isinstance(array, np.ndarray) and array.shape == (channels,) and array.dtype.kind == "f"):
+                raise ValueError(f"the encoder's '{name}' is not {channels} floats, one a latent channel")
+            if not np.isfinite(array).all() or (name == "scale" and not array.all()):
+                raise ValueError(f"the encoder's '{name}' holds a zero, an inf or a NaN")
+            return tuple(array.astype(np.float32).tolist())
+
+        vae_name, batch_size = attributes.get("vae_name"), attributes.get("batch_size")
+        if not (isinstance(vae_name, str) and 0 < len(vae_name) <= 200):
+            raise ValueError("the encoder's 'vae_name' is not the name of a VAE")
+        if isinstance(batch_size, bool) or not (
+            isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= 1 << 20
+        ):
+            raise ValueError("the encoder's 'batch_size' is not a positive integer")
+        return cls(class_name, vae_name, per_channel("scale"), per_channel("bias"), int(batch_size))
