@@ -46,9 +46,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dmd.data import PairWriter, create_pair_file
-from dmd.edm.persistence import load_network, save_network_pickle
+from dmd.edm.persistence import load_network
 from dmd.edm.precond import build_network
 from dmd.edm.presets import CIFAR10_COND
+from dmd.edm.writer import save_network_pickle
 from dmd.lpips import LPIPS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ from dmd.demo.config import DemoConfig, DemoError, TeacherConfig
 from dmd.demo.digits import load_digits
 from dmd.demo.run import FID_MIN_SAMPLES, check_output_dir, results_markdown, run_demo
 from dmd.demo.teacher import TEACHER_KWARGS, build_teacher, ema_beta, train_teacher
-from dmd.edm.persistence import load_network, save_network_pickle
+from dmd.edm.persistence import load_network
+from dmd.edm.writer import save_network_pickle
 
 
 def test_digits_upsampled_bilinearly_to_minus_one_one():

@@ -23,19 +23,18 @@ import numpy as np
 import pytest
 import torch
 
-from dmd.edm import persistence
+from dmd.edm import persistence, writer
 from dmd.edm.persistence import (
-    MODULE_SRC,
     NetworkLoadError,
     PersistentStub,
     UnsafePickleError,
     load_network,
     network_fingerprint,
     read_network_pickle,
-    save_network_pickle,
     stub_state_dict,
 )
 from dmd.edm.precond import build_network, set_compute_dtype
+from dmd.edm.writer import MODULE_SRC, save_network_pickle
 from dmd.edm2 import EncoderInfo
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -244,7 +243,7 @@ def test_storage_blob_is_torchs_legacy_format(dtype):
     torch.save(storage, f, _use_new_zipfile_serialization=False)
     key = str(storage._untyped_storage._cdata)
     torchs = f.getvalue().replace(b"X" + struct.pack("<I", len(key)) + key.encode(), b"X\x01\x00\x00\x000")
-    blob = persistence._storage_blob(storage)
+    blob = writer._storage_blob(storage)
     assert blob == torchs
     loaded = torch.storage._load_from_bytes(blob)
     assert torch.equal(torch.tensor([], dtype=dtype).set_(loaded), torch.arange(5).to(dtype))
@@ -501,7 +500,7 @@ class _HostilePickler(pickle.Pickler):
 def _dumps(obj, splice=None):
     """Pickle `obj`; `splice` = (marker string, raw opcodes) puts the opcodes where the marker was."""
     f = io.BytesIO()
-    with persistence._reconstruct_global() as reconstruct:
+    with writer._reconstruct_global() as reconstruct:
         _HostilePickler(f, reconstruct).dump(obj)
     data = f.getvalue()
     if splice:
@@ -742,3 +741,11 @@ def test_dmd_files_point_to_dmd_generator(tmp_path, kind):
     torch.save({"weights": torch.ones(2)}, other)
     with pytest.raises(NetworkLoadError, match=f"^{re.escape(str(other))}: a torch.save file, not an EDM network"):
         load_network(other)
+
+
+def test_an_edm2_network_is_not_written_as_an_edm_pickle(tmp_path):
+    """It was written as a file no loader reads ("sets the state of a dmd.edm2.layers.MPFourier")."""
+    net = load_network(EDM2 / "edm2_img_cond.pkl")
+    with pytest.raises(ValueError, match="save_network_pickle writes one of EDMPrecond, .*, not Precond"):
+        save_network_pickle(net, tmp_path / "edm2.pkl")
+    assert not (tmp_path / "edm2.pkl").exists()

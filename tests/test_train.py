@@ -583,7 +583,8 @@ def test_resume_refuses_other_settings_naming_the_flags(tmp_path, pairs, change,
 
 
 def test_resume_refuses_another_teacher_or_pair_file(tmp_path, pairs):
-    from dmd.edm.persistence import load_network, save_network_pickle
+    from dmd.edm.persistence import load_network
+    from dmd.edm.writer import save_network_pickle
 
     out = tmp_path / "run"
     run_cli(train_args(out, pairs, "--max-steps", 1, "--batch-size", 2))

@@ -55,7 +55,7 @@ def train_teacher(out_path, cfg=TeacherConfig(), progress=True):
     """Train the demo teacher on the digits with EDM's loss and save its EMA as an EDM pickle; return the EMA net."""
     from tqdm import tqdm
 
-    from dmd.edm.persistence import save_network_pickle
+    from dmd.edm.writer import save_network_pickle
     from dmd.losses import FakeScoreLoss, KarrasGrid
     from dmd.utils.training import update_ema
 

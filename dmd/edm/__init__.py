@@ -16,7 +16,6 @@ from dmd.edm.persistence import (  # noqa: F401
     UnsafePickleError,
     load_network,
     network_fingerprint,
-    save_network_pickle,
 )
 from dmd.edm.precond import (  # noqa: F401
     PRECONDITIONERS,
@@ -29,3 +28,4 @@ from dmd.edm.precond import (  # noqa: F401
 )
 from dmd.edm.sampler import GuidedDenoiser, StackedRandomGenerator, check_guide, edm_sampler  # noqa: F401
 from dmd.edm.unets import DhariwalUNet, SongUNet  # noqa: F401
+from dmd.edm.writer import save_network_pickle  # noqa: F401
