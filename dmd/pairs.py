@@ -48,6 +48,9 @@ def sample_pairs(net, seeds, first_row=0, class_balanced=False, device="cpu", **
     return latents.cpu(), images.float().cpu(), labels.cpu()
 
 
+GUIDE_ATTRS = ("guide_sha256", "guidance")  # a guided teacher's attributes, absent from unguided files
+
+
 def prepare_pair_file(out, *, seeds, shape, settings, teacher_source):
     """Create `out`, or check it was made by the same teacher and settings; return its number of complete rows.
 
@@ -63,6 +66,7 @@ def prepare_pair_file(out, *, seeds, shape, settings, teacher_source):
         return 0
     old = read_pair_attrs(out)
     wanted = {**settings, "channels": channels, "resolution": resolution, "label_dim": label_dim}
+    wanted = {key: None for key in GUIDE_ATTRS} | wanted  # a guided file's guide must be this run's too
     for key, value in wanted.items():
         if old.get(key) != value:
             raise PairFileError(
@@ -106,7 +110,7 @@ def make_pairs(
     seeds=None,  # Seed list or range string ('0-99999', never expanded beyond `num`); its first `num` are used.
     class_balanced=False,  # Labels cycle over classes (row i -> class i % label_dim) instead of drawn ones.
     batch_size=256,  # Pairs per sampler call, per process.
-    num_steps=18,  # edm_sampler settings, stored in the file.
+    num_steps=None,  # edm_sampler settings, stored in the file; None = the network family's (EDM 18, EDM2 32).
     sigma_min=0.002,
     sigma_max=80.0,
     rho=7.0,
@@ -114,6 +118,8 @@ def make_pairs(
     S_min=0.0,
     S_max=float("inf"),
     S_noise=1.0,
+    guide_network=None,  # Guiding network (path or URL): every teacher call is D_guide + guidance (D - D_guide).
+    guidance=1.0,  # Guidance weight w; 1 = the teacher alone.
     device="auto",  # 'auto', 'cpu', 'cuda', 'cuda:1'; under torchrun CUDA ranks use their local device.
     cache_dir=None,  # Download cache for a URL teacher.
     progress=True,  # tqdm progress bar with pairs/s on rank 0.
@@ -122,7 +128,7 @@ def make_pairs(
     from tqdm import tqdm
 
     from dmd.edm.persistence import network_fingerprint
-    from dmd.edm.sampler import check_schedule
+    from dmd.edm.sampler import check_schedule, default_steps, load_guided
 
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}")
@@ -135,6 +141,9 @@ def make_pairs(
     seeds = seeds[:num]  # Still ranges: the file's check of the disk space comes before any list of num seeds.
     device = distributed.setup_device(device)
     net, local = _load_teacher(network, cache_dir, device)
+    guided = partial(load_guided, net, guide_network, guidance, cache_dir=cache_dir, device=device)
+    net, guide_sha256 = distributed.main_first(guided)  # the teacher itself without a guide
+    num_steps = default_steps(net) if num_steps is None else num_steps
     check_schedule(net, num_steps, sigma_min, sigma_max, rho)  # before the file is made
     sampler_kwargs = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     sampler_kwargs.update(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
@@ -144,6 +153,8 @@ def make_pairs(
         "class_balanced": bool(class_balanced),
         "rng_device": device.type,  # CUDA generators give other numbers than CPU ones for the same seed.
     }
+    if guide_sha256 is not None:  # recorded only when guided, so that unguided files made before still resume
+        settings.update(guide_sha256=guide_sha256, guidance=float(guidance))
 
     # Rank 0 owns the file; its verdict (start row or error) goes to every rank so none is left waiting.
     start, error = 0, None

@@ -374,3 +374,34 @@ def test_a_schedule_that_cannot_run_is_refused_before_the_file_is_made(tmp_path)
     with pytest.raises(ValueError, match="--sigma-min 100.0 must be positive and below --sigma-max 80.0"):
         _make(tmp_path / "p.h5", 4, sigma_min=100.0)
     assert not (tmp_path / "p.h5").exists()  # it used to be written, with pairs sampled upwards in noise
+
+
+def test_edm2_teacher_pairs_are_edm2s_samples_guided_or_not(tmp_path):
+    """make-pairs on an EDM2 teacher reproduces EDM2's own sampler seed for seed, and with --guide-network and
+    --guidance its guided sampler (fixtures computed by EDM2's generate_images.py: 8 Heun steps, seeds 0-3)."""
+    edm2 = FIXTURES / "edm2"
+    ref = np.load(edm2 / "edm2_img_cond.npz")
+    base = ["make-pairs", "--network", str(edm2 / "edm2_img_cond.pkl"), "--num", "4", "--steps", "8", "--no-progress"]
+    guide = ["--guide-network", str(edm2 / "edm2_img_guide.pkl"), "--guidance", "1.7"]
+    for name, extra, key in (("plain.h5", [], "sampler_out"), ("guided.h5", guide, "guided_out")):
+        result = CliRunner().invoke(main, [*base, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        latents, images, labels, _ = PairDataset(tmp_path / name).read_rows(0, 4)
+        np.testing.assert_array_equal(labels.numpy(), ref["sampler_class_idx"])
+        np.testing.assert_array_equal(latents.numpy(), ref["sampler_latents"])
+        error = np.abs(images.numpy() - ref[key]).max() / np.abs(ref[key]).max()
+        assert error < 1e-4, (key, error)
+    attrs = data.read_pair_attrs(tmp_path / "guided.h5")
+    assert attrs["guidance"] == 1.7 and attrs["guide_sha256"] == network_fingerprint(edm2 / "edm2_img_guide.pkl")
+    assert "guidance" not in data.read_pair_attrs(tmp_path / "plain.h5")  # unguided files keep their old layout
+    # Another guidance, or none, is another teacher: refused, naming the setting.
+    for extra, key in ((guide[:3] + ["2.0"], "guidance"), ([], "guide_sha256")):
+        result = CliRunner().invoke(main, [*base, *extra, "--num", "6", "--out", str(tmp_path / "guided.h5")])
+        assert result.exit_code == 1 and f"was made with {key}=" in result.output, result.output
+    latent_guide = ["--guide-network", str(edm2 / "edm2_latent_cond.pkl"), "--guidance", "2"]
+    bad = CliRunner().invoke(main, [*base, *latent_guide, "--out", str(tmp_path / "x.h5")])
+    assert bad.output == (
+        f"Error: --guide-network {edm2 / 'edm2_latent_cond.pkl'}: the guiding network works on 8x8x4 images, the "
+        "network on 8x8x3; they must match\n"
+    )
+    assert not (tmp_path / "x.h5").exists()

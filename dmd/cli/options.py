@@ -210,6 +210,17 @@ SAMPLER_DEFAULTS = dict(
 )
 
 
+def stacked(decorators):
+    """One decorator applying `decorators` as if written one above the other, in that order."""
+
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
+
+
 def sampler_options(steps_default, steps_help):
     """EDM's sampler settings (its generate.py's flags), shared by make-pairs, generate and fid calc."""
     section = "EDM sampler"
@@ -284,13 +295,32 @@ def sampler_options(steps_default, steps_help):
             help="Stochasticity: noise inflation.",
         ),
     ]
+    return stacked(decorators)
 
-    def apply(fn):
-        for decorator in reversed(decorators):
-            fn = decorator(fn)
-        return fn
 
-    return apply
+def guide_options(section="EDM sampler"):
+    """--guide-network and --guidance: a guided teacher D_guide + w (D - D_guide), EDM2's autoguidance or
+    classifier-free guidance."""
+    decorators = [
+        option(
+            "--guide-network",
+            default=None,
+            metavar="PATH|URL",
+            section=section,
+            show_default=False,
+            help="Guiding network: every teacher call is D_guide + w (D - D_guide); a smaller conditional network "
+            "(autoguidance) or the unconditional one (classifier-free guidance).  [default: none]",
+        ),
+        option(
+            "--guidance",
+            default=1.0,
+            type=click.FloatRange(min=0, max=100),
+            metavar="FLOAT",
+            section=section,
+            help="Guidance weight w (EDM2's presets: 1.2-2.05); 1 = the teacher alone.",
+        ),
+    ]
+    return stacked(decorators)
 
 
 def sampler_kwargs_of(num_steps, sampler):

@@ -9,6 +9,7 @@ from dmd.cli.options import (
     batch_option,
     cache_option,
     device_option,
+    guide_options,
     new_file,
     option,
     output_path,
@@ -31,7 +32,14 @@ python -m dmd make-pairs --network https://nvlabs-fi-cdn.nvidia.com/edm/pretrain
 torchrun --nproc_per_node 8 -m dmd -- make-pairs --network edm.pkl --out data/cifar10-pairs.h5 --num 100000
 """,
 )
-@option("--network", "network", required=True, metavar="PATH|URL", section="Main", help="Teacher EDM network pickle.")
+@option(
+    "--network",
+    "network",
+    required=True,
+    metavar="PATH|URL",
+    section="Main",
+    help="Teacher: an EDM or EDM2 network pickle.",
+)
 @option(
     "--out",
     required=True,
@@ -51,7 +59,8 @@ torchrun --nproc_per_node 8 -m dmd -- make-pairs --network edm.pkl --out data/ci
     help="Seeds like 0-99999; the first --num are used.  [default: 0 to --num - 1]",
 )
 @option("--class-balanced", is_flag=True, section="Main", help="Pair i gets class i % label_dim, not a drawn label.")
-@sampler_options(18, "Sampler steps (2 x steps - 1 network calls).")
+@sampler_options(None, "Sampler steps (2 x steps - 1 network calls).  [default: 18 for EDM's networks, 32 for EDM2's]")
+@guide_options()
 @batch_option("Pairs per sampler call, per process.")
 @device_option()
 @cache_option()

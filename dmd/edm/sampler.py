@@ -138,6 +138,36 @@ class GuidedDenoiser(torch.nn.Module):
         return self.guide(x, sigma, class_labels, **kwargs).lerp(D_x, self.weight)
 
 
+def default_steps(net):
+    """The sampler steps `net`'s authors sample with: EDM's 18 (35 calls), EDM2's 32 (63 calls)."""
+    return EDM_STEPS if follows_edm(net) else EDM2_STEPS
+
+
+def load_guided(net, guide=None, guidance=1.0, *, cache_dir=None, device="cpu"):
+    """The teacher of --guide-network / --guidance: `net` itself (no guide), or GuidedDenoiser(net, guiding network,
+    guidance) with the network at `guide` (path or URL, loaded safely, frozen, in eval mode); and the guide file's
+    sha256 (None without one). ValueError naming the flag if the guide cannot load or cannot guide `net`, or if a
+    guidance other than 1 has no guide."""
+    from dmd.edm.persistence import NetworkLoadError, load_network, network_fingerprint
+    from dmd.utils.download import DownloadError
+
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance)):
+        raise ValueError(f"--guidance must be a finite number, not {str(guidance)[:40]}")
+    if guide is None:
+        if guidance != 1:
+            raise ValueError(f"--guidance {guidance} needs a guiding network: give --guide-network")
+        return net, None
+    try:
+        guide_net = load_network(guide, cache_dir=cache_dir, device=device)
+        sha256 = network_fingerprint(guide, cache_dir=cache_dir)
+    except (OSError, NetworkLoadError, DownloadError) as e:
+        raise ValueError(f"--guide-network: cannot load a guiding network from {guide} ({e})") from e
+    try:
+        return GuidedDenoiser(net, guide_net, guidance), sha256
+    except ValueError as e:
+        raise ValueError(f"--guide-network {guide}: {e}") from e
+
+
 def edm_sampler(
     net: torch.nn.Module,  # Denoiser D(x; sigma, class_labels): an EDM or EDM2 network, or a GuidedDenoiser.
     latents: torch.Tensor,  # Unit-variance noise, (N, C, H, W).
