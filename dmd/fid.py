@@ -295,7 +295,7 @@ def calc_fid(
         ref = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"
         fid = calc_fid(ref, network=G, num=50000)[0]  # EDM's CIFAR-10 protocol: 50k images, classes s % 10
     """
-    from dmd.generate import DMDGenerator, load_on_ranks, refuse_repeated_seeds
+    from dmd.generate import DMDGenerator, load_guide, load_on_ranks, refuse_repeated_seeds
 
     if (images is None) == (network is None):
         raise FIDError("give exactly one of --images and --network")
@@ -326,6 +326,10 @@ def calc_fid(
         generator = network
     else:
         generator = load_on_ranks(network, device=device, cache_dir=cache_dir)
+    try:
+        sampler_kwargs = load_guide(generator, sampler_kwargs, device=device, cache_dir=cache_dir)
+    except ValueError as e:
+        raise FIDError(str(e)) from None
 
     def generator_fn(batch, class_ids):
         return generator.generate_batch(seeds=batch, class_ids=class_ids, num_steps=num_steps, **(sampler_kwargs or {}))

@@ -480,6 +480,21 @@ def load_on_ranks(network, *, device, cache_dir=None, sigma_G=None):
     return distributed.main_first(partial(DMDGenerator, resolved, device=device, cache_dir=cache_dir, sigma_G=sigma_G))
 
 
+def load_guide(generator, sampler_kwargs, *, device, cache_dir=None):
+    """`sampler_kwargs` with a guiding network given by path or URL (`guide`, the commands' --guide-network) loaded on
+    every rank (rank 0 first) and checked against the generator's network; ValueError naming the flag if it does not
+    load or fit."""
+    from dmd.edm.sampler import load_guided
+
+    guide = (sampler_kwargs or {}).get("guide")
+    if not isinstance(guide, (str, os.PathLike)):
+        return sampler_kwargs
+    guidance = sampler_kwargs.get("guidance", 1.0)
+    load = partial(load_guided, generator.net, guide, guidance, cache_dir=cache_dir, device=device)
+    guided, _ = distributed.main_first(load)
+    return dict(sampler_kwargs, guide=guided.guide)
+
+
 def refuse_repeated_seeds(seeds, flag="--seeds"):
     """ValueError naming a seed given more than once: each seed is one image (one PNG name, one FID sample)."""
     counts = collections.Counter(seeds)
@@ -491,11 +506,11 @@ def refuse_repeated_seeds(seeds, flag="--seeds"):
         )
 
 
-def describe_sampling(sigmas, num_steps=None):
+def describe_sampling(sigmas, num_steps=None, guidance=1.0):
     """How images are made, for titles and model cards: 'one step (sigma 80)', '2 steps (sigmas 80, 1.5)', or EDM's
-    sampler in `num_steps` steps."""
+    sampler in `num_steps` steps (guided, with its weight)."""
     if num_steps is not None:
-        return f"EDM's sampler, {num_steps} steps"
+        return f"EDM's sampler, {num_steps} steps" + (f", guidance {guidance:g}" if guidance != 1 else "")
     levels = ", ".join(f"{s:g}" for s in sigmas)
     return f"one step (sigma {levels})" if len(sigmas) == 1 else f"{len(sigmas)} steps (sigmas {levels})"
 
@@ -534,6 +549,7 @@ def generate_images(
         raise ValueError("--class and --class-balanced exclude each other")
     device = distributed.setup_device(device)
     generator = load_on_ranks(network, device=device, cache_dir=cache_dir)
+    sampler_kwargs = load_guide(generator, sampler_kwargs, device=device, cache_dir=cache_dir)
     if (class_balanced or class_idx is not None) and generator.label_dim == 0:
         raise ValueError("--class and --class-balanced need a class-conditional network")
     if class_idx is not None and class_idx >= generator.label_dim:
@@ -556,7 +572,8 @@ def generate_images(
     paths = [png_path(outdir, seed, subdirs) for seed in seeds]
     if grid is not None and distributed.is_main():
         images = torch.cat([read_png(p) for p in paths])
-        title = f"{Path(generator.source).name}, {describe_sampling(generator.sigmas, num_steps)}"
+        guidance = (sampler_kwargs or {}).get("guidance", 1.0)
+        title = f"{Path(generator.source).name}, {describe_sampling(generator.sigmas, num_steps, guidance)}"
         classes = torch.as_tensor(seeds) % generator.label_dim if class_balanced else class_idx
         atomic_save_image(sample_grid(images, seeds, generator.label_dim, classes, title, class_balanced), grid)
     distributed.print0(f"{len(seeds)} images in {outdir}" + (f", grid {grid}" if grid is not None else ""))

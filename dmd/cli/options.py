@@ -324,12 +324,18 @@ def guide_options(section="EDM sampler"):
 
 
 def sampler_kwargs_of(num_steps, sampler):
-    """EDM sampler kwargs for generate / fid calc: none for one-step sampling, where they would be ignored."""
+    """EDM sampler kwargs for generate / fid calc: none for one-step sampling, where they would be ignored; a
+    --guide-network path goes as `guide` (loaded by the command once the network is, see generate.load_guide)."""
+    guide, guidance = sampler.pop("guide_network", None), sampler.pop("guidance", 1.0)
     if num_steps is None:
         changed = [f"--{k.replace('_', '-')}" for k, v in sampler.items() if v != SAMPLER_DEFAULTS[k]]
+        changed += ["--guide-network"] if guide is not None else []
+        changed += ["--guidance"] if guidance != 1 else []
         if changed:
             raise click.UsageError(f"{', '.join(changed)} set EDM's sampler: give --steps N to sample with it")
         return {}
     if not sampler["sigma_min"] < sampler["sigma_max"]:
         raise click.UsageError(f"--sigma-min {sampler['sigma_min']} must be below --sigma-max {sampler['sigma_max']}")
-    return sampler
+    if guide is None and guidance != 1:
+        raise click.UsageError(f"--guidance {guidance} needs a guiding network: give --guide-network")
+    return dict(sampler, guide=guide, guidance=guidance) if guide is not None else sampler

@@ -10,6 +10,7 @@ from dmd.cli.options import (
     cache_option,
     detector_option,
     device_option,
+    guide_options,
     new_file,
     option,
     output_path,
@@ -76,6 +77,7 @@ torchrun --standalone --nproc_per_node 8 -m dmd generate --network model.pt --ou
     "Sample with EDM's sampler in this many steps (a teacher) instead of the generator's own "
     "sigmas.  [default: the generator]",
 )
+@guide_options()
 @batch_option("Images per network call, per process.")
 @device_option()
 @option("--subdirs", is_flag=True, section="I/O", help="One folder per 1000 seeds, as EDM's --subdirs.")
@@ -234,6 +236,7 @@ python -m dmd fid calc --images fid-out --ref $REF --num-images 50000
 @sampler_options(
     None, "--network: sample with EDM's sampler in this many steps (a teacher).  [default: the generator's own sigmas]"
 )
+@guide_options()
 @batch_option("Images per call, per process.")
 @device_option()
 @cache_option()
