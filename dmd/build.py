@@ -56,8 +56,12 @@ def open_stream(dataset, batch_size, flag, what, cfg, device):
 
 
 def load_teacher(cfg, device):
-    """Load mu_real from --network (frozen, in eval mode, on `device`); return it and the file's sha256."""
+    """Load the teacher of --network and the real score mu_real (frozen, in eval mode, on `device`): the teacher
+    itself, or with --guide-network the guided denoiser D_guide + w (D - D_guide), the target DMD and DMD2 distil
+    with guidance (as they do with CFG for text-to-image). Return mu_real, the teacher (which G and mu_fake copy,
+    never the guide) and the fingerprints {'teacher': sha256, 'guide': sha256} of the files."""
     from dmd.edm.persistence import NetworkLoadError, load_network
+    from dmd.edm.sampler import load_guided
     from dmd.utils.download import DownloadError, open_url, sha256_file
 
     try:
@@ -68,7 +72,18 @@ def load_teacher(cfg, device):
         net = load_network(local, key="ema", device=device)
     except (OSError, NetworkLoadError, DownloadError) as e:
         raise TrainError(f"--network: cannot load a teacher from {cfg.model_path} ({e})") from e
-    return net.eval().requires_grad_(False), sha256_file(local)
+    try:
+        guided = partial(load_guided, net, cfg.guide_network, cfg.guidance, cache_dir=cfg.cache_dir, device=device)
+        mu_real, guide_sha256 = dist.main_first(guided)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    fingerprints = {"teacher": sha256_file(local), **({"guide": guide_sha256} if guide_sha256 else {})}
+    return mu_real.eval().requires_grad_(False), net, fingerprints
+
+
+def unet_of(net):
+    """The U-Net inside a preconditioner: EDM's `model`, EDM2's `unet`."""
+    return net.model if hasattr(net, "model") else net.unet
 
 
 def student_copy(teacher, dropout, device):
@@ -81,7 +96,9 @@ def student_copy(teacher, dropout, device):
 
     net = build_network(type(teacher).__name__, {**teacher.init_kwargs, "dropout": dropout, "use_fp16": False})
     net.load_state_dict(teacher.state_dict())
-    return net.to(device).train().requires_grad_(True)
+    net = net.to(device).train().requires_grad_(True)
+    as_student = getattr(net, "as_student_", None)  # EDM2: forced weight normalisation after each step (steps.py)
+    return net if as_student is None else as_student()
 
 
 def setup_device(cfg):
@@ -99,12 +116,17 @@ def prepare_network(net, dtype, cfg):
     """Set a network's U-Net compute dtype (bf16 inside the preconditioner, fp32 around it) and the opt-in
     --channels-last memory layout and --compile (torch.compile of the U-Net's forward; state-dict keys unchanged)."""
     from dmd.edm.precond import set_compute_dtype
+    from dmd.edm.sampler import GuidedDenoiser
 
+    if isinstance(net, GuidedDenoiser):  # a guided teacher: both of its networks
+        prepare_network(net.net, dtype, cfg)
+        prepare_network(net.guide, dtype, cfg)
+        return net
     set_compute_dtype(net, dtype)
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     if cfg.compile:
-        net.model.compile()
+        unet_of(net).compile()
     return net
 
 
@@ -115,7 +137,7 @@ class ZeroAugment(torch.nn.Module):
     def __init__(self, net):
         super().__init__()
         self.net = net
-        self.augment_dim = net.model.map_augment.in_features if net.model.map_augment is not None else 0
+        self.augment_dim = net.init_kwargs.get("augment_dim", 0)  # EDM2's networks have none
 
     def forward(self, x, sigma, class_labels=None):
         if self.augment_dim == 0:
@@ -222,13 +244,14 @@ def setup_fid(cfg, teacher, device):
     return detector, ref
 
 
-def build_parts(cfg, mu_real, reg_loss, pair_stream, real_stream, device):
-    """The students G and mu_fake (copies of the teacher; all three U-Nets in the run's precision, not the pickle's
-    fp16), their losses and optimisers as the StepParts of the two updates, and the EMA of G (or None)."""
+def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, device):
+    """The students G and mu_fake (copies of the teacher; all U-Nets in the run's precision, not the pickle's fp16),
+    their losses and optimisers as the StepParts of the two updates, and the EMA of G (or None). mu_real is the
+    teacher, or the teacher guided."""
     from dmd.edm.precond import copy_network
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    G, mu_fake = student_copy(mu_real, cfg.dropout, device), student_copy(mu_real, cfg.dropout, device)
+    G, mu_fake = student_copy(teacher, cfg.dropout, device), student_copy(teacher, cfg.dropout, device)
     for net in (mu_real, G, mu_fake):
         prepare_network(net, dtype, cfg)
     G_ema = copy_network(G).to(device).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None

@@ -433,7 +433,7 @@ def check_same_run(state, path, cfg, *, global_batch, fingerprints):
                 f"--resume: {path} was trained at a global batch of {trained} ({flag} x processes), this run has "
                 f"{size}; give {flag} {trained} / number of processes"
             )
-    flags = {"teacher": "--network", "pairs": "--data-path", "real": "--real-data"}
+    flags = {"teacher": "--network", "guide": "--guide-network", "pairs": "--data-path", "real": "--real-data"}
     for name, flag in flags.items():
         trained, given = state["fingerprints"].get(name), fingerprints.get(name)
         if trained == given or (name == "real" and given and trained == legacy_data_fingerprint(cfg.real_data)):

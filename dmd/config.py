@@ -30,8 +30,10 @@ class TrainConfig:
         TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg  # True
     """
 
-    model_path: str  # teacher EDM pickle: path, file:// or http(s):// URL
+    model_path: str  # teacher EDM or EDM2 pickle: path, file:// or http(s):// URL
     output_dir: str  # run folder: config.json, stats.jsonl, grids, checkpoints
+    guide_network: Optional[str] = None  # guiding network: mu_real = D_guide + guidance (D - D_guide); None: none
+    guidance: float = 1.0  # guidance weight w of mu_real (EDM2's presets 1.2-2.05); 1 = the teacher alone
     data_path: Optional[str] = None  # pair file (z, y, label) for the regression loss
     batch_size: int = 56  # per process; the global batch is batch_size * world size
     reg_batch_size: Optional[int] = None  # pairs per process and step for the regression loss; None = batch_size
@@ -102,6 +104,11 @@ class TrainConfig:
         """Raise ConfigError naming the flag of the first value that cannot work."""
         checks = [
             (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (0 <= self.guidance <= 100, "--guidance must be in [0, 100]"),
+            (
+                self.guidance == 1 or self.guide_network is not None,
+                "--guidance needs a guiding network: give --guide-network",
+            ),
             (self.reg_batch_size is None or self.reg_batch_size >= 1, "--reg-batch-size must be at least 1"),
             ((self.max_steps is None) != (self.epochs is None), "give exactly one of --max-steps and --epochs"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
@@ -189,7 +196,7 @@ FREE_ON_RESUME = {
     "channels_last", "compile",
 }  # fmt: skip
 FIXED_ON_RESUME = {"seed", "generator_sigmas", "dropout", "num_timesteps"}
-FREE_ON_RESUME |= {"real_data", "recipe"}  # the real images' contents are checked by their fingerprint
+FREE_ON_RESUME |= {"real_data", "recipe", "guide_network"}  # their contents are checked by their fingerprint
 FREE_ON_RESUME |= {"log_tensorboard", "log_wandb", "progress"}  # logging only
 
 # Named bundles of defaults for the settings a user leaves unset (`--recipe`); explicit flags override them, and the

@@ -58,9 +58,10 @@ class DiscriminatorHead(torch.nn.Module):
 
     @classmethod
     def for_network(cls, net: torch.nn.Module) -> "DiscriminatorHead":
-        """The head for a preconditioned EDM network's bottleneck, sized from its architecture (no forward pass)."""
-        name, first = next(iter(net.model.dec.items()))  # e.g. '8x8_in0', the block that takes the bottleneck
-        return cls(first.in_channels, int(name.split("x")[0]))
+        """The head for a preconditioned EDM or EDM2 network's bottleneck, sized from its architecture (no forward
+        pass): the input of its first decoder block, e.g. 256 x 8 x 8 (CIFAR-10 DDPM++), 768 x 8 x 8 (EDM2-S img64)."""
+        channels, resolution, _ = net.bottleneck_shape()
+        return cls(channels, resolution)
 
     def _stage(self, conv):
         return [conv, torch.nn.GroupNorm(_num_groups(self.channels), self.channels), torch.nn.SiLU()]

@@ -66,6 +66,14 @@ class GeneratorOutputs:
     pairs: Optional[tuple]  # (G(z_ref), y_ref, c_ref) of the regression part, or None
 
 
+def renormalize(net):
+    """EDM2's forced weight normalisation of a student after its optimizer stepped (see Precond.as_student_); EDM's
+    networks have none."""
+    normalize = getattr(net, "normalize_weights_", None)
+    if normalize is not None:
+        normalize()
+
+
 def next_batch(stream, flag, device):
     """The next batch of a stream; BatchError naming the flag for a bad row (a NaN, found as it is read)."""
     from dmd.data import PairFileError
@@ -124,6 +132,7 @@ def generator_step(p, step):
     loss_G = cfg.lambda_dm * loss_dm + cfg.lambda_reg * loss_reg + cfg.gan_weight_gen * loss_gan
     loss_G.backward()
     norm, bad = clip_and_step(p.opt_G, p.G.parameters(), cfg.grad_clip, loss_G)
+    renormalize(p.G)
     losses = dict(loss_G=loss_G, loss_dm=loss_dm, loss_reg=loss_reg, loss_gan=loss_gan)
     return GeneratorOutputs(losses, norm, bad, z[rows], c, level, x, aux, pairs)
 
@@ -160,6 +169,7 @@ def fake_score_step(p, step, x, c):
         if p.head is not None:
             average_gradients(p.head)  # DDP reduces mu_fake's gradients, not the head's
         norm, bad_k = clip_and_step(p.opt_fake, p.fake_params, cfg.grad_clip, loss)
+        renormalize(p.mu_fake)
         bad = torch.maximum(bad, bad_k)
         loss_fake_sum, loss_disc_sum = loss_fake_sum + loss_fake.detach(), loss_disc_sum + loss_disc.detach()
     k_fake = cfg.fake_steps_per_gen

@@ -31,6 +31,7 @@ from dmd.build import (
     open_stream,
     setup_device,
     setup_fid,
+    unet_of,
     wrap_ddp,
 )
 from dmd.checkpoint import (
@@ -162,7 +163,7 @@ def run_summary(cfg, teacher, pairs, real, device):
     batch, precision and device, output folder (config.json and log.txt hold every setting)."""
     world, B = dist.get_world_size(), cfg.batch_size
     classes = f"{teacher.label_dim} classes" if teacher.label_dim else "unconditional"
-    unet = type(getattr(teacher, "model", teacher)).__name__
+    unet = type(unet_of(teacher)).__name__
     params = _count(sum(p.numel() for p in teacher.parameters()))
     data = []
     if pairs is not None:
@@ -174,9 +175,10 @@ def run_summary(cfg, teacher, pairs, real, device):
     sigmas = ", ".join(f"{s:g}" for s in cfg.generator_sigmas)
     steps = "one step" if len(cfg.generator_sigmas) == 1 else f"{len(cfg.generator_sigmas)} steps"
     duration = f"{cfg.max_steps:,} steps" if cfg.max_steps is not None else f"{cfg.epochs} epochs of the pairs"
+    guided = f"; guided by {cfg.guide_network}, w = {cfg.guidance:g}" if cfg.guide_network else ""
     rows = {
         "Teacher": f"{type(teacher).__name__} ({unet}), {teacher.img_resolution}x{teacher.img_resolution}, "
-        f"{teacher.img_channels} channels, {classes}, {params} parameters ({cfg.model_path})",
+        f"{teacher.img_channels} channels, {classes}, {params} parameters ({cfg.model_path}){guided}",
         "Data": "; ".join(data) or "none (distribution matching needs no data)",
         "Method": f"--recipe {cfg.recipe}: {' + '.join(losses)}, {cfg.fake_steps_per_gen} fake-score step(s) per G "
         f"step; G in {steps} (sigmas {sigmas}); {duration}",
@@ -259,14 +261,15 @@ class Inputs:
     resume_path: Optional[Path]  # the training state to continue, or None for a new run
     state: Optional[dict]  # its contents
     changes: dict  # {field: (old, new)} of a resume
-    mu_real: torch.nn.Module  # the teacher, frozen
+    mu_real: torch.nn.Module  # the real score: the teacher, or the teacher guided (--guide-network); frozen
+    teacher: torch.nn.Module  # the teacher itself, which G and mu_fake copy
     pairs: Any  # PairDataset or None
     real: Any  # ImageDataset or None
     streams: dict  # {state key: BatchStream or None}: data_position (pairs), real_position (real images)
     num_steps: int
     n: int  # global batch
     batches: dict  # the global batches a training state records
-    fingerprints: dict  # teacher, pairs, real: what the run reads
+    fingerprints: dict  # teacher, guide, pairs, real: what the run reads
     start: int  # the step the run starts at
     elapsed_before: float  # the training time in seconds the resumed state records (0 for a new run)
     reg_loss: Any  # the regression loss, its LPIPS weights loaded (None at --lambda-reg 0)
@@ -296,7 +299,7 @@ def check_inputs(cfg, device):
     check_trackers(cfg.log_neptune, cfg.log_tensorboard, cfg.log_wandb)
     resume_path = resolve_resume(cfg, run_dir)
     state = None if resume_path is None else load_training_state(resume_path, auto=cfg.resume == "auto")
-    mu_real, teacher_sha256 = load_teacher(cfg, device)
+    mu_real, teacher, fingerprints = load_teacher(cfg, device)
     try:  # inside the teacher's noise range, where it declares one (VP: ~0.001 to ~152)
         check_sigmas(cfg.generator_sigmas, "--generator-sigmas", mu_real)
     except SigmaError as e:
@@ -309,7 +312,6 @@ def check_inputs(cfg, device):
     num_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * pair_stream.steps_per_epoch
     world = dist.get_world_size()
     batches = {"batch_size": B * world, "reg_batch_size": B_reg * world}  # global batches, fixed in a run
-    fingerprints = {"teacher": teacher_sha256}
     for key, path in (("pairs", cfg.data_path), ("real", cfg.real_data)):
         if path is not None:
             fingerprints[key] = data_fingerprint(path)
@@ -322,6 +324,7 @@ def check_inputs(cfg, device):
         state=state,
         changes=changes,
         mu_real=mu_real,
+        teacher=teacher,
         pairs=pairs,
         real=real,
         streams={"data_position": pair_stream, "real_position": real_stream},  # by their keys in a training state
@@ -362,9 +365,8 @@ def run(cfg, inputs, device, summary):
     streams, mu_real, resume_path = inputs.streams, inputs.mu_real, inputs.resume_path
 
     # The students, their losses and optimisers, restored from the training state if the run resumes.
-    parts, G_ema = build_parts(
-        cfg, mu_real, inputs.reg_loss, streams["data_position"], streams["real_position"], device
-    )
+    pair_stream, real_stream = streams["data_position"], streams["real_position"]
+    parts, G_ema = build_parts(cfg, mu_real, inputs.teacher, inputs.reg_loss, pair_stream, real_stream, device)
     fid = inputs.fid
     nets = dict(G=parts.G, mu_fake=parts.mu_fake, G_ema=G_ema, head=parts.head)
     nets.update(opt_G=parts.opt_G, opt_fake=parts.opt_fake)
@@ -373,7 +375,7 @@ def run(cfg, inputs, device, summary):
     set_hyperparameters(parts.opt_G, cfg.lr_gen, cfg)  # a change allowed on resume reaches the optimiser
     set_hyperparameters(parts.opt_fake, cfg.lr_fake, cfg)
     best_fid = float("inf") if state is None else state["best_fid"]
-    lines = run_summary(cfg, mu_real, inputs.pairs, inputs.real, device) if summary else None
+    lines = run_summary(cfg, inputs.teacher, inputs.pairs, inputs.real, device) if summary else None
     logger = open_logger(cfg, run_dir, start, n, lines)
     if logger is not None and state is not None:
         changes = inputs.changes.items()

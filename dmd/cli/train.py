@@ -13,6 +13,7 @@ from dmd.cli.options import (
     device_option,
     field_comments,
     float_list,
+    guide_options,
     option,
     output_path,
     resolve_progress,
@@ -60,9 +61,10 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     section=MAIN,
     default=None,
     metavar="PATH|URL",
-    help="the teacher: an EDM network pickle (path, file:// or http(s):// URL); required unless --resume continues "
-    "a run, which keeps the run's own",
+    help="the teacher: an EDM or EDM2 network pickle (path, file:// or http(s):// URL); required unless --resume "
+    "continues a run, which keeps the run's own",
 )
+@guide_options(section=MAIN)
 @_train(
     "--output-dir", section=MAIN, default=None, type=click.Path(file_okay=False), callback=output_path, metavar="DIR"
 )

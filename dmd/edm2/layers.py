@@ -74,6 +74,11 @@ class MPFourier(torch.nn.Module):
 # Magnitude-preserving convolution (kernel [kh, kw]) or fully connected layer (kernel []) (Eq. 47) with forced weight
 # normalisation (Eq. 66). The stored weight w (out, in, *kernel) is used as normalize(w) * gain / sqrt(fan_in).
 class MPConv(torch.nn.Module):
+    # Forced weight normalisation inside every training-mode forward, as EDM2 trains. A loop that runs several
+    # forwards before one backward (DMD2's fake-score step) turns it off and calls `normalize_weight_` after each
+    # optimizer step instead: the same stored weights at every forward, without in-place writes autograd refuses.
+    force_normalization = True
+
     def __init__(
         self,
         in_channels,  # Input channels (fan-in per kernel tap).
@@ -87,7 +92,7 @@ class MPConv(torch.nn.Module):
 
     def forward(self, x, gain=1):
         w = self.weight.to(torch.float32)
-        if self.training:
+        if self.training and self.force_normalization:
             # Forced weight normalisation: the stored weight itself becomes unit-magnitude per output channel, so
             # gradient steps cannot grow it. A float32 weight is `w` itself, so w is then normalised twice below,
             # exactly as in EDM2's training.
@@ -99,3 +104,8 @@ class MPConv(torch.nn.Module):
         if w.ndim == 2:
             return x @ w.t()
         return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
+
+    def normalize_weight_(self):
+        """Forced weight normalisation outside a forward: the stored weight := normalize(weight), in place."""
+        with torch.no_grad():
+            self.weight.copy_(normalize(self.weight.to(torch.float32)))

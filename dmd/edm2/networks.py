@@ -267,6 +267,24 @@ class Precond(torch.nn.Module):
         """Return a copy of the constructor kwargs as a plain, JSON-serialisable dict."""
         return copy.deepcopy(self._init_kwargs)
 
+    def as_student_(self):
+        """Prepare this network to be trained by DMD: forced weight normalisation moves from inside every forward to
+        `normalize_weights_`, which the loop calls now and after each optimizer step (DMD2's fake-score step runs
+        several forwards before one backward, and a forward's in-place write would break it), and the uncertainty
+        head, which DMD's losses never use, is frozen (DDP would wait for its gradients). Return self."""
+        for module in self.modules():
+            if isinstance(module, MPConv):
+                module.force_normalization = False
+        self.logvar_linear.requires_grad_(False)
+        self.normalize_weights_()
+        return self
+
+    def normalize_weights_(self):
+        """EDM2's forced weight normalisation of every MPConv weight, in place (see as_student_)."""
+        for module in self.modules():
+            if isinstance(module, MPConv):
+                module.normalize_weight_()
+
     def model_dtype(self, x, force_fp32=False):
         """Return the dtype the U-Net runs in for input x: EDM2's rule (float16 on CUDA with use_fp16, else float32)
         unless force_fp32 or a run's compute_dtype says otherwise."""
