@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 from test_train import (  # the training tests' helpers
     ONE_THREAD_ENV,
@@ -59,16 +58,16 @@ def test_a_flag_given_on_resume_is_a_change_under_the_rules(tmp_path, pairs):
     assert json.loads(run_cli([*resume_args(out, "--epochs", 1), "--dry-run"]).output)["max_steps"] is None
 
 
-@pytest.mark.parametrize("max_steps", [2, 1])
-def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, pairs, max_steps):
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, pairs):
     out = tmp_path / "run"
     run_cli(train_args(out, pairs, "--max-steps", 2, "--batch-size", 2))
     before = folder_bytes(out)
-    result = run_cli(resume_args(out, "--max-steps", max_steps))
-    assert result.output == f"{out} is already at step 2, at or past its {max_steps} steps: nothing to do " + (
-        "(give a larger --max-steps to train on)\n"
-    )
-    assert folder_bytes(out) == before  # config.json, stats.jsonl and log.txt were rewritten before
+    for max_steps in (2, 1):
+        result = run_cli(resume_args(out, "--max-steps", max_steps))
+        assert result.output == f"{out} is already at step 2, at or past its {max_steps} steps: nothing to do " + (
+            "(give a larger --max-steps to train on)\n"
+        )
+        assert folder_bytes(out) == before  # config.json, stats.jsonl and log.txt were rewritten before
 
 
 def test_a_run_stopped_before_its_first_checkpoint_restarts_from_config_json(tmp_path, pairs):
@@ -89,28 +88,25 @@ def test_a_folder_without_a_run_still_needs_a_teacher(tmp_path):
     assert result.output.startswith(f"Error: Missing option '--network' ({tmp_path / 'empty'} holds no run to resume).")
 
 
-@pytest.mark.parametrize(
-    "sigmas, message",
-    [
+def test_stored_noise_levels_are_checked_when_a_state_is_read(tmp_path, pairs):
+    out = tmp_path / "run"
+    run_cli(train_args(out, pairs, "--max-steps", 1, "--batch-size", 2))
+    path = out / "training-state-000001.pt"
+    state = load(path)
+    cases = [
         ([float("nan")], "finite and positive"),
         ([1e308], "above 10000"),
         ([80.0] * 1000, "1000 noise levels"),
         ("80", "a str, not a list"),
         ([1.5, 80.0], "strictly decreasing"),
-    ],
-)
-def test_stored_noise_levels_are_checked_when_a_state_is_read(tmp_path, pairs, sigmas, message):
-    out = tmp_path / "run"
-    run_cli(train_args(out, pairs, "--max-steps", 1, "--batch-size", 2))
-    path = out / "training-state-000001.pt"
-    state = load(path)
-    state["config"]["generator_sigmas"] = sigmas
-    torch.save(state, path)
-    before = folder_bytes(out)
-    for args in (resume_args(out, "--max-steps", 2), train_args(out, pairs, "--max-steps", 2, "--resume", "auto")):
-        error = one_error_line(run_cli(args, expect_ok=False), str(path), message)
-        assert len(error) < 400
-    assert folder_bytes(out) == before
+    ]
+    for sigmas, message in cases:
+        torch.save({**state, "config": {**state["config"], "generator_sigmas": sigmas}}, path)
+        before = folder_bytes(out)
+        for args in (resume_args(out, "--max-steps", 2), train_args(out, pairs, "--max-steps", 2, "--resume", "auto")):
+            error = one_error_line(run_cli(args, expect_ok=False), str(path), message)
+            assert len(error) < 400
+        assert folder_bytes(out) == before
 
 
 def test_edm_batch_is_the_global_batch(tmp_path, pairs, monkeypatch):
