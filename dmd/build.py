@@ -81,11 +81,6 @@ def load_teacher(cfg, device):
     return mu_real.eval().requires_grad_(False), net, fingerprints
 
 
-def unet_of(net):
-    """The U-Net inside a preconditioner: EDM's `model`, EDM2's `unet`."""
-    return net.model if hasattr(net, "model") else net.unet
-
-
 def student_copy(teacher, dropout, device):
     """A trainable copy of the teacher with its dropout replaced (G and mu_fake train with dropout 0 by default).
 
@@ -126,7 +121,7 @@ def prepare_network(net, dtype, cfg):
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     if cfg.compile:
-        unet_of(net).compile()
+        net.backbone.compile()
     return net
 
 

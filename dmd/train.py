@@ -31,7 +31,6 @@ from dmd.build import (
     open_stream,
     setup_device,
     setup_fid,
-    unet_of,
     wrap_ddp,
 )
 from dmd.checkpoint import (
@@ -163,7 +162,7 @@ def run_summary(cfg, teacher, pairs, real, device):
     batch, precision and device, output folder (config.json and log.txt hold every setting)."""
     world, B = dist.get_world_size(), cfg.batch_size
     classes = f"{teacher.label_dim} classes" if teacher.label_dim else "unconditional"
-    unet = type(unet_of(teacher)).__name__
+    unet = type(teacher.backbone).__name__
     params = _count(sum(p.numel() for p in teacher.parameters()))
     data = []
     if pairs is not None:

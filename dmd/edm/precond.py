@@ -15,6 +15,7 @@ import reprlib
 import numpy as np
 import torch
 
+from dmd.denoiser import Denoiser
 from dmd.edm.unets import DhariwalUNet, SongUNet
 from dmd.edm2.networks import Precond
 
@@ -36,7 +37,7 @@ def _plain(value, name):
 
 # Shared machinery of the four preconditioners: label handling, the compute dtype, building the U-Net and the
 # preconditioned forward pass. Subclasses supply scalings(sigma) -> (c_skip, c_out, c_in, c_noise).
-class Preconditioner(torch.nn.Module):
+class Preconditioner(Denoiser):
     def __init__(
         self,
         img_resolution,  # Image resolution.
@@ -112,23 +113,10 @@ class Preconditioner(torch.nn.Module):
         h = self.model.encode((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         return h.to(torch.float32)
 
-    def bottleneck_shape(self):
-        """Return (C', H', W'), the shape of one sample's bottleneck features, from the architecture alone."""
-        name, first = next(iter(self.model.dec.items()))  # '{r}x{r}_in0', the block that takes the bottleneck
-        resolution = int(name.split("x")[0])
-        return first.in_channels, resolution, resolution
-
-    def _unet_inputs(self, x, sigma, class_labels, force_fp32):
-        """Return x, sigma (N or 1, 1, 1, 1), the class labels and the compute dtype, prepared as `forward` does."""
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)  # a 0-d sigma broadcasts
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)  # one zero row, broadcast by the U-Net
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        return x, sigma, class_labels, self.model_dtype(x, force_fp32)
+    @property
+    def backbone(self):
+        """The U-Net (`model`, as its authors name it)."""
+        return self.model
 
 
 # EDM's own preconditioning (Karras et al. 2022, Table 1): unit-variance input and training target for every sigma.

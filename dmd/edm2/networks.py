@@ -17,6 +17,7 @@ import numbers
 import numpy as np
 import torch
 
+from dmd.denoiser import Denoiser
 from dmd.edm2.layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
 
@@ -228,7 +229,7 @@ def _plain_json(value):
 
 # EDM2's preconditioning (EDM's, Karras et al. 2022, with c_noise = ln(sigma) / 4) around the U-Net, and the
 # uncertainty head u(sigma) of EDM2's loss (Eq. 21), returned with return_logvar=True.
-class Precond(torch.nn.Module):
+class Precond(Denoiser):
     def __init__(
         self,
         img_resolution,  # Image resolution.
@@ -322,20 +323,7 @@ class Precond(torch.nn.Module):
         _, _, c_in, c_noise = self.scalings(sigma)
         return self.unet.encode((c_in * x).to(dtype), c_noise, class_labels, **unet_kwargs).to(torch.float32)
 
-    def bottleneck_shape(self):
-        """Return (C', H', W'), the shape of one sample's bottleneck features, from the architecture alone."""
-        name, first = next(iter(self.unet.dec.items()))  # '{r}x{r}_in0', the block that takes the bottleneck
-        resolution = int(name.split("x")[0])
-        return first.in_channels, resolution, resolution
-
-    def _unet_inputs(self, x, sigma, class_labels, force_fp32):
-        """Return x, sigma (N or 1, 1, 1, 1), the class labels and the compute dtype, prepared as EDM2 does."""
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)  # a 0-d sigma broadcasts
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)  # one zero row, broadcast by the U-Net
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        return x, sigma, class_labels, self.model_dtype(x, force_fp32)
+    @property
+    def backbone(self):
+        """The U-Net (`unet`, as its authors name it)."""
+        return self.unet
