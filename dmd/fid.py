@@ -287,7 +287,7 @@ def generator_stats(generator_fn, seeds, label_dim, detector, *, batch_size=256,
 
 def generator_fid(
     generator_fn,  # generator_fn(seeds: list[int], class_ids: LongTensor (N,) or None) -> (N, C, R, R) in [-1, 1].
-    ref,  # Reference statistics: npz path or URL, or a (mu, sigma) pair from load_ref.
+    ref,  # Reference statistics (load_ref: EDM's npz or EDM2's pkl, path or URL), or a (mu, sigma) pair.
     *,
     seeds,  # Seeds of the images (e.g. range(10000)); seed s is labelled s % label_dim.
     label_dim,  # Classes of the generator; 0 = unconditional.
@@ -313,7 +313,7 @@ def generator_fid(
 
 
 def calc_fid(
-    ref,  # Reference statistics: npz path or URL.
+    ref,  # Reference statistics: EDM's npz or EDM2's pkl (its 'fid' entry), path or URL.
     *,
     images=None,  # A PNG folder or ZIP to score ...
     network=None,  # ... or a network: a DMDGenerator, or anything it loads (path, run folder, URL, hf://user/repo).
