@@ -5,10 +5,11 @@
 #     bash benchmarks/gpu_check.sh
 #
 # Prints, within about 6 minutes on an H100-class GPU: img/s, step time, peak memory, FLOPs and MFU of the full
-# CIFAR-10 DDPM++ step (batch 56) in bf16 and fp32, with and without the LPIPS regression, eager and compiled (the
-# compiled rows are skipped if the eager ones leave no time); how closely bf16 follows fp32 over 20 steps and
-# compiled follows eager; and, with two or more GPUs, a 2-process NCCL run against one process at the same global
-# batch. Rows print as they finish, so a run cut short keeps what it measured.
+# CIFAR-10 DDPM++ step (batch 56) in bf16 and fp32, with and without the LPIPS regression; the generator step of
+# DMD on EDM2's ImageNet-64 teacher EDM2-S (batch 32, bf16 and fp32), without and with its autoguidance guide
+# EDM2-XS; the CIFAR-10 rows compiled (last, skipped if the others leave no time); how closely bf16 follows fp32
+# over 20 steps and compiled follows eager; and, with two or more GPUs, a 2-process NCCL run against one process at
+# the same global batch. Rows print as they finish, so a run cut short keeps what it measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"

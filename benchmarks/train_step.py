@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--steps 5] [--warmup 2] [--compile] [--compare OLD_CHECKOUT]
     python benchmarks/train_step.py --gpu-check [--deadline 330]       # what benchmarks/gpu_check.sh runs
+    python benchmarks/train_step.py --edm2-cpu [--edm2-steps 5]         # the EDM2 rows alone, on the CPU
 
 Each row runs the real command in a fresh process on a random-weight teacher pickle and random pairs, and reads
 `stats.jsonl` (one record per step): the step time is the mean over the steps after the warm-up; img/s counts G's
@@ -16,6 +17,14 @@ eager and compiled (--compile on the CPU: torch.compile takes about 1.5 minutes 
 second table compares the per-step losses of runs that should agree: bf16 against fp32 (same seed: the same
 draws), compiled against eager.
 
+EDM2 rows (a third table): the ImageNet-64 teacher EDM2-S (280M parameters, random weights) with and without its
+autoguidance guide EDM2-XS (125M). `dmd train` takes no guide yet, so these rows time the generator step in this
+process, built as `dmd train` builds it (dmd.losses' DM loss, AdamW, clip_and_step): G's one-step sample, the DM loss
+with the real score guided or not, backward and the update; each row in a fresh process, so that its peak memory is
+its own. On CUDA at batch 32 in bf16 and fp32 (where --gpu-check runs them, after the CIFAR rows and before the
+compiled ones); on the CPU with --edm2-cpu alone (those rows only), at batch 1 in fp32 (a step takes seconds there,
+and 8 GiB). A fourth table counts the FLOPs of each recipe's steps with the EDM2 networks at the CUDA rows' batch.
+
 --compare OLD_CHECKOUT times the tiny fp32 row of another checkout of dmd (e.g. `git worktree add /tmp/old <commit>`)
 interleaved with this one, old, new, old, new, ..., and prints the ratio: the machine's speed drifts, so only
 interleaved runs in one session compare.
@@ -29,7 +38,9 @@ steps per G step:
     LPIPS: VGG forward on both images of R pairs 2R, input gradient through the G(z_ref) half only R
     GAN (DMD2), in forwards E of the U-Net's encoder alone: G's loss, encoder forward and input gradient on G(z) 2B;
            the discriminator in each fake step, encoder forward + backward on B generated and B real images 3 x 2Bk
-(the head on the 8x8 bottleneck is negligible). A "step" is one G update with its k fake-score updates.
+(the head on the 8x8 bottleneck is negligible). A "step" is one G update with its k fake-score updates; the generator
+step alone is its first three terms and the GAN's 2B. A guided real score D_w = D_guide + w (D - D_guide) adds one
+forward of the guide per DM evaluation, B per generator step.
 """
 
 import argparse
@@ -45,6 +56,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dmd.config import TrainConfig
 from dmd.data import PairWriter, create_pair_file
 from dmd.edm.persistence import load_network
 from dmd.edm.precond import build_network
@@ -101,6 +113,26 @@ CIFAR_AGREEMENT = (
 )
 
 
+# EDM2's ImageNet-64 networks: the presets edm2-img64-s and edm2-img64-xs of NVlabs/edm2's train_edm2.py (model_channels
+# 192 and 128, dropout 0, fp16), UNet's defaults there (channel_mult [1,2,3,4], num_blocks 3, attention at 16 and 8)
+# written out, and ImageNet-64's shape; generate_images.py's edm2-img64-s-autog-fid guides S by XS at guidance 1.7.
+EDM2_IMG64_S = dict(
+    img_resolution=64,
+    img_channels=3,
+    label_dim=1000,
+    model_channels=192,
+    channel_mult=[1, 2, 3, 4],
+    num_blocks=3,
+    attn_resolutions=[16, 8],
+    dropout=0.0,
+    use_fp16=True,
+)
+EDM2_IMG64_XS = dict(EDM2_IMG64_S, model_channels=128)
+EDM2_GUIDANCE = 1.7
+# The EDM2 rows: device -> (batch, precisions); the CPU's only with --edm2-cpu.
+EDM2_ROWS = {"cuda": (32, ("bf16", "fp32")), "cpu": (1, ("fp32",))}
+
+
 def peak_bf16(device_name):
     """(name matched, peak TFLOP/s) for a CUDA device name, or (None, None) if unknown."""
     for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # longest first: "H100 SXM" before "H100"
@@ -116,9 +148,9 @@ def forward_flops(fn):
     return counter.get_total_flops()
 
 
-def step_flops(teacher, batch_size, variant):
-    """FLOPs of one training step (one G update and its fake-score updates) per process (see the module docstring),
-    counted on the meta device."""
+def step_flops(teacher, batch_size, variant, guide=None):
+    """FLOPs per process of (the generator step, the whole training step: one G update and its fake-score updates),
+    with the real score guided by `guide` or not (see the module docstring), counted on the meta device."""
     _, _, reg, k, gan = VARIANTS[variant]
     meta = torch.device("meta")
     net, lpips = teacher.to(meta), LPIPS(pretrained=False).to(meta)
@@ -126,13 +158,14 @@ def step_flops(teacher, batch_size, variant):
     x, sigma = torch.zeros(1, c, r, r, device=meta), torch.ones(1, device=meta)
     labels = torch.eye(net.label_dim, device=meta)[:1] if net.label_dim else None
     F = forward_flops(lambda: net(x, sigma, labels))
+    F_guide = 0 if guide is None else forward_flops(lambda: guide.to(meta)(x, sigma, labels))
     E = forward_flops(lambda: net.bottleneck(x, sigma, labels))  # the encoder alone (the GAN's input)
     image = torch.zeros(1, 3, 224, 224, device=meta)
     L = forward_flops(lambda: lpips(image, image)) / 2  # One call runs VGG on both images.
     B, R = batch_size, batch_size if reg else 0
-    unet_passes = 3 * (B + R) + 2 * B + 3 * B * k + B * (k - 1)
-    encoder_passes = 2 * B + 3 * 2 * B * k if gan else 0
-    return F * unet_passes + E * encoder_passes + L * 3 * R
+    generator = F * (3 * (B + R) + 2 * B) + F_guide * B + (E * 2 * B if gan else 0) + L * 3 * R
+    fake_scores = F * (3 * B * k + B * (k - 1)) + (E * 3 * 2 * B * k if gan else 0)
+    return generator, generator + fake_scores
 
 
 def write_real(path, n, resolution, channels=3, label_dim=10):
@@ -257,7 +290,7 @@ def tiny_rows(runner, args):
         for variant in ("dm", "dmd", "dmd2"):
             batch = 2 if variant == "dmd" else 8
             steps, warmup = (2, 1) if variant == "dmd" else (args.steps, args.warmup)  # LPIPS at 224: slow on CPU
-            flops, results = step_flops(tiny, batch, variant), {}
+            flops, results = step_flops(tiny, batch, variant)[1], {}
             for precision in ("fp32", "bf16"):
                 results[precision] = runner.run(FIXTURE, 8, batch, variant, precision, "cpu", steps, warmup, extra)
                 summary = summarise(results[precision], batch, flops, None)
@@ -269,14 +302,16 @@ def tiny_rows(runner, args):
     return agreement
 
 
-def cifar_rows(runner, target, measure, peak, args, start):
-    """The CIFAR-10 rows: measured where `measure` (CUDA) until --deadline, FLOPs only otherwise; returns the runs to
-    compare. `target` is (name, teacher pickle, resolution, batch, device): the CIFAR config on CUDA, or under
-    --smoke the fixture teacher on the CPU, which runs the same code paths in seconds."""
+def cifar_rows(runner, target, measure, peak, args, start, compiled):
+    """The eager or the `compiled` CIFAR-10 rows: measured where `measure` (CUDA) until --deadline, FLOPs only
+    otherwise; returns the runs to compare. `target` is (name, teacher pickle, resolution, batch, device): the CIFAR
+    config on CUDA, or under --smoke the fixture teacher on the CPU, which runs the same code paths in seconds."""
     name, teacher, resolution, batch, device = target
     net, results = load_network(teacher), {}
-    for precision, variant, compiled, steps in CIFAR_ROWS:
-        flops = step_flops(net, batch, variant)
+    for precision, variant, row_compiled, steps in CIFAR_ROWS:
+        if row_compiled != compiled:
+            continue
+        flops = step_flops(net, batch, variant)[1]
         if not measure:
             if not compiled:
                 print_row(name, "cuda", precision, False, batch, variant, None, flops)
@@ -289,6 +324,99 @@ def cifar_rows(runner, target, measure, peak, args, start):
         results[precision, variant, compiled] = records
         print_row(name, device, precision, compiled, batch, variant, summarise(records, batch, flops, peak), flops)
     return [(title, results[a], results[b]) for title, a, b in CIFAR_AGREEMENT if a in results and b in results]
+
+
+def edm2_networks(guided, device="meta"):
+    """The EDM2-S teacher (random weights) and, if `guided`, its EDM2-XS guide, built on `device`."""
+    with torch.device(device):
+        teacher = build_network("Precond", EDM2_IMG64_S)
+        return teacher, build_network("Precond", EDM2_IMG64_XS) if guided else None
+
+
+def edm2_generator_steps(guided, batch, precision, device, steps, warmup):
+    """Run warmup + steps generator steps of DMD on the EDM2-S teacher (see the module docstring); return
+    (mean step seconds after the warm-up, peak memory GiB). The networks are set up as `dmd train` sets them up: the
+    teacher and guide frozen in eval mode, G and mu_fake trainable in training mode (EDM2's forced weight
+    normalisation on) with fp16 off, every U-Net in the run's precision."""
+    from dmd.edm.precond import set_compute_dtype
+    from dmd.edm.sampler import GuidedDenoiser
+    from dmd.generator import one_step
+    from dmd.losses import DistributionMatchingLoss, KarrasGrid
+    from dmd.utils.common import one_hot
+    from dmd.utils.training import clip_and_step, memory_gib
+
+    device, dtype = torch.device(device), torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.manual_seed(0)
+    teacher, guide = edm2_networks(guided, device)
+    with torch.device(device):  # in training mode, as built
+        G, mu_fake = (build_network("Precond", dict(EDM2_IMG64_S, use_fp16=False)) for _ in range(2))
+    for net in (teacher, guide, G, mu_fake):
+        if net is not None:
+            set_compute_dtype(net, dtype)
+    teacher.eval().requires_grad_(False)
+    mu_real = teacher if guide is None else GuidedDenoiser(teacher, guide.eval().requires_grad_(False), EDM2_GUIDANCE)
+    dm_loss = DistributionMatchingLoss(mu_real, mu_fake, KarrasGrid(T=TrainConfig.num_timesteps).to(device))
+    opt = torch.optim.AdamW(G.parameters(), lr=TrainConfig.lr_gen, betas=TrainConfig.betas, fused=True)
+    seconds = []
+    for _ in range(warmup + steps):
+        z = torch.randn(batch, 3, 64, 64, device=device)
+        c = one_hot(torch.randint(1000, (batch,), device=device), 1000)
+        start = time.perf_counter()
+        loss = dm_loss(one_step(G, z, c), c)[0].mean()
+        loss.backward()
+        clip_and_step(opt, G.parameters(), TrainConfig.grad_clip, loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.mean(seconds[warmup:]), memory_gib(device)
+
+
+def edm2_rows(measure, device, peak, args, start):
+    """The EDM2 rows: generator steps of EDM2-S without and with the XS guide, each timed in a fresh process where
+    `measure` (on CUDA until --deadline); FLOPs and parameters alone otherwise."""
+    batch, precisions = EDM2_ROWS[device]
+    print("\n| teacher | guide | device | precision | batch | params M (trained / frozen) | GFLOP per G step |", end="")
+    print(" G step ms | img/s | peak mem GiB | MFU % |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    for guided in (False, True):
+        teacher, guide = edm2_networks(guided)
+        frozen = sum(p.numel() for net in (teacher, guide) if net is not None for p in net.parameters())
+        trained = 2 * sum(p.numel() for p in teacher.parameters())  # G and mu_fake
+        flops = step_flops(teacher, batch, "dm", guide)[0]
+        for precision in precisions:
+            if measure and device == "cuda" and time.monotonic() - start > args.deadline * 0.8:
+                print(f"skipped (--deadline): EDM2-S, guided {guided}, {precision}", flush=True)
+                continue
+            ms = speed = mem = mfu = None
+            if measure:
+                row = json.dumps(dict(guided=guided, batch=batch, precision=precision, device=device))
+                cmd = [sys.executable, __file__, "--edm2-row", row]
+                cmd += ["--edm2-steps", str(args.edm2_steps), "--edm2-warmup", str(args.edm2_warmup)]
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+                seconds, mem = json.loads(proc.stdout.splitlines()[-1])
+                ms, speed = 1000 * seconds, batch / seconds
+                mfu = None if peak is None else 100 * flops / seconds / (peak * 1e12)
+            cells = [edm2_guide_name(guided), device, precision, batch, f"{trained / 1e6:.1f} / {frozen / 1e6:.1f}"]
+            cells += [f"{flops / 1e9:.1f}", fmt(ms, ".0f"), fmt(speed), fmt(mem), fmt(mfu, ".1f")]
+            print("| EDM2-S img64 | " + " | ".join(map(str, cells)) + " |", flush=True)
+
+
+def edm2_guide_name(guided):
+    return f"EDM2-XS, w {EDM2_GUIDANCE}" if guided else "none"
+
+
+def edm2_recipe_flops(batch):
+    """The FLOPs of each recipe's generator step and whole step with the EDM2 networks at `batch` per process."""
+    print("\n| teacher | guide | batch | losses | GFLOP per G step | GFLOP per step (G + fake-score steps) |")
+    print("| --- | --- | ---: | --- | ---: | ---: |")
+    for guided in (False, True):
+        teacher, guide = edm2_networks(guided)
+        for variant in VARIANTS:
+            generator, whole = step_flops(teacher, batch, variant, guide)
+            print(f"| EDM2-S img64 | {edm2_guide_name(guided)} | {batch} | {VARIANTS[variant][0]} | ", end="")
+            print(f"{generator / 1e9:.1f} | {whole / 1e9:.1f} |", flush=True)
 
 
 def ddp_check(runner, target):
@@ -307,11 +435,19 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also compiled rows on the CPU (minutes each)")
     parser.add_argument("--compare", type=Path, help="another dmd checkout to time the tiny fp32 row against")
     parser.add_argument("--repeats", type=int, default=5, help="--compare: runs per checkout")
-    parser.add_argument("--gpu-check", action="store_true", help="only the CIFAR rows on CUDA, within --deadline")
+    parser.add_argument("--gpu-check", action="store_true", help="only the CIFAR and EDM2 rows on CUDA (--deadline)")
     parser.add_argument("--ddp-check", action="store_true", help="only the 2-GPU NCCL run against one GPU")
     parser.add_argument("--deadline", type=float, default=330.0, help="seconds after which no row starts")
     parser.add_argument("--smoke", action="store_true", help="--gpu-check/--ddp-check paths on the CPU, tiny net")
+    parser.add_argument("--edm2-cpu", action="store_true", help="only the EDM2 rows, timed on the CPU (batch 1)")
+    parser.add_argument("--edm2-steps", type=int, default=5, help="timed generator steps per EDM2 row")
+    parser.add_argument("--edm2-warmup", type=int, default=2, help="untimed generator steps before them")
+    parser.add_argument("--edm2-row", help=argparse.SUPPRESS)  # one EDM2 row (JSON), run by edm2_rows in a process
     args = parser.parse_args()
+    if args.edm2_row is not None:
+        row = json.loads(args.edm2_row)
+        print(json.dumps(edm2_generator_steps(**row, steps=args.edm2_steps, warmup=args.edm2_warmup)))
+        return
     start = time.monotonic()
     cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name() if cuda else None
@@ -326,6 +462,10 @@ def main():
         if args.compare is not None:
             compare_checkouts(runner, Runner(folder, args.compare), args.repeats, args.steps, args.warmup)
             return
+        if args.edm2_cpu:
+            edm2_rows(True, "cpu", None, args, start)
+            edm2_recipe_flops(EDM2_ROWS["cuda"][0])
+            return
         torch.manual_seed(0)
         save_network_pickle(build_network("EDMPrecond", CIFAR10_COND), folder / "cifar10.pkl")
         target = ("CIFAR-10 DDPM++ 55.7M", folder / "cifar10.pkl", 32, 56, "cuda")
@@ -336,8 +476,16 @@ def main():
             return
         print_header()
         agreement = [] if args.gpu_check else tiny_rows(runner, args)
-        agreement += cifar_rows(runner, target, cuda or args.smoke, peak, args, start)
+        measure, edm2_device = cuda or args.smoke, "cuda" if cuda else "cpu"
+        agreement += cifar_rows(runner, target, measure, peak, args, start, compiled=False)
+        edm2_rows(cuda, edm2_device, peak, args, start)
+        if measure:  # last: each compiles for minutes, so they are the rows a --deadline drops first
+            print()
+            print_header()
+            agreement += cifar_rows(runner, target, measure, peak, args, start, compiled=True)
     print_agreement(agreement)
+    if not args.gpu_check:
+        edm2_recipe_flops(EDM2_ROWS["cuda"][0])
 
 
 if __name__ == "__main__":

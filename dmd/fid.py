@@ -73,23 +73,69 @@ def _read_npz_stats(path):
     return stats, sorted(name.removesuffix(".npy") for name in names)
 
 
-def load_ref(ref, *, cache_dir=None):
-    """Read reference statistics (npz with keys 'mu' (D,) and 'sigma' (D, D), path or URL) as float64 arrays."""
+# Reference statistics in EDM2's layout (calculate_metrics.py, dataset-refs/img64.pkl and img512.pkl): a pickled dict
+# {'fid': {'mu', 'sigma'}, 'fd_dinov2': {'mu', 'sigma'}, ...} of numpy float arrays, read without running it.
+REF_ARRAYS_WHAT = "an EDM2 reference pickle"
+
+
+def _read_pickle_stats(path, metric):
+    """Return {'mu', 'sigma'} (those present) of entry `metric` of an EDM2 reference pickle and the names of that
+    entry's keys; ValueError for a pickle of another layout."""
+    from dmd.edm.persistence import ArrayLimits, PickledArray, read_array_pickle
+
+    data = read_array_pickle(path, ArrayLimits("f", "float", MAX_FEATURES, MAX_FEATURES**2), REF_ARRAYS_WHAT)
+    if not isinstance(data, dict):
+        raise ValueError(f"the pickle holds a {type(data).__name__}, not EDM2's dict {{'fid': {{'mu', 'sigma'}}, ...}}")
+    entry = data.get(metric)
+    if entry is None:
+        raise ValueError(
+            f"no '{metric}' entry in the pickle (found: {', '.join(sorted(str(k)[:40] for k in data)[:10])})"
+        )
+    if not isinstance(entry, dict):
+        raise ValueError(f"'{metric}' holds a {type(entry).__name__}, not a dict of 'mu' and 'sigma'")
+    stats = {}
+    for key in ("mu", "sigma"):
+        if key in entry and not isinstance(entry[key], PickledArray):
+            raise ValueError(f"'{metric}' has a '{key}' that is a {type(entry[key]).__name__}, not a numpy array")
+        if key in entry:
+            stats[key] = entry[key].array
+    return stats, sorted(str(k)[:40] for k in entry)[:10]
+
+
+def load_ref(ref, *, metric="fid", cache_dir=None, flag="--ref"):
+    """Read reference statistics mu (D,) and sigma (D, D) as float64 arrays from a path or URL: EDM's npz (keys 'mu',
+    'sigma') or EDM2's pickle (entry `metric`: 'fid' or 'fd_dinov2'; an npz holds 'fid' only). Errors are FIDError
+    lines that start with `flag` and the reference."""
+    from dmd.edm.persistence import NetworkLoadError
     from dmd.utils.download import DownloadError, open_url
 
+    where, pickled = f"{flag} {ref}", False
     try:
         path = open_url(ref, cache_dir=cache_dir)
-        stats, names = _read_npz_stats(path)
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"  # PROTO, which starts every pickle of protocol 2 or later (an npz: PK)
+        if pickled:
+            stats, names = _read_pickle_stats(path, metric)
+        elif metric != "fid":
+            raise FIDError(f"{where}: an npz holds FID statistics only, not '{metric}' (EDM2's pickles hold both)")
+        else:
+            stats, names = _read_npz_stats(path)
+    except FIDError:
+        raise
     except (DownloadError, FileNotFoundError) as e:
-        raise FIDError(f"--ref: {e}") from e
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise FIDError(f"--ref {ref}: not a readable npz file ({e})") from e
+        raise FIDError(f"{flag}: {e}") from e
+    except NetworkLoadError as e:  # names the local path; the user gave `ref`
+        raise FIDError(f"{where}: {str(e).removeprefix(f'{path}: ')}") from e
+    except ValueError as e:
+        raise FIDError(f"{where}: {e}" if pickled else f"{where}: not a readable npz file ({e})") from e
+    except (OSError, zipfile.BadZipFile) as e:
+        raise FIDError(f"{where}: not a readable npz file ({e})") from e
     missing = [key for key in ("mu", "sigma") if key not in stats]
     if missing:
-        raise FIDError(f"--ref {ref}: missing key(s) {missing}; found {names}")
+        raise FIDError(f"{where}: missing key(s) {missing}; found {names}")
     mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
     if mu.ndim != 1 or mu.shape[0] == 0 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise FIDError(f"--ref {ref}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+        raise FIDError(f"{where}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
     return mu, sigma
 
 
@@ -241,7 +287,7 @@ def generator_stats(generator_fn, seeds, label_dim, detector, *, batch_size=256,
 
 def generator_fid(
     generator_fn,  # generator_fn(seeds: list[int], class_ids: LongTensor (N,) or None) -> (N, C, R, R) in [-1, 1].
-    ref,  # Reference statistics: npz path or URL, or a (mu, sigma) pair from load_ref.
+    ref,  # Reference statistics (load_ref: EDM's npz or EDM2's pkl, path or URL), or a (mu, sigma) pair.
     *,
     seeds,  # Seeds of the images (e.g. range(10000)); seed s is labelled s % label_dim.
     label_dim,  # Classes of the generator; 0 = unconditional.
@@ -267,7 +313,7 @@ def generator_fid(
 
 
 def calc_fid(
-    ref,  # Reference statistics: npz path or URL.
+    ref,  # Reference statistics: EDM's npz or EDM2's pkl (its 'fid' entry), path or URL.
     *,
     images=None,  # A PNG folder or ZIP to score ...
     network=None,  # ... or a network: a DMDGenerator, or anything it loads (path, run folder, URL, hf://user/repo).

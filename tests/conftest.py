@@ -1,7 +1,10 @@
-"""Shared test fixtures: the EDM reference files, small deterministic settings, and the training tests' data (a
-pair file and real images for the fixture teacher)."""
+"""Shared test fixtures: the EDM reference files, small deterministic settings, the training tests' data (a pair
+file and real images for the fixture teacher), and pickles written as EDM2's and hostile files are (the loader tests
+of networks and of FID references)."""
 
 import os
+import pickletools
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,37 @@ def fixtures_dir():
 # suite fast, and subprocesses the tests start inherit OMP_NUM_THREADS.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# Pickles as a call of `func(*args)`, the way a malicious pickle smuggles code in; a `state` is then set on the result.
+class Call:
+    def __init__(self, func, *args, state=None):
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self):
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+def pickled_array(shape, dtype, data, made=None):
+    """A numpy array as numpy pickles it: _reconstruct(ndarray, (0,), b'b'), then BUILD (version, shape, dtype, C
+    order, data); `made` replaces _reconstruct's arguments."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    made = (np.ndarray, (0,), b"b") if made is None else made
+    return Call(_reconstruct, *made, state=(1, shape, np.dtype(dtype), False, data))
+
+
+def numpy1_spelling(data):
+    """A protocol-4 pickle of numpy arrays written by numpy 2 (`numpy._core.multiarray._reconstruct`, named once) as
+    numpy 1.x writes it (`numpy.core.multiarray`, as in EDM2's released files), the frame around the name resized."""
+    old, new = b"\x8c\x16numpy._core.multiarray", b"\x8c\x15numpy.core.multiarray"  # SHORT_BINUNICODE, its length
+    at = data.index(old)
+    assert data.count(old) == 1
+    frame = max(pos for op, _, pos in pickletools.genops(data) if op.name == "FRAME" and pos < at)
+    size = struct.unpack("<Q", data[frame + 1 : frame + 9])[0] + len(new) - len(old)
+    return data[: frame + 1] + struct.pack("<Q", size) + data[frame + 9 : at] + new + data[at + len(old) :]
 
 
 def write_pairs(path, n, resolution=8):

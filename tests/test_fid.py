@@ -1,7 +1,10 @@
 """FID: statistics and the Frechet distance against numpy/scipy, `fid ref`/`fid calc` on PNGs, ZIPs and networks."""
 
 import io
+import os
+import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 import scipy.linalg
 import torch
 from click.testing import CliRunner
+from conftest import Call, numpy1_spelling, pickled_array
 
 from dmd.checkpoint import save_snapshot
 from dmd.cli import main
@@ -270,6 +274,97 @@ def test_hostile_references_are_refused_from_their_headers(tmp_path):
         z.writestr("features.npy", header.getvalue())
     mu, sigma = load_ref(str(tmp_path / "extra.npz"))
     assert mu.tolist() == [0.0, 1.0, 2.0] and sigma.tolist() == np.eye(3).tolist()
+
+
+def _edm2_stats(seed=3, fid_dim=16, dino_dim=8):
+    """Statistics in the layout of EDM2's calculate_metrics.py: float64 mu and sigma per metric, and num_images."""
+    rng = np.random.default_rng(seed)
+    stats = {"num_images": 50000}
+    for metric, dim in (("fid", fid_dim), ("fd_dinov2", dino_dim)):
+        features = rng.normal(size=(4 * dim, dim))
+        stats[metric] = {"mu": features.mean(0), "sigma": np.cov(features, rowvar=False)}
+    return stats
+
+
+def _pickled(obj):
+    """obj as EDM2 pickles its references: pickle.dump's protocol 4 (Python 3.8-3.13's default; 3.14's is 5)."""
+    return pickle.dumps(obj, protocol=4)
+
+
+@pytest.mark.parametrize("numpy_version", [2, 1])
+def test_edm2_reference_pickles_are_read(tmp_path, numpy_version):
+    """EDM2's dataset-refs/img64.pkl layout, written by numpy 2 (`numpy._core`) or numpy 1 (`numpy.core`, as EDM2's
+    released files are): the 'fid' entry by default, 'fd_dinov2' on request, the arrays exactly as pickled."""
+    stats = _edm2_stats()
+    data = _pickled(stats)
+    path = tmp_path / "img64.pkl"
+    path.write_bytes(data if numpy_version == 2 else numpy1_spelling(data))
+    assert (b"numpy.core.multiarray" in path.read_bytes()) == (numpy_version == 1)
+    for metric in ("fid", "fd_dinov2"):
+        mu, sigma = load_ref(path, metric=metric) if metric != "fid" else load_ref(str(path))
+        assert mu.dtype == sigma.dtype == np.float64
+        assert np.array_equal(mu, stats[metric]["mu"]) and np.array_equal(sigma, stats[metric]["sigma"])
+
+
+def test_fid_calc_reads_an_edm2_reference_as_its_npz(pngs, detector_path, tmp_path):
+    """The same statistics as EDM's npz and as EDM2's pickle give the same FID through `fid calc --ref`."""
+    mu, sigma = np.random.default_rng(4).normal(size=16) * 0.01, np.eye(16) * 1e-3
+    save_ref(mu, sigma, tmp_path / "ref.npz")
+    (tmp_path / "ref.pkl").write_bytes(_pickled({"fid": {"mu": mu, "sigma": sigma}}))
+    det = ["--detector", str(detector_path), "--device", "cpu", "--num", "40", "--batch", "40"]
+    scores = []
+    for name in ("ref.npz", "ref.pkl"):
+        result = CliRunner().invoke(main, ["fid", "calc", "--images", str(pngs), "--ref", str(tmp_path / name), *det])
+        assert result.exit_code == 0, result.output
+        scores.append(fid_number(result.output))
+    assert scores[0] == scores[1] > 0.01
+    with pytest.raises(FIDError, match=r"ref.npz: an npz holds FID statistics only, not 'fd_dinov2'"):
+        load_ref(tmp_path / "ref.npz", metric="fd_dinov2")
+
+
+def _hostile_references(sentinel):
+    """{name: (pickle bytes, the phrase of the one-line error)}: each small, most using only the globals a reference
+    pickle needs; none may run code, allocate what the file does not hold, or end in a traceback."""
+    run = Call(os.system, f"touch {sentinel}")
+    good = _edm2_stats()["fid"]
+    cases = {
+        "system": ({"fid": run}, f"refusing to load, the pickle names the global '{os.system.__module__}.system'"),
+        "objects": ({"fid": {"mu": pickled_array((1,), "O", [run])}}, "sets the state of an object made by numpy"),
+        "integers": ({"fid": dict(good, mu=pickled_array((16,), "i8", bytes(128)))}, "not a plain float array"),
+        "declared_huge": (
+            {"fid": dict(good, sigma=pickled_array((200000, 200000), "f8", bytes(8)))},
+            r"declares 40000000000 elements of float64 and holds 8 bytes",
+        ),
+        "too_long": ({"fid": dict(good, mu=pickled_array((8193,), "f8", bytes(8 * 8193)))}, "at most 8192 per axis"),
+        "list": ([good], r"the pickle holds a list, not EDM2's dict \{'fid': \{'mu', 'sigma'\}, \.\.\.\}"),
+        "no_fid": ({"fd_dinov2": good}, r"no 'fid' entry in the pickle \(found: fd_dinov2\)"),
+        "no_sigma": ({"fid": {"mu": good["mu"]}}, r"missing key\(s\) \['sigma'\]; found \['mu'\]"),
+        "sigma_listed": ({"fid": dict(good, sigma=[[1.0]])}, r"'fid' has a 'sigma' that is a list, not a numpy array"),
+        "sigma_of_another_size": ({"fid": dict(good, sigma=np.eye(3))}, r"mu \(16,\) and sigma \(3, 3\) are not"),
+    }
+    data = {name: (_pickled(obj), phrase) for name, (obj, phrase) in cases.items()}
+    data["nested_deep"] = (b"\x80\x04" + b"]" * 2000 + b"a" * 1999 + b".", "nests objects deeper than 1000 levels")
+    data["bytes_declared_huge"] = (
+        b"\x80\x04}\x8c\x03fid\x8e" + struct.pack("<Q", 2**40) + b"s.",
+        "truncated or corrupt",
+    )
+    data["truncated"] = (_pickled(_edm2_stats())[:300], "truncated or corrupt")
+    return data
+
+
+def test_hostile_edm2_references_are_refused_in_one_line(tmp_path):
+    sentinel = tmp_path / "SENTINEL"
+    for name, (data, phrase) in _hostile_references(sentinel).items():
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(data)
+        with pytest.raises(FIDError) as error:
+            load_ref(path)
+        message = str(error.value)
+        assert re.match(rf"--ref {re.escape(str(path))}: .*{phrase}", message) and "\n" not in message, (name, message)
+        assert len(message) < 300, (name, message)
+    assert not sentinel.exists()
+    with pytest.raises(FIDError, match=f"^--fid-ref {re.escape(str(path))}: "):  # train names its own flag
+        load_ref(path, flag="--fid-ref")
 
 
 def test_an_offline_detector_download_names_the_flag_that_avoids_it(pngs, tmp_path, monkeypatch):

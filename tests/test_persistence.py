@@ -7,7 +7,6 @@ import io
 import json
 import os
 import pickle
-import pickletools
 import re
 import struct
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import Call, numpy1_spelling, pickled_array
 
 from dmd.edm import persistence, writer
 from dmd.edm.persistence import (
@@ -58,15 +58,6 @@ TINY_EDM2 = dict(  # edm2_img_cond's kwargs
     channels_per_head=16,
     logvar_channels=8,
 )
-
-
-# Pickles as a call of `func(*args)`, the way a malicious pickle smuggles code in; a `state` is then set on the result.
-class Call:
-    def __init__(self, func, *args, state=None):
-        self.func, self.args, self.state = func, args, state
-
-    def __reduce__(self):
-        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
 
 
 def _tiny(class_name):
@@ -157,20 +148,11 @@ def test_edm2_pickle_loads_with_its_encoder():
         load_network(EDM2 / "edm2_latent_cond.pkl", key="loss_fn")
 
 
-def _respelled(data, old, new):
-    """A protocol-4 pickle with its one `old` replaced by `new` of another length, the frame around it resized."""
-    at = data.index(old)
-    assert data.count(old) == 1
-    frame = max(pos for op, _, pos in pickletools.genops(data) if op.name == "FRAME" and pos < at)
-    size = struct.unpack("<Q", data[frame + 1 : frame + 9])[0] + len(new) - len(old)
-    return data[: frame + 1] + struct.pack("<Q", size) + data[frame + 9 : at] + new + data[at + len(old) :]
-
-
 def test_edm2_pickle_written_by_numpy_1(tmp_path):
     # EDM2's releases were written by numpy 1.x, which names numpy.core.multiarray._reconstruct for an array.
     path = tmp_path / "numpy1.pkl"
     data = (EDM2 / "edm2_latent_cond.pkl").read_bytes()
-    path.write_bytes(_respelled(data, b"\x8c\x16numpy._core.multiarray", b"\x8c\x15numpy.core.multiarray"))
+    path.write_bytes(numpy1_spelling(data))
     assert b"numpy.core.multiarray" in path.read_bytes()
     assert load_network(path).encoder_info == load_network(EDM2 / "edm2_latent_cond.pkl").encoder_info
 
@@ -331,17 +313,6 @@ def _dnnlib():
             sys.modules.pop(name, None)
 
 
-def _array(shape, dtype, data, made=None):
-    """A numpy array as numpy pickles it: _reconstruct(ndarray, (0,), b'b'), then BUILD (version, shape, dtype, C
-    order, data); `made` replaces _reconstruct's arguments."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:
-        from numpy.core.multiarray import _reconstruct
-    made = (np.ndarray, (0,), b"b") if made is None else made
-    return Call(_reconstruct, *made, state=(1, shape, np.dtype(dtype), False, data))
-
-
 @pytest.mark.parametrize("route", ["call", "object array", "numpy.load"])
 def test_code_in_an_edm2_pickle_is_refused_before_it_runs(tmp_path, route):
     sentinel = tmp_path / "SENTINEL"
@@ -350,7 +321,10 @@ def test_code_in_an_edm2_pickle_is_refused_before_it_runs(tmp_path, route):
     if route == "call":
         scale = run
     elif route == "object array":  # numpy unpickles an object array's items, calls included
-        scale, refused = _array((1,), "O", [run]), (NetworkLoadError, "sets the state of an object made by numpy")
+        scale, refused = (
+            pickled_array((1,), "O", [run]),
+            (NetworkLoadError, "sets the state of an object made by numpy"),
+        )
     else:  # numpy.load(allow_pickle=True) of a file that pickles the call
         np.save(tmp_path / "run.npy", np.array([run], dtype=object), allow_pickle=True)
         scale, refused = Call(np.load, str(tmp_path / "run.npy"), None, True), (UnsafePickleError, "'numpy.load'")
@@ -598,10 +572,16 @@ def _bombs():
         "void_scalar": ({"ema": Call(persistence._numpy_scalar(), np.dtype("V2000000000"))}, "numpy scalar"),
         "ordered_dict_copies": ({"ema": [Call(collections.OrderedDict, pairs) for _ in range(2_000)]}, "OrderedDict"),
         # EDM2: an EasyDict at the top, numpy arrays in the encoder, EDM2's Precond.
-        "edm2_array_declared_huge": (vae(scale=_array((10**10,), "f4", bytes(16))), "declares 10000000000 elements"),
-        "edm2_array_of_objects": (vae(scale=_array((2,), "O", [1, 2])), "not a plain numeric array"),
-        "edm2_array_of_voids": (vae(scale=_array((1,), "V2000000000", b"")), "not a plain numeric array"),
-        "edm2_array_made_oddly": (vae(scale=_array((1,), "f4", bytes(4), (np.ndarray, (10**9,), b"b"))), "never make"),
+        "edm2_array_declared_huge": (
+            vae(scale=pickled_array((10**10,), "f4", bytes(16))),
+            "declares 10000000000 elements",
+        ),
+        "edm2_array_of_objects": (vae(scale=pickled_array((2,), "O", [1, 2])), "not a plain numeric array"),
+        "edm2_array_of_voids": (vae(scale=pickled_array((1,), "V2000000000", b"")), "not a plain numeric array"),
+        "edm2_array_made_oddly": (
+            vae(scale=pickled_array((1,), "f4", bytes(4), (np.ndarray, (10**9,), b"b"))),
+            "never make",
+        ),
         "edm2_easydict_copies": ([Call(EasyDict, pairs) for _ in range(2_000)], "not a readable network pickle"),
         "edm2_wider_than_sane": (
             EasyDict(ema=_network("Precond", dict(edm2, model_channels=10**6))),

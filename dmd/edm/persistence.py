@@ -9,7 +9,8 @@ class built from `_init_kwargs`.
 A file is distrusted throughout, so that a small one cannot exhaust memory or time: its opcodes are scanned before it
 runs (count, nesting, what BUILD may touch), every allowed global checks its arguments, the walk refuses cycles and
 shared modules, and the network is built on the meta device and compared with the file's tensors before it is built
-for real, so that it never holds more than the file's own tensor data.
+for real, so that it never holds more than the file's own tensor data. `read_array_pickle` applies the same checks to
+pickles of numpy arrays alone (EDM2's FID reference statistics).
 """
 
 import collections
@@ -43,6 +44,14 @@ MAX_MODULE_DEPTH = 32  # modules inside modules
 MAX_TENSORS = 100_000  # tensor storages decoded, and entries of the state dict
 MAX_KEY_CHARS = 1 << 24  # characters of all state-dict keys together
 MAX_ARRAY_ELEMENTS = 1 << 16  # elements of one numpy array (EDM2's encoder holds two of 4 elements)
+# The globals of a pickle of plain containers and numpy arrays, as numpy 1.x and 2 spell them (EDM2's reference
+# statistics, dataset-refs/*.pkl, need nothing else).
+ARRAY_GLOBALS = (
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "_reconstruct"),
+)
 
 
 class NetworkLoadError(RuntimeError):
@@ -80,25 +89,42 @@ class _EasyDict(dict):
 _NDARRAY = object()
 
 
+# What a numpy array in a pickle may be: its dtype's kind, and how many elements it holds along an axis and in all.
+@dataclass(frozen=True)
+class ArrayLimits:
+    kinds: str  # numpy dtype kinds allowed: 'biuf' any plain number, 'f' floats only
+    noun: str  # what those are, for the error line: 'numeric', 'float'
+    max_axis: int  # elements along any one axis
+    max_elements: int  # elements in all
+
+
+NETWORK_ARRAYS = ArrayLimits("biuf", "numeric", MAX_ARRAY_ELEMENTS, MAX_ARRAY_ELEMENTS)
+
+
 # A numpy array as numpy pickles it: made empty by _reconstruct(ndarray, (0,), b'b'), then given its state
 # (version, shape, dtype, fortran order, bytes) by BUILD. numpy's own __setstate__ never sees the state: it is
-# checked (a plain numeric array of at most MAX_ARRAY_ELEMENTS whose bytes are all there) and copied into `array`.
-class _NumpyArray:
-    def __init__(self, path):
+# checked (a plain array within `limits` whose bytes are all there) and copied into `array`.
+class PickledArray:
+    def __init__(self, path, limits):
         self.path = path
-        self.array = None
+        self.limits = limits
+        self.array = None  # the np.ndarray, once BUILD has set it
 
     def __setstate__(self, state):
         version, shape, dtype, fortran, data = state if isinstance(state, tuple) and len(state) == 5 else (None,) * 5
-        numeric = isinstance(dtype, np.dtype) and dtype.kind in "biuf" and dtype.itemsize <= 8
+        plain = isinstance(dtype, np.dtype) and dtype.kind in self.limits.kinds and dtype.itemsize <= 8
         shaped = isinstance(shape, tuple) and len(shape) <= 8 and all(map(_is_count, shape))
-        if not (version == 1 and numeric and shaped and isinstance(fortran, bool) and isinstance(data, bytes)):
-            raise NetworkLoadError(f"{self.path}: a numpy array is not a plain numeric array")
-        numel = math.prod(shape)
-        if numel > MAX_ARRAY_ELEMENTS or len(data) != numel * dtype.itemsize:
+        if not (version == 1 and plain and shaped and isinstance(fortran, bool) and isinstance(data, bytes)):
+            raise NetworkLoadError(f"{self.path}: a numpy array is not a plain {self.limits.noun} array")
+        numel, limits = math.prod(shape), self.limits
+        if (
+            numel > limits.max_elements
+            or max(shape, default=0) > limits.max_axis
+            or len(data) != numel * dtype.itemsize
+        ):
             raise NetworkLoadError(
-                f"{self.path}: a numpy array declares {numel} elements of {dtype} and holds {len(data)} bytes; "
-                f"a network pickle's arrays hold their bytes and at most {MAX_ARRAY_ELEMENTS} elements"
+                f"{self.path}: a numpy array declares {numel} elements of {dtype} and holds {len(data)} bytes; arrays "
+                f"here hold their bytes, at most {limits.max_axis} per axis and {limits.max_elements} in all"
             )
         order = "F" if fortran else "C"
         self.array = np.frombuffer(data, dtype).reshape(shape, order=order).astype(dtype.newbyteorder("="))
@@ -190,9 +216,10 @@ def _described(origin):
     return words.get(kind, "a plain value")
 
 
-def _scan(f, path):
+def _scan(f, path, what="an EDM network pickle"):
     """Check the pickle stream in `f` without running it: at most MAX_OPCODES opcodes, objects nested at most
-    MAX_NESTING deep, and BUILD or added items only where _BUILDABLE / _FILLABLE allow them.
+    MAX_NESTING deep, and BUILD or added items only where _BUILDABLE / _FILLABLE allow them (errors say that `what`
+    never does otherwise).
 
     The stack is simulated with one (nesting depth, origin) per object, from each opcode's documented stack effect.
     Depth is exact for tuples, which are built at once from their items, and those are what hashing recurses into.
@@ -228,9 +255,7 @@ def _scan(f, path):
             limit = _BUILDABLE.get(origin, -1) if op.name == "BUILD" else MAX_NESTING if origin in _FILLABLE else -1
             if added_depth > limit:
                 action = "sets the state of" if op.name == "BUILD" else "adds items to"
-                raise NetworkLoadError(
-                    f"{path}: the pickle {action} {_described(origin)}, which an EDM network pickle never does"
-                )
+                raise NetworkLoadError(f"{path}: the pickle {action} {_described(origin)}, which {what} never does")
             result = (max(depth, added_depth + 1), origin)
         else:
             result = (1 + max((d for d, _ in inputs), default=-1), _origin(op.name, arg, inputs))
@@ -239,13 +264,15 @@ def _scan(f, path):
         stack += [result] * pushed
 
 
-# pickle.Unpickler that resolves only the globals of an EDM or EDM2 network pickle, refuses everything else by name,
-# and checks the arguments of every call it allows; _scan has checked the stream's shape before it runs.
+# pickle.Unpickler that resolves only the globals of an EDM or EDM2 network pickle (or fewer: `names`), refuses
+# everything else by name, and checks the arguments of every call it allows; _scan has checked the stream's shape
+# before it runs.
 class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, file, path, size):
+    def __init__(self, file, path, size, arrays=NETWORK_ARRAYS, names=None):
         super().__init__(file)
         self.path = path  # named in every error
         self.size = size  # bytes in the file: its decoded tensor data cannot be more
+        self.arrays = arrays  # ArrayLimits of its numpy arrays
         self.storages = 0
         self.storage_bytes = 0
         self.allowed = {
@@ -263,6 +290,8 @@ class _SafeUnpickler(pickle.Unpickler):
             ("numpy._core.multiarray", "_reconstruct"): self._numpy_array,  # written by numpy 2
             ("numpy.core.multiarray", "_reconstruct"): self._numpy_array,  # written by numpy 1 (EDM2's releases)
         }
+        if names is not None:
+            self.allowed = {name: self.allowed[name] for name in names}
 
     def find_class(self, module, name):
         # Runs when the stream names a global, i.e. before any REDUCE could call it.
@@ -357,7 +386,7 @@ class _SafeUnpickler(pickle.Unpickler):
         # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') and sets the real one by BUILD.
         if not (subtype is _NDARRAY and shape == (0,) and dtype == b"b"):
             raise NetworkLoadError(f"{self.path}: a numpy array is made in a way numpy's own pickles never make one")
-        return _NumpyArray(self.path)
+        return PickledArray(self.path, self.arrays)
 
 
 def _numpy_scalar():
@@ -446,20 +475,34 @@ def _torch_file_error(path):
 
 def read_network_pickle(path):
     """Unpickle an EDM network pickle safely: persistent objects come back as `PersistentStub`s, tensors as tensors."""
+    return _safe_load(path, "an EDM network pickle", "network pickle", _torch_file_error)
+
+
+def read_array_pickle(path, limits, what):
+    """Unpickle a pickle of plain containers (dicts, lists, tuples, numbers, strings) and numpy arrays, such as EDM2's
+    reference statistics, without running any of it: numpy arrays come back as `PickledArray`s (`.array`), each
+    within `limits`. Any other global, a stream of another shape, or an array outside `limits` or without its bytes
+    raises NetworkLoadError naming the file and saying what `what` (e.g. 'an EDM2 reference pickle') never holds.
+    """
+    return _safe_load(path, what, "pickle", arrays=limits, names=ARRAY_GLOBALS)
+
+
+def _safe_load(path, what, readable, zip_error=None, **unpickler):
+    """Scan the pickle at `path` (errors say what `what` never does), then unpickle it with
+    _SafeUnpickler(**unpickler); whatever else stops it is one NetworkLoadError: not a readable `readable`. A zip is
+    refused first with zip_error(path) where one is given."""
     try:
         with open(path, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":  # a torch.save zip, never a pickle
-                raise NetworkLoadError(_torch_file_error(path))
+            if zip_error is not None and f.read(4) == b"PK\x03\x04":  # a torch.save zip, never a pickle
+                raise NetworkLoadError(zip_error(path))
             f.seek(0)
-            _scan(_Bounded(f), path)
+            _scan(_Bounded(f), path, what)
             f.seek(0)
-            return _SafeUnpickler(f, path, os.fstat(f.fileno()).st_size).load()
+            return _SafeUnpickler(f, path, os.fstat(f.fileno()).st_size, **unpickler).load()
     except NetworkLoadError:
         raise
     except Exception as e:
-        raise NetworkLoadError(
-            f"{path}: not a readable network pickle, truncated or corrupt? ({type(e).__name__})"
-        ) from e
+        raise NetworkLoadError(f"{path}: not a readable {readable}, truncated or corrupt? ({type(e).__name__})") from e
 
 
 def stub_state_dict(stub, path="<stub>"):
@@ -636,7 +679,7 @@ def _encoder_info(path, encoder, img_channels):
     the file if it is not one of EDM2's encoders with sane attributes."""
     if not (isinstance(encoder, PersistentStub) and isinstance(encoder.state, dict)):
         raise NetworkLoadError(f"{path}: 'encoder' holds a {type(encoder).__name__}, not an EDM2 encoder")
-    attributes = {k: v.array if isinstance(v, _NumpyArray) else v for k, v in encoder.state.items()}
+    attributes = {k: v.array if isinstance(v, PickledArray) else v for k, v in encoder.state.items()}
     try:
         return EncoderInfo.from_attributes(encoder.class_name, attributes, img_channels)
     except ValueError as e:
