@@ -224,9 +224,10 @@ def setup_fid(cfg, teacher, device):
     except FIDError as e:
         raise TrainError(f"--fid-detector: {e}") from e
     try:
-        ref = dist.main_first(partial(load_ref, cfg.fid_ref or CIFAR10_REF_URL, cache_dir=cfg.cache_dir))
+        load = partial(load_ref, cfg.fid_ref or CIFAR10_REF_URL, cache_dir=cfg.cache_dir, flag="--fid-ref")
+        ref = dist.main_first(load)
     except FIDError as e:
-        raise TrainError(f"--fid-ref: {e}") from e
+        raise TrainError(str(e)) from e
     try:  # two black images through the detector: its features must be the reference's
         dim = detect(detector, np.zeros((2, shape[0], shape[0], shape[1]), np.uint8), device).shape[1]
     except Exception as e:  # the detector is the user's file: whatever stops it is that file's fault

@@ -76,7 +76,7 @@ class TrainConfig:
     workers: int = 2  # DataLoader worker processes reading the pair file
     fid_every: int = 0  # steps between FIDs of G (its EMA if any); 0 = never
     fid_num: int = 10000  # one-step images per FID, seeds 0..fid_num-1 labelled seed % label_dim
-    fid_ref: Optional[str] = None  # reference statistics npz (path/URL); None = EDM's CIFAR-10 reference
+    fid_ref: Optional[str] = None  # reference statistics: EDM's npz or EDM2's pkl (path/URL); None = EDM's CIFAR-10
     fid_detector: Optional[str] = None  # TorchScript detector (path/URL); None = the Inception-v3 of EDM's protocol
     cache_dir: Optional[str] = None  # download cache; None = $DMD_CACHE_DIR or ~/.cache/dmd
     real_data: Optional[str] = None  # real images for DMD2's GAN: EDM's dataset format (folder or zip + dataset.json)

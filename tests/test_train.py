@@ -276,7 +276,7 @@ def test_fid_inputs_are_opened_and_checked_before_any_work(tmp_path):
     cases = [
         (["--fid-detector", detector], "--fid-every needs --fid-ref for this teacher (8x8, 3 channels, 10 classes)"),
         (["--fid-detector", detector, "--fid-ref", ref8], "--fid-ref holds statistics of 8-d features but"),
-        (["--fid-detector", detector, "--fid-ref", tmp_path / "none.npz"], "--fid-ref: --ref: no such file"),
+        (["--fid-detector", detector, "--fid-ref", tmp_path / "none.npz"], "--fid-ref: no such file"),
         (["--fid-detector", tmp_path / "none.pt", "--fid-ref", ref16], "--fid-detector: detector: no such file"),
     ]
     for extra, message in cases:

@@ -210,7 +210,13 @@ python -m dmd fid calc --images fid-out --ref $REF --num-images 50000
     show_default=False,
     help="... or a network as generate takes it, scored straight from its samples (seed s labelled s % label_dim).",
 )
-@option("--ref", required=True, metavar="PATH|URL", section="Main", help="Reference statistics (.npz with mu, sigma).")
+@option(
+    "--ref",
+    required=True,
+    metavar="PATH|URL",
+    section="Main",
+    help="Reference statistics: EDM's .npz (mu, sigma) or EDM2's dataset-refs .pkl (its 'fid' entry).",
+)
 @option(
     "--num-images",
     "--num",
