@@ -4,7 +4,28 @@ bottleneck that DMD2's discriminator reads. Each family names its U-Net as its a
 `unet`); `backbone` is that U-Net under one name.
 """
 
+import numpy as np
 import torch
+
+
+def plain_kwargs(kwargs):
+    """A network's constructor kwargs in plain JSON types (numpy scalars -> numbers, tuples -> lists), as checkpoints
+    store them and build_network reads them back; ValueError naming a kwarg of any other type."""
+
+    def plain(value, name):
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, (list, tuple)):
+            return [plain(v, name) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v, name) for k, v in value.items()}
+        raise ValueError(
+            f"network kwarg '{name}' is a {type(value).__name__}; only numbers, strings and lists are allowed"
+        )
+
+    return {name: plain(value, name) for name, value in kwargs.items()}
 
 
 class Denoiser(torch.nn.Module):

@@ -12,27 +12,13 @@ import math
 import numbers
 import reprlib
 
-import numpy as np
 import torch
 
-from dmd.denoiser import Denoiser
+from dmd.denoiser import Denoiser, plain_kwargs
 from dmd.edm.unets import DhariwalUNet, SongUNet
 from dmd.edm2.networks import Precond
 
 MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
-
-
-def _plain(value, name):
-    """Convert a constructor kwarg to plain JSON types (numpy scalars -> numbers, tuples -> lists)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, name) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v, name) for k, v in value.items()}
-    raise ValueError(f"network kwarg '{name}' is a {type(value).__name__}; only numbers, strings and lists are allowed")
 
 
 # Shared machinery of the four preconditioners: label handling, the compute dtype, building the U-Net and the
@@ -61,7 +47,7 @@ class Preconditioner(Denoiser):
         self.compute_dtype = None  # A run's override of the U-Net dtype (dmd train --precision); None: as above.
         head = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, use_fp16=use_fp16)
         kwargs = dict(**head, **precond_kwargs, model_type=model_type, use_bf16=use_bf16, **model_kwargs)
-        self._init_kwargs = {name: _plain(value, name) for name, value in kwargs.items()}
+        self._init_kwargs = plain_kwargs(kwargs)
         unet_kwargs = {name: self._init_kwargs[name] for name in model_kwargs}
         self.model = MODEL_TYPES[model_type](
             img_resolution=img_resolution,

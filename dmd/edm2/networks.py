@@ -10,14 +10,12 @@ features DMD2's GAN head reads.
 """
 
 import copy
-import json
 import math
 import numbers
 
-import numpy as np
 import torch
 
-from dmd.denoiser import Denoiser
+from dmd.denoiser import Denoiser, plain_kwargs
 from dmd.edm2.layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
 
@@ -220,13 +218,6 @@ class UNet(torch.nn.Module):
         return self.out_conv(x, gain=self.out_gain)
 
 
-def _plain_json(value):
-    """A numpy scalar as a Python number, for json.dumps (kwargs read from a pickle may hold them)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"network kwargs hold a {type(value).__name__}; only numbers, strings and lists are allowed")
-
-
 # EDM2's preconditioning (EDM's, Karras et al. 2022, with c_noise = ln(sigma) / 4) around the U-Net, and the
 # uncertainty head u(sigma) of EDM2's loss (Eq. 21), returned with return_logvar=True.
 class Precond(Denoiser):
@@ -250,8 +241,7 @@ class Precond(Denoiser):
             logvar_channels=logvar_channels,
             **unet_kwargs,
         )
-        # Plain JSON types (tuples become lists), as checkpoints store them and build_network reads them back.
-        self._init_kwargs = json.loads(json.dumps(kwargs, default=_plain_json))
+        self._init_kwargs = plain_kwargs(kwargs)  # as checkpoints store them and build_network reads them back
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
