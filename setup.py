@@ -33,6 +33,10 @@ setup(
         "plot": ["matplotlib"],  # dmd plot
         "demo": ["scikit-learn"],
         "hub": ["huggingface_hub"],  # hf://user/repo in DMDGenerator and --network, dmd export --push
+        "latent": ["diffusers"],  # EDM2's latent teachers: the Stable Diffusion VAE (--vae)
+        # FD_DINOv2 (--metrics fd_dinov2): transformers' DINOv2, not timm's, because timm needs torchvision, whose
+        # CUDA wheels do not load beside the CPU build of torch (no CPU torchvision on PyPI).
+        "dinov2": ["transformers"],
         "test": [
             "pytest",
             "ruff==0.17.6",
@@ -42,6 +46,8 @@ setup(
             "matplotlib",
             "huggingface_hub",
             "wandb",
+            "diffusers",
+            "transformers",
         ],
     },
     entry_points={"console_scripts": ["dmd=dmd.cli:main"]},
