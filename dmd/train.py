@@ -50,6 +50,7 @@ from dmd.checkpoint import (
     snapshot_path,
     state_path,
 )
+from dmd.edm2.vae import latent_info
 from dmd.generator import SigmaError, check_sigmas
 from dmd.steps import STAT_NAMES, BatchError, fake_score_step, generated, generator_step
 from dmd.utils import distributed as dist
@@ -179,9 +180,12 @@ def run_summary(cfg, teacher, pairs, real, device):
     steps = "one step" if len(cfg.generator_sigmas) == 1 else f"{len(cfg.generator_sigmas)} steps"
     duration = f"{cfg.max_steps:,} steps" if cfg.max_steps is not None else f"{cfg.epochs} epochs of the pairs"
     guided = f"; guided by {cfg.guide_network}, w = {cfg.guidance:g}" if cfg.guide_network else ""
+    space, info = f"{teacher.img_channels} channels", latent_info(teacher)
+    if info is not None:
+        space = f"{teacher.img_channels}-channel latents of {info.vae_name} (decoded by {cfg.vae or info.vae_name})"
     rows = {
         "Teacher": f"{type(teacher).__name__} ({unet}), {teacher.img_resolution}x{teacher.img_resolution}, "
-        f"{teacher.img_channels} channels, {classes}, {params} parameters ({cfg.model_path}){guided}",
+        f"{space}, {classes}, {params} parameters ({cfg.model_path}){guided}",
         "Data": "; ".join(data) or "none (distribution matching needs no data)",
         "Method": f"--recipe {cfg.recipe}: {' + '.join(losses)}, {cfg.fake_steps_per_gen} fake-score step(s) per G "
         f"step; G in {steps} (sigmas {sigmas}); {duration}",
