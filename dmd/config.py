@@ -37,6 +37,7 @@ class TrainConfig:
     data_path: Optional[str] = None  # pair file (z, y, label) for the regression loss
     batch_size: int = 56  # per process; the global batch is batch_size * world size
     reg_batch_size: Optional[int] = None  # pairs per process and step for the regression loss; None = batch_size
+    batch_gpu: Optional[int] = None  # most rows per process and forward/backward; micro-batches add up; None = all
     max_steps: Optional[int] = None  # duration in steps (one G step + its fake steps) ...
     epochs: Optional[int] = None  # ... or in passes over the pair file
     lr_gen: float = 5e-5  # AdamW learning rate of G
@@ -111,6 +112,7 @@ class TrainConfig:
                 "--guidance needs a guiding network: give --guide-network",
             ),
             (self.reg_batch_size is None or self.reg_batch_size >= 1, "--reg-batch-size must be at least 1"),
+            (self.batch_gpu is None or self.batch_gpu >= 1, "--batch-gpu must be at least 1"),
             ((self.max_steps is None) != (self.epochs is None), "give exactly one of --max-steps and --epochs"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.epochs is None or self.epochs >= 1, "--epochs must be at least 1"),
@@ -194,7 +196,7 @@ FREE_ON_RESUME = {
     "model_path", "output_dir", "data_path", "max_steps", "epochs", "device", "log_every", "image_every",
     "checkpoint_every", "keep_last", "max_bad_steps", "resume", "log_neptune", "lpips_vgg", "lpips_lin", "workers",
     "fid_every", "fid_num", "fid_ref", "fid_detector", "cache_dir", "allow_change", "batch_size", "reg_batch_size",
-    "channels_last", "compile",
+    "batch_gpu", "channels_last", "compile",
 }  # fmt: skip
 FIXED_ON_RESUME = {"seed", "generator_sigmas", "dropout", "num_timesteps"}
 FREE_ON_RESUME |= {"real_data", "recipe", "guide_network"}  # their contents are checked by their fingerprint

@@ -8,6 +8,8 @@ of step s is a function of (seed, s, stream name) alone (dmd/batches.py), so a r
 single uninterrupted process. The loop (dmd/train.py) owns logging, checkpoints and the order of the steps.
 """
 
+import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -97,53 +99,108 @@ def generated(G, z, c, cfg, step, stream, level, rows, n):
     return x, torch.full((x.shape[0],), cfg.generator_sigmas[level], device=x.device)
 
 
+def micro_batches(rows, size, count):
+    """`count` consecutive slices of at most `size` rows of the slice `rows`, the last ones empty once it runs out."""
+    return [
+        slice(min(rows.start + i * size, rows.stop), min(rows.start + (i + 1) * size, rows.stop)) for i in range(count)
+    ]
+
+
+def split(cfg, *lengths):
+    """Rows per micro-batch and the number of micro-batches for batches of `lengths` rows, split alike by --batch-gpu
+    (a remainder makes a smaller last micro-batch); one micro-batch of everything without it."""
+    size = cfg.batch_gpu or max(*lengths, 1)
+    return size, max(1, *(-(-length // size) for length in lengths))
+
+
+def shifted(rows, offset):
+    """The slice `rows` moved by `offset`: global rows of the batch -> this rank's local rows."""
+    return slice(rows.start + offset, rows.stop + offset)
+
+
+def accumulating(net, last):
+    """DDP's no_sync() for all but the last micro-batch of an update: their gradients add up locally and are reduced
+    over ranks once, in the last backward."""
+    no_sync = getattr(net, "no_sync", None)
+    return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+
+def dm_loss_on(loss, rows):
+    """The DM loss with its denoisers run on `rows` of the global batch (a micro-batch): the same draws of the whole
+    batch, the networks on those rows alone."""
+    loss = copy.copy(loss)
+    loss.mu_real, loss.mu_fake = RankRows(loss.mu_real.net, rows), RankRows(loss.mu_fake.net, rows)
+    return loss
+
+
 def generator_step(p, step):
     """One update of G: lambda_dm * DM + lambda_reg * regression + gan_weight_gen * GAN; return GeneratorOutputs.
 
-    Regression only (lambda_dm 0) runs G on the pairs alone.
+    Regression only (lambda_dm 0) runs G on the pairs alone. The rank's rows and pairs go through G in --batch-gpu
+    micro-batches (one without it), each loss scaled by its micro-batch's share of the rows, so the gradients add up
+    to the whole batch's mean before the one optimizer step; every draw is of the global batch, as without them.
     """
     cfg, rows, n, device = p.cfg, p.rows, p.n, p.device
-    use_dm, levels = cfg.lambda_dm > 0, len(cfg.generator_sigmas)
+    levels = len(cfg.generator_sigmas)
     level = draw_index(cfg.seed, step, "level", levels) if levels > 1 else 0  # shared by all ranks
     z, c = draw_generator_inputs(p.mu_real, cfg.seed, step, "G", n, device)  # global batch (n, ...)
-    z_dm, c_dm = (z[rows], take(c, rows)) if use_dm else (z[:0], take(c, slice(0)))
-    x_in, sigma_in = generated(p.G, z_dm, c_dm, cfg, step, "G", level, rows, n)
-    c_in, pairs = c_dm, None
+    dm_rows = rows if cfg.lambda_dm > 0 else slice(rows.start, rows.start)
+    ref = None
     if p.reg_loss is not None:
         z_ref, y_ref, k_ref = next_batch(p.pair_stream, "--data-path", device)
-        c_ref = one_hot(k_ref, p.mu_real.label_dim, device=device)
-        x_ref_in, sigma_ref = generated(p.G, z_ref, c_ref, cfg, step, "ref", 0, slice(None), None)
-        x_in, sigma_in = torch.cat([x_in, x_ref_in]), torch.cat([sigma_in, sigma_ref])
-        c_in = None if c is None else torch.cat([c_dm, c_ref])
-    x_all = p.G_ddp(x_in, sigma_in, c_in)  # (B_dm + B_reg or B_reg, C, H, W)
-    x, x_ref = x_all[: z_dm.shape[0]], x_all[z_dm.shape[0] :]
+        ref = (z_ref, y_ref, one_hot(k_ref, p.mu_real.label_dim, device=device))
+    B, B_ref = dm_rows.stop - dm_rows.start, 0 if ref is None else len(ref[0])
+    size, count = split(cfg, B, B_ref)
     zero = torch.zeros((), device=device)
-    loss_dm = loss_gan = loss_reg = zero
-    aux = None
-    if use_dm:
-        loss_dm, aux = p.dm_loss(spread(x, rows, n), c, generator=step_generator(cfg.seed, step, "dm", device))
-        loss_dm = loss_dm[rows].mean()
-    if p.gan_loss is not None:
-        gan_gen = step_generator(cfg.seed, step, "gan", device)
-        loss_gan = p.gan_loss.generator(x, c_dm, generator=gan_gen, rows=rows, n=n)[0].mean()
-    if p.reg_loss is not None:
-        loss_reg = p.reg_loss(x_ref, y_ref).mean()
-        pairs = (x_ref, y_ref, c_ref)
-    loss_G = cfg.lambda_dm * loss_dm + cfg.lambda_reg * loss_reg + cfg.gan_weight_gen * loss_gan
-    loss_G.backward()
-    norm, bad = clip_and_step(p.opt_G, p.G.parameters(), cfg.grad_clip, loss_G)
+    losses = dict(loss_G=zero, loss_dm=zero, loss_reg=zero, loss_gan=zero)
+    xs, x_refs, aux = [], [], None
+    for i, (r, r_ref) in enumerate(
+        zip(micro_batches(dm_rows, size, count), micro_batches(slice(0, B_ref), size, count))
+    ):
+        with accumulating(p.G_ddp, last=i == count - 1):
+            c_r = take(c, r)
+            x_in, sigma_in = generated(p.G, z[r], c_r, cfg, step, "G", level, r, n)
+            c_in = c_r
+            if ref is not None:
+                z_ref, y_ref, c_ref = (t[r_ref] for t in ref)
+                x_ref_in, sigma_ref = generated(p.G, z_ref, c_ref, cfg, step, "ref", 0, slice(None), None)
+                x_in, sigma_in = torch.cat([x_in, x_ref_in]), torch.cat([sigma_in, sigma_ref])
+                c_in = None if c is None else torch.cat([c_r, c_ref])
+            x_all = p.G_ddp(x_in, sigma_in, c_in)  # (b + b_ref, C, H, W): the micro-batch's rows, then its pairs
+            x, x_ref = x_all[: r.stop - r.start], x_all[r.stop - r.start :]
+            loss_dm = loss_gan = loss_reg = zero
+            if r.stop > r.start:
+                share = (r.stop - r.start) / B
+                dm_gen = step_generator(cfg.seed, step, "dm", device)
+                loss_dm, aux_r = dm_loss_on(p.dm_loss, r)(spread(x, r, n), c, generator=dm_gen)
+                loss_dm = loss_dm[r].mean() * share
+                aux = {k: aux_r[k] if aux is None else aux[k] + aux_r[k] for k in ("p_real", "p_fake")}
+                if p.gan_loss is not None:
+                    gan_gen = step_generator(cfg.seed, step, "gan", device)
+                    loss_gan = p.gan_loss.generator(x, c_r, generator=gan_gen, rows=r, n=n)[0].mean() * share
+            if r_ref.stop > r_ref.start:
+                loss_reg = p.reg_loss(x_ref, y_ref).mean() * ((r_ref.stop - r_ref.start) / B_ref)
+            loss_G = cfg.lambda_dm * loss_dm + cfg.lambda_reg * loss_reg + cfg.gan_weight_gen * loss_gan
+            loss_G.backward()
+        parts = dict(loss_G=loss_G, loss_dm=loss_dm, loss_reg=loss_reg, loss_gan=loss_gan)
+        losses = {k: losses[k] + v.detach() for k, v in parts.items()}
+        xs.append(x.detach())
+        x_refs.append(x_ref.detach())
+    norm, bad = clip_and_step(p.opt_G, p.G.parameters(), cfg.grad_clip, losses["loss_G"])
     renormalize(p.G)
-    losses = dict(loss_G=loss_G, loss_dm=loss_dm, loss_reg=loss_reg, loss_gan=loss_gan)
-    return GeneratorOutputs(losses, norm, bad, z[rows], c, level, x, aux, pairs)
+    pairs = None if ref is None else (torch.cat(x_refs), *ref[1:])
+    return GeneratorOutputs(losses, norm, bad, z[rows], c, level, torch.cat(xs), aux, pairs)
 
 
 def fake_score_step(p, step, x, c):
     """`fake_steps_per_gen` updates of mu_fake (and the GAN head): the first on G's samples x (this rank's rows) of
     the generator step, labelled c (global batch), the others on fresh samples of the updated G. Return the mean
     fake-score and discriminator losses, the last gradient norm and whether any update was skipped (device tensors).
+    Each update goes in the generator step's --batch-gpu micro-batches, its gradients added up before the step.
     """
     cfg, rows, n, device = p.cfg, p.rows, p.n, p.device
-    levels = len(cfg.generator_sigmas)
+    levels, B = len(cfg.generator_sigmas), rows.stop - rows.start
+    chunks = micro_batches(rows, *split(cfg, B))
     x_fake, c_fake = spread(x.detach(), rows, n), c
     zero = torch.zeros((), device=device)
     loss_fake_sum, loss_disc_sum, norm, bad = zero, zero, zero, zero
@@ -152,25 +209,45 @@ def fake_score_step(p, step, x, c):
             z, c_fake = draw_generator_inputs(p.mu_real, cfg.seed, step, f"fake{k}", n, device)
             level = draw_index(cfg.seed, step, f"fake-level{k}", levels) if levels > 1 else 0
             with torch.no_grad():
-                x_k, sigma_k = generated(p.G, z[rows], take(c_fake, rows), cfg, step, f"fake{k}", level, rows, n)
-                x_fake = spread(p.G(x_k, sigma_k, take(c_fake, rows)), rows, n)
-        fake_gen = step_generator(cfg.seed, step, f"fake-loss{k}", device)
-        loss_fake = p.fake_loss(RankRows(p.fake_ddp, rows), x_fake, c_fake, generator=fake_gen)[rows].mean()
-        loss_disc = zero
+                x_new = []
+                for r in chunks:
+                    x_k, sigma_k = generated(p.G, z[r], take(c_fake, r), cfg, step, f"fake{k}", level, r, n)
+                    x_new.append(p.G(x_k, sigma_k, take(c_fake, r)))
+                x_fake = spread(torch.cat(x_new), rows, n)
         if p.gan_loss is not None:
-            x_real, k_real = next_batch(p.real_stream, "--real-data", device)
+            x_real, k_real = next_batch(p.real_stream, "--real-data", device)  # this rank's B real images
             c_real = one_hot(k_real, p.mu_real.label_dim, device=device)
-            disc_gen = step_generator(cfg.seed, step, f"disc{k}", device)
-            loss_disc = p.gan_loss.discriminator(
-                x_fake[rows], take(c_fake, rows), x_real, c_real, generator=disc_gen, rows=rows, n=n
-            )[0].mean()
-        loss = loss_fake + cfg.gan_weight_disc * loss_disc
-        loss.backward()
+        loss_k, loss_fake_k, loss_disc_k = zero, zero, zero
+        for i, r in enumerate(chunks):
+            share = (r.stop - r.start) / B
+            with accumulating(p.fake_ddp, last=i == len(chunks) - 1):
+                fake_gen = step_generator(cfg.seed, step, f"fake-loss{k}", device)
+                loss_fake = p.fake_loss(RankRows(p.fake_ddp, r), x_fake, c_fake, generator=fake_gen)[r].mean() * share
+                loss_disc = zero
+                if p.gan_loss is not None:
+                    local = shifted(r, -rows.start)
+                    disc_gen = step_generator(cfg.seed, step, f"disc{k}", device)
+                    loss_disc = (
+                        p.gan_loss.discriminator(
+                            x_fake[r],
+                            take(c_fake, r),
+                            x_real[local],
+                            take(c_real, local),
+                            generator=disc_gen,
+                            rows=r,
+                            n=n,
+                        )[0].mean()
+                        * share
+                    )
+                loss = loss_fake + cfg.gan_weight_disc * loss_disc
+                loss.backward()
+            loss_k, loss_fake_k = loss_k + loss.detach(), loss_fake_k + loss_fake.detach()
+            loss_disc_k = loss_disc_k + loss_disc.detach()
         if p.head is not None:
             average_gradients(p.head)  # DDP reduces mu_fake's gradients, not the head's
-        norm, bad_k = clip_and_step(p.opt_fake, p.fake_params, cfg.grad_clip, loss)
+        norm, bad_k = clip_and_step(p.opt_fake, p.fake_params, cfg.grad_clip, loss_k)
         renormalize(p.mu_fake)
         bad = torch.maximum(bad, bad_k)
-        loss_fake_sum, loss_disc_sum = loss_fake_sum + loss_fake.detach(), loss_disc_sum + loss_disc.detach()
+        loss_fake_sum, loss_disc_sum = loss_fake_sum + loss_fake_k, loss_disc_sum + loss_disc_k
     k_fake = cfg.fake_steps_per_gen
     return loss_fake_sum / k_fake, loss_disc_sum / k_fake, norm, bad

@@ -189,7 +189,8 @@ def run_summary(cfg, teacher, pairs, real, device):
         "Data": "; ".join(data) or "none (distribution matching needs no data)",
         "Method": f"--recipe {cfg.recipe}: {' + '.join(losses)}, {cfg.fake_steps_per_gen} fake-score step(s) per G "
         f"step; G in {steps} (sigmas {sigmas}); {duration}",
-        "Batch": f"{B} per process x {world} process(es) = global batch {B * world}",
+        "Batch": f"{B} per process x {world} process(es) = global batch {B * world}"
+        + (f"; at most {cfg.batch_gpu} per pass (--batch-gpu), gradients accumulated" if cfg.batch_gpu else ""),
         "Precision": f"{cfg.precision} on {device.type}" + (f" ({dist.backend()})" if world > 1 else ""),
         "Output": f"{cfg.output_dir} (config.json and log.txt hold every setting)",
     }

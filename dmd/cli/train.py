@@ -191,6 +191,16 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     help="'fp32', or 'bf16': the U-Nets compute in bf16 with fp32 weights, losses and optimisers, as DMD2 does "
     "(works on CPU too, slowly)",
 )
+@_train(
+    "--batch-gpu",
+    section=PERF,
+    type=COUNT,
+    metavar="INT",
+    show_default=False,
+    help="most images (and pairs, real images) per process in one forward/backward pass, as EDM's --batch-gpu: "
+    "each process's batch goes in micro-batches of this size whose gradients add up before the one optimizer "
+    "step, the same update in less memory  [default: the whole batch at once]",
+)
 @_train("--channels-last", section=PERF, is_flag=True)
 @_train(
     "--compile", section=PERF, is_flag=True, help="compile the U-Nets with torch.compile (slow start, faster steps)"
