@@ -155,7 +155,8 @@ class EncodedDataset(Dataset):
                 f"real data {self.path} are VAE latents (EDM2's encoded dataset) but the teacher is a pixel-space "
                 "network; it trains on images in EDM's dataset format (`dmd make-dataset`)"
             )
-        check_fits(f"real latents {self.path}", self, (net.img_resolution, net.img_channels, net.label_dim))
+        wanted = (net.img_resolution, net.img_channels, net.label_dim)
+        check_fits(f"real latents {self.path}", self, wanted, EncodedDatasetError)
 
 
 # EDM2's encoded format written as DatasetWriter writes EDM's (staged, atomic, resumable, never overwriting).

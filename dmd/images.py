@@ -311,8 +311,8 @@ def class_labels(files):
     return torch.from_numpy(labels), label_dim
 
 
-def check_fits(what, data, wanted):
-    """Raise ImageDatasetError naming `what` if the data's resolution, channels or labels (its attributes
+def check_fits(what, data, wanted, error=ImageDatasetError):
+    """Raise `error` naming `what` if the data's resolution, channels or labels (its attributes
     `resolution`, `channels`, `label_dim`) do not fit `wanted` = a teacher's (resolution, channels, label_dim).
 
     An unconditional teacher ignores labels (EDM's cifar10-32x32.zip is labelled and serves its unconditional runs
@@ -321,13 +321,11 @@ def check_fits(what, data, wanted):
     resolution, channels, label_dim = wanted
     for key, want in (("resolution", resolution), ("channels", channels)):
         if getattr(data, key) != want:
-            raise ImageDatasetError(f"{what} have {key} {getattr(data, key)} but the teacher has {want}")
+            raise error(f"{what} have {key} {getattr(data, key)} but the teacher has {want}")
     if label_dim > 0 and data.label_dim == 0:
-        raise ImageDatasetError(f"{what} have no labels ({LABELS_FILE}) but the teacher has label_dim {label_dim}")
+        raise error(f"{what} have no labels ({LABELS_FILE}) but the teacher has label_dim {label_dim}")
     if label_dim > 0 and data.label_dim > label_dim:
-        raise ImageDatasetError(
-            f"{what} have class indices up to {data.label_dim - 1} but the teacher has label_dim {label_dim}"
-        )
+        raise error(f"{what} have class indices up to {data.label_dim - 1} but the teacher has label_dim {label_dim}")
 
 
 def refuse_pixels_for_latents(path, net):
