@@ -11,8 +11,9 @@ EPS file named `.png` would make it run Ghostscript. A JPEG (or any other format
 file; `dmd make-dataset` (dmd/dataset_tool.py) converts other images into this format. FIFOs, sockets and devices are
 refused by name rather than opened (opening a FIFO waits for a writer forever).
 
-`ImageFolder` is the one reader of this format: `dmd.fid.ImageFiles` is the same class raising FIDError, and
-make-dataset reads its sources with a subclass that allows more formats. `DatasetWriter` is the one writer.
+`ImageFolder` is the one reader of this format: `dmd.fid.ImageFiles` is the same class raising FIDError,
+make-dataset reads its sources with a subclass that allows more formats, and dmd/encoded.py's `LatentFolder` reads
+EDM2's encoded latents (.npy entries in the same layout) with it. `DatasetWriter` is the one writer (of both).
 """
 
 import hashlib
