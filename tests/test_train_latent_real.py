@@ -1,13 +1,15 @@
 """DMD2 on a latent EDM2 teacher (the fixture edm2_latent_cond, 4 channels) with EDM2's encoded latents as real data:
-the discriminator sees final latents drawn with the step's eps, the run resumes bit for bit, and pixel data for a
-latent teacher (or latents for a pixel one) is one line."""
+the discriminator sees final latents drawn with the step's eps, the run resumes bit for bit and two processes equal
+one, and pixel data for a latent teacher (or latents for a pixel one) is one line."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_train import LOSSES, load, one_error_line, read_stats, run_cli
+from test_train import LOSSES, ONE_THREAD_ENV, ROOT, assert_same_updates, load, one_error_line, read_stats, run_cli
 
 from dmd.batches import draw_noise
 from dmd.edm.persistence import load_network
@@ -81,6 +83,26 @@ def test_dmd2_on_latents_resumes_bit_for_bit(tmp_path, latents):
     a, b = load(whole / "training-state-000003.pt"), load(split / "training-state-000003.pt")
     for key in ("G", "mu_fake", "head"):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
+
+
+def test_two_processes_draw_the_eps_of_one(tmp_path, latents):
+    """Each rank turns its rows of the real batch into final latents with its rows of the global batch's eps."""
+    from dmd.build import student_copy
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli(latent_args(one, latents, "--max-steps", 1))
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dmd"]
+    args = latent_args(two, latents, "--max-steps", 1)
+    args[args.index("--batch-size") + 1] = "1"
+    proc = subprocess.run(ddp + args, cwd=ROOT, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = ("loss_G", "loss_gan", "loss_fake", "loss_disc")  # the gradient norms differ by float sums (1e-3 rel.)
+    np.testing.assert_allclose(
+        [[r[k] for k in keys] for r in read_stats(two)], [[r[k] for k in keys] for r in read_stats(one)], rtol=1e-5
+    )
+    start = student_copy(load_network(LATENT), 0.0, torch.device("cpu")).state_dict()
+    a, b = load(one / "training-state-000001.pt"), load(two / "training-state-000001.pt")
+    assert_same_updates(a, b, dict(G=start, mu_fake=start))
 
 
 def test_pixels_for_a_latent_teacher_and_latents_for_a_pixel_one_are_one_line(tmp_path, latents):
