@@ -102,6 +102,8 @@ def student_copy(teacher, dropout, device):
 
     net = build_network(type(teacher).__name__, {**teacher.init_kwargs, "dropout": dropout, "use_fp16": False})
     net.load_state_dict(teacher.state_dict())
+    if hasattr(teacher, "encoder_info"):  # EDM2: a latent teacher's students run on its latents
+        net.encoder_info = teacher.encoder_info
     net = net.to(device).train().requires_grad_(True)
     as_student = getattr(net, "as_student_", None)  # EDM2: forced weight normalisation after each step (steps.py)
     return net if as_student is None else as_student()
@@ -188,8 +190,23 @@ def build_losses(cfg, mu_real, mu_fake, rows, device):
     return dm_loss, fake_loss, gan_loss
 
 
-def build_regression(cfg, device):
-    """The regression loss of --regression-distance (None at --lambda-reg 0)."""
+def load_vae_codec(cfg, teacher, device):
+    """The LatentCodec (VAE) of a latent teacher, which decodes grids and FID images (None for a pixel teacher);
+    TrainError naming --vae if it does not load or fit."""
+    from dmd.edm2.vae import VAEError, load_codec
+
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    load = partial(load_codec, teacher, cfg.vae, cache_dir=cfg.cache_dir, device=device, dtype=dtype)
+    try:
+        return dist.main_first(load)
+    except VAEError as e:
+        raise TrainError(str(e)) from None
+
+
+def build_regression(cfg, device, latent=False):
+    """The regression loss of --regression-distance (None at --lambda-reg 0). LPIPS compares pixels: a `latent`
+    teacher's pairs are latents, which regress with MSE (decoding both through the VAE every step would cost two VAE
+    decoder passes and a backward through one)."""
     from dmd.losses import MSERegressionLoss, RegressionLoss
     from dmd.lpips import LPIPS
 
@@ -197,6 +214,11 @@ def build_regression(cfg, device):
         return None
     if cfg.regression_distance == "mse":
         return MSERegressionLoss()
+    if latent:
+        raise TrainError(
+            "--regression-distance lpips compares pixels, but this teacher's pairs are VAE latents: give "
+            "--regression-distance mse (the regression then runs in latent space)"
+        )
     weights = dict(vgg_weights=cfg.lpips_vgg, lin_weights=cfg.lpips_lin, cache_dir=cfg.cache_dir)
     try:
         lpips = LPIPS(**weights, pretrained=cfg.lpips_pretrained).to(device)
@@ -211,9 +233,9 @@ def build_regression(cfg, device):
     return RegressionLoss(lpips)
 
 
-def setup_fid(cfg, teacher, device):
+def setup_fid(cfg, teacher, device, codec=None):
     """Load the FID detector and reference statistics of --fid-every now, not at the first FID, and check that they
-    fit each other and the teacher (None if FID is off).
+    fit each other and the teacher's images (the VAE `codec`'s pixels for a latent teacher; None if FID is off).
 
     Without --fid-ref the reference is EDM's CIFAR-10 statistics, which describe no other data: a teacher of another
     shape must name its own, or every "best" snapshot would be chosen against CIFAR-10.
@@ -223,6 +245,8 @@ def setup_fid(cfg, teacher, device):
     from dmd.fid import CIFAR10_REF_URL, FIDError, detect, load_detector, load_ref
 
     shape = (teacher.img_resolution, teacher.img_channels, teacher.label_dim)
+    if codec is not None:  # scored as decoded RGB images
+        shape = (codec.pixel_resolution(teacher.img_resolution), 3, teacher.label_dim)
     if cfg.fid_ref is None and (shape[:2] != (32, 3) or shape[2] not in (0, 10)):
         raise TrainError(
             f"--fid-every needs --fid-ref for this teacher ({shape[0]}x{shape[0]}, {shape[1]} channels, {shape[2]} "
@@ -256,7 +280,7 @@ def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, devic
     their losses and optimisers as the StepParts of the two updates, and the EMA of G (or None). mu_real is the
     teacher, or the teacher guided."""
     from dmd.edm.precond import copy_network
-    from dmd.edm2.encoders import latent_encoder
+    from dmd.edm2.vae import latent_info
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     G, mu_fake = student_copy(teacher, cfg.dropout, device), student_copy(teacher, cfg.dropout, device)
@@ -287,7 +311,7 @@ def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, devic
         gan_loss=gan_loss,
         pair_stream=pair_stream,
         real_stream=real_stream,
-        encoder=latent_encoder(teacher),
+        encoder=latent_info(teacher),
         rows=rows,
         n=n,
         device=device,

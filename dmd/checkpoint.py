@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from dmd.config import ConfigError, flag_name, resume_changes
+from dmd.edm2.encoders import encoder_json
 from dmd.generator import FORMAT_VERSION, SNAPSHOT_FORMAT, STATE_FORMAT
 from dmd.utils.io import atomic_torch_save
 
@@ -271,6 +272,7 @@ def save_snapshot(path, net, *, generator_sigmas, step, config):
         "class_name": type(net).__name__,
         "init_kwargs": copy.deepcopy(net.init_kwargs),
         "state_dict": cpu_state_dict(net),
+        "encoder": encoder_json(net),  # EDM2's latent space (None on pixels)
         "sigma_G": float(generator_sigmas[0]),
         "generator_sigmas": [float(s) for s in generator_sigmas],
         "step": int(step),
@@ -288,6 +290,7 @@ def save_training_state(path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, step,
         "version": FORMAT_VERSION,
         "class_name": type(G).__name__,
         "init_kwargs": copy.deepcopy(G.init_kwargs),
+        "encoder": encoder_json(G),
         "G": cpu_state_dict(G),
         "mu_fake": cpu_state_dict(mu_fake),
         "G_ema": None if G_ema is None else cpu_state_dict(G_ema),

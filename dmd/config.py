@@ -78,6 +78,7 @@ class TrainConfig:
     fid_num: int = 10000  # one-step images per FID, seeds 0..fid_num-1 labelled seed % label_dim
     fid_ref: Optional[str] = None  # reference statistics: EDM's npz or EDM2's pkl (path/URL); None = EDM's CIFAR-10
     fid_detector: Optional[str] = None  # TorchScript detector (path/URL); None = the Inception-v3 of EDM's protocol
+    vae: Optional[str] = None  # a latent teacher's VAE for grids and FID (folder or Hub name); None = its pickle's
     cache_dir: Optional[str] = None  # download cache; None = $DMD_CACHE_DIR or ~/.cache/dmd
     real_data: Optional[str] = None  # DMD2's real data: EDM's image format, or EDM2's encoded latents (dmd/encoded.py)
     xflip: bool = False  # also train the discriminator on the real images mirrored (EDM's x-flip doubling)
@@ -198,6 +199,7 @@ FREE_ON_RESUME = {
 FIXED_ON_RESUME = {"seed", "generator_sigmas", "dropout", "num_timesteps"}
 FREE_ON_RESUME |= {"real_data", "recipe", "guide_network"}  # their contents are checked by their fingerprint
 FREE_ON_RESUME |= {"log_tensorboard", "log_wandb", "progress"}  # logging only
+FREE_ON_RESUME |= {"vae"}  # decodes grids and FID images only; the training itself runs on latents
 
 # Named bundles of defaults for the settings a user leaves unset (`--recipe`); explicit flags override them, and the
 # resolved values are what config.json records and resume compares.

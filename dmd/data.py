@@ -379,10 +379,12 @@ class PairDataset(Dataset):
                 self.resolution, self.channels = attrs["resolution"], attrs["channels"]
                 self.label_dim = attrs["label_dim"]
                 self.label_dim_inferred = False
+                self.space = attrs.get("space", "pixels")  # 'pixels', or the VAE latents of a latent teacher
                 # Labels are 8 bytes a row, so all of them are checked now; latents and images as each row is read.
                 _check_rows(self.path, 0, labels=f["labels"][: self.num_pairs], label_dim=self.label_dim)
             elif isinstance(f.get("data"), h5py.Group):
                 self.layout = "port"
+                self.space = "pixels"
                 self._read_port_metadata(f, label_dim)
             else:
                 raise PairFileError(
@@ -479,8 +481,10 @@ class PairDataset(Dataset):
 
     def check_compatible(self, net: torch.nn.Module) -> None:
         """Raise PairFileError naming the file if its resolution, channels or labels do not fit the teacher `net`."""
-        found = {"resolution": self.resolution, "channels": self.channels}
-        wanted = {"resolution": net.img_resolution, "channels": net.img_channels}
+        from dmd.pairs import teacher_space
+
+        found = {"resolution": self.resolution, "channels": self.channels, "space": self.space}
+        wanted = {"resolution": net.img_resolution, "channels": net.img_channels, "space": teacher_space(net)}
         for key in found:
             if found[key] != wanted[key]:
                 raise PairFileError(f"pair file {self.path} has {key} {found[key]} but the teacher has {wanted[key]}")

@@ -148,9 +148,9 @@ class EncodedDataset(Dataset):
     def check_compatible(self, net):
         """Raise EncodedDatasetError naming the data unless `net` is a latent EDM2 network (StabilityVAEEncoder)
         with C channels (the entries hold 2C: mean and std), the latents' resolution and labels that fit."""
-        from dmd.edm2.encoders import latent_encoder
+        from dmd.edm2.vae import latent_info
 
-        if latent_encoder(net) is None:
+        if latent_info(net) is None:
             raise EncodedDatasetError(
                 f"real data {self.path} are VAE latents (EDM2's encoded dataset) but the teacher is a pixel-space "
                 "network; it trains on images in EDM's dataset format (`dmd make-dataset`)"

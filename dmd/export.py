@@ -4,7 +4,8 @@ code, and `DMDGenerator` reads such a folder back, from disk or from the Hugging
 The folder (format 'dmd-export', version 1):
   model.safetensors  the generator's state dict (G_ema where the run kept an EMA): parameters float32, or bfloat16
                      with --dtype bf16 (half the size); buffers (resampling filters, Fourier frequencies) stay float32
-  config.json        the network (class_name, init_kwargs), its noise levels (generator_sigmas), the dtype, and what
+  config.json        the network (class_name, init_kwargs), its noise levels (generator_sigmas), the space it runs in
+                     (encoder: EDM2's latent-space attributes, null on pixels), the dtype, and what
                      the run recorded: teacher (name, sha256), training (recipe, step, kimg), fid (the value and its
                      protocol) and selection (how the snapshot was chosen); null where the run recorded nothing
   README.md          a model card: what it is, three lines of Python that sample it, its FID and selection, the
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from dmd.edm2.encoders import encoder_json
+from dmd.edm2.vae import VAEError
 from dmd.generate import (
     GeneratorLoadError,
     build_checked,
@@ -102,7 +105,9 @@ def load_export(folder):
         state_dict = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise GeneratorLoadError(f"{weights_path}: not a readable safetensors file ({_first_line(e)})") from e
-    net = build_checked(config_path, config.get("class_name"), config.get("init_kwargs"), state_dict)
+    net = build_checked(
+        config_path, config.get("class_name"), config.get("init_kwargs"), state_dict, config.get("encoder")
+    )
     sigmas = checked_sigmas(config_path, "generator_sigmas", config.get("generator_sigmas"), net)
     return net.eval().requires_grad_(False), sigmas
 
@@ -274,6 +279,7 @@ def export_generator(
     repo_id=None,  # The Hub repository the folder is meant for, named in the card's code; None: a local path.
     device="cpu",  # Where samples.png is sampled.
     cache_dir=None,  # Download cache for a URL source.
+    vae=None,  # A latent generator's VAE for samples.png (folder or Hub name); None: the name its file records.
 ):
     """Write the exported folder (module docstring) atomically: into a temporary folder beside `dest`, renamed onto
     it once complete, so `dest` is the whole folder or absent. Return (dest, its config)."""
@@ -295,6 +301,7 @@ def export_generator(
         "class_name": type(net).__name__,
         "init_kwargs": net.init_kwargs,
         "generator_sigmas": loaded.sigmas,
+        "encoder": encoder_json(net),  # EDM2's latent space: DMDGenerator decodes with its VAE (None on pixels)
         "dtype": dtype,
         **provenance(loaded),
         "source": Path(loaded.path).name,
@@ -307,7 +314,7 @@ def export_generator(
             save_file(_weights(net, DTYPES[dtype]), str(path), metadata={"format": "pt"})  # "pt": torch tensors
         atomic_write_text(json_text(config), tmp / CONFIG)
         # Sampled back from the folder as written: this checks it loads, and shows the bf16 rounding if any.
-        generator = DMDGenerator(tmp, device=device)
+        generator = DMDGenerator(tmp, device=device, vae=vae, cache_dir=cache_dir)
         classes = torch.as_tensor(SAMPLE_SEEDS) % generator.label_dim if generator.label_dim else None
         images = generator.generate_batch(seeds=SAMPLE_SEEDS, class_ids=classes, batch_size=16).cpu()
         title = f"{config['source']}, {describe_sampling(generator.sigmas)}"
@@ -317,6 +324,8 @@ def export_generator(
         atomic_save_image(grid, tmp / SAMPLES)
         atomic_write_text(model_card(config, generator, repo_id or f"path/to/{dest.name}"), tmp / CARD)
         os.replace(tmp, dest)  # onto an absent or empty folder
+    except VAEError as e:
+        raise ExportError(str(e)) from None
     except OSError as e:
         raise ExportError(f"{dest}: {e}") from e
     finally:

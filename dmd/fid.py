@@ -327,6 +327,7 @@ def calc_fid(
     device="auto",  # 'auto', 'cpu', 'cuda', 'cuda:1'; under torchrun CUDA ranks use their local device.
     cache_dir=None,  # Download cache.
     progress=True,  # tqdm bar on rank 0.
+    vae=None,  # `network` on VAE latents: its VAE (folder or Hub name); None: the name its file records.
 ):
     """Score images or a generator against reference statistics `ref` as EDM does; return one FID per repeat (a list).
 
@@ -371,7 +372,7 @@ def calc_fid(
     if isinstance(network, DMDGenerator):
         generator = network
     else:
-        generator = load_on_ranks(network, device=device, cache_dir=cache_dir)
+        generator = load_on_ranks(network, device=device, cache_dir=cache_dir, vae=vae)
     try:
         sampler_kwargs = load_guide(generator, sampler_kwargs, device=device, cache_dir=cache_dir)
     except ValueError as e:

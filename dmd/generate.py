@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from dmd.edm.presets import DDPMPP
+from dmd.edm2.vae import LatentCodec, latent_info
 from dmd.generator import FORMAT_VERSION, SIGMA_G, SNAPSHOT_FORMAT, STATE_FORMAT, SigmaError, check_sigmas, sample
 from dmd.utils import distributed
 from dmd.utils.common import make_grid, one_hot, parse_int_list, resolve_device, to_uint8
@@ -93,13 +94,15 @@ def port_init_kwargs(state_dict, path):
     )
 
 
-def build_checked(path, class_name, init_kwargs, state_dict):
+def build_checked(path, class_name, init_kwargs, state_dict, encoder=None):
     """Build a network from a file's class name, kwargs and tensors, checked in that order before anything is
     allocated: the kwargs within their sane ranges (so a hostile file cannot make the build spin or allocate), then
     the tensors against the shapes the kwargs give (one line naming `path`, how many tensors misfit and one of them,
-    as for EDM pickles), then the weights loaded strictly. GeneratorLoadError naming `path` for any misfit."""
+    as for EDM pickles), then the weights loaded strictly; then the recorded `encoder` (EDM2's latent space, or None)
+    is attached. GeneratorLoadError naming `path` for any misfit."""
     from dmd.edm.persistence import NetworkLoadError, _check_weights, _MetaFactories
     from dmd.edm.precond import PRECONDITIONERS, build_network, check_init_kwargs
+    from dmd.edm2.encoders import attach_encoder
 
     if not isinstance(class_name, str) or class_name not in PRECONDITIONERS:
         names = ", ".join(PRECONDITIONERS)
@@ -124,7 +127,10 @@ def build_checked(path, class_name, init_kwargs, state_dict):
         raise GeneratorLoadError(str(e)) from e
     except (RuntimeError, TypeError) as e:  # right shapes, wrong contents (a complex or string-typed tensor)
         raise GeneratorLoadError(f"{path}: the weights do not load: {' '.join(str(e).split())[:200]}") from e
-    return net
+    try:
+        return attach_encoder(net, encoder)
+    except ValueError as e:
+        raise GeneratorLoadError(f"{path}: {e}") from e
 
 
 def checked_sigmas(path, field, sigmas, net):
@@ -161,7 +167,7 @@ def _from_torch_file(path):
             sigmas = data[field] if field == "generator_sigmas" else [data[field]]
         except KeyError as e:
             raise GeneratorLoadError(f"{path}: {kind} without the entry {e}") from e
-        net = build_checked(path, class_name, init_kwargs, state_dict)
+        net = build_checked(path, class_name, init_kwargs, state_dict, data.get("encoder"))
         info = {key: data.get(key) for key in ("format", "step", "config", "fingerprints", "global_batch")}
         return net, checked_sigmas(path, field, sigmas, net), info
     if "model_g" in data:
@@ -277,9 +283,13 @@ class DMDGenerator:
     level, `sigmas=` by a decreasing list such as [80, 1.5]; every list is checked with `check_sigmas` against the
     network's range. Bad arguments raise ValueError, unloadable files GeneratorLoadError.
 
-    `generate_batch` returns (N, C, R, R) float32 images in [-1, 1]. The attributes `net` (in eval mode and frozen
-    when it was loaded from a file), `device`, `sigmas` and `source` (the file or folder loaded; None with `net=`),
-    and the properties `sigma_G`, `label_dim`, `img_channels` and `img_resolution` describe what was loaded.
+    `generate_batch` returns (N, C, R, R) float32 images in [-1, 1]. A network that runs on VAE latents (EDM2's
+    img512 teachers and their students) is decoded by its VAE: `vae=` a folder saved with `save_pretrained`, a Hub
+    name or a loaded `LatentCodec`; None: the name its file records ('stabilityai/sd-vae-ft-mse'), loaded at the first
+    decode; `generate_batch(..., output='latents')` returns the latents themselves. The attributes `net` (in eval
+    mode and frozen when it was loaded from a file), `device`, `sigmas` and `source` (the file or folder loaded; None
+    with `net=`), and the properties `sigma_G`, `label_dim`, `img_channels` and `img_resolution` (the network's,
+    latents for a latent network) describe what was loaded.
 
     Example:
         G = DMDGenerator("runs/dmd-cifar10/network-snapshot-best.pt")
@@ -296,7 +306,9 @@ class DMDGenerator:
         sigma_G: Optional[float] = None,  # One-step noise level overriding the file's (80 for EDM pickles).
         net: Optional[torch.nn.Module] = None,  # An in-memory network instead of network_path (e.g. G_ema).
         sigmas: Optional[Sequence[float]] = None,  # The generator's noise levels, e.g. [80, 1.5]; None: the file's.
+        vae: Union[str, os.PathLike, LatentCodec, None] = None,  # A latent network's VAE; None: its file's name.
     ) -> None:
+
         if (network_path is None) == (net is None):
             raise ValueError("DMDGenerator needs exactly one of network_path and net")
         if sigma_G is not None and sigmas is not None:
@@ -309,6 +321,11 @@ class DMDGenerator:
             self.device = next(net.parameters()).device if device is None else torch.device(device)
             stored, self.source = [SIGMA_G], None
         self.net = net
+        self.latent = latent_info(net) is not None  # runs on VAE latents: images are decoded
+        if vae is not None and not self.latent:
+            raise ValueError("vae= is for networks that run on VAE latents; this one runs on pixels")
+        self._codec = vae if isinstance(vae, LatentCodec) else None
+        self._vae_source, self._cache_dir = (None if self._codec else vae), cache_dir
         if sigmas is not None:
             self.sigmas = check_sigmas(sigmas, "sigmas", net)
         elif sigma_G is not None:
@@ -327,6 +344,15 @@ class DMDGenerator:
     def sigma_G(self) -> float:
         """The first noise level (the only one of a one-step generator)."""
         return self.sigmas[0]
+
+    @property
+    def codec(self):
+        """The LatentCodec that decodes a latent network's samples (its VAE loaded at the first use), else None."""
+        from dmd.edm2.vae import load_codec
+
+        if self.latent and self._codec is None:
+            self._codec = load_codec(self.net, self._vae_source, cache_dir=self._cache_dir, device=self.device)
+        return self._codec
 
     @property
     def label_dim(self) -> int:
@@ -359,8 +385,9 @@ class DMDGenerator:
         return ids
 
     def _sample(self, z, labels, randn_like, num_steps, sampler_kwargs):
-        """Images from unscaled noise z (B, C, R, R) and class indices (B,) or None, clamped to [-1, 1]; randn_like
-        gives the fresh noise between the levels of a few-step generator (per seed, after the latent and label)."""
+        """Images from unscaled noise z (B, C, R, R) and class indices (B,) or None, clamped to [-1, 1] (a latent
+        network's latents as they come); randn_like gives the fresh noise between the levels of a few-step generator
+        (per seed, after the latent and label)."""
         c = None if labels is None else one_hot(labels, self.label_dim, self.device)
         if num_steps is None:
             x = sample(self.net, z, c, self.sigmas, noise=lambda level: randn_like(z))
@@ -368,7 +395,7 @@ class DMDGenerator:
             from dmd.edm.sampler import edm_sampler
 
             x = edm_sampler(self.net, z, c, randn_like=randn_like, num_steps=num_steps, **sampler_kwargs)
-        return x.float().clamp(-1, 1)
+        return x.float() if self.latent else x.float().clamp(-1, 1)
 
     def generate_batch(
         self,
@@ -377,6 +404,7 @@ class DMDGenerator:
         latents: Optional[torch.Tensor] = None,
         batch_size: Optional[int] = None,
         num_steps: Optional[int] = None,
+        output: str = "pixels",
         **sampler_kwargs: float,
     ) -> torch.Tensor:
         """Generate (N, C, R, R) float32 images in [-1, 1] on the device from seeds or from unscaled latents.
@@ -388,8 +416,9 @@ class DMDGenerator:
         (a list or tensor); None lets each seed draw its label, and latents on a class-conditional network need it.
         `batch_size`: images per network call (None: all at once). `num_steps`: None samples the generator at its
         sigmas; N runs `edm_sampler` in N steps (2N - 1 network calls), as for a teacher, with `sampler_kwargs`
-        (sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise) as its other settings. The network runs in eval
-        mode under torch.inference_mode(), and its training flag is restored afterwards.
+        (sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise) as its other settings. A latent network's samples
+        are decoded by its VAE (N, 3, 8R, 8R for SD's VAE), or returned as latents with `output='latents'`. The network
+        runs in eval mode under torch.inference_mode(), and its training flag is restored afterwards.
         """
         from dmd.edm.sampler import StackedRandomGenerator
 
@@ -397,6 +426,9 @@ class DMDGenerator:
             raise ValueError("generate_batch needs exactly one of seeds and latents")
         if sampler_kwargs and num_steps is None:
             raise ValueError(f"sampler settings {sorted(sampler_kwargs)} need num_steps (they set EDM's sampler)")
+        if output not in ("pixels", "latents") or (output == "latents" and not self.latent):
+            raise ValueError(f"output must be 'pixels' (or 'latents' for a latent network), not {output!r}")
+        decode = self.codec.decode_to_unit if self.latent and output == "pixels" else (lambda x: x)
         shape = (self.img_channels, self.img_resolution, self.img_resolution)
         if latents is not None:
             latents = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
@@ -420,14 +452,15 @@ class DMDGenerator:
                     hi = min(lo + batch_size, n)
                     labels = None if ids is None else ids[lo:hi]
                     if latents is not None:
-                        out.append(self._sample(latents[lo:hi], labels, torch.randn_like, num_steps, sampler_kwargs))
+                        x = self._sample(latents[lo:hi], labels, torch.randn_like, num_steps, sampler_kwargs)
+                        out.append(decode(x))
                         continue
                     rnd = StackedRandomGenerator(self.device, seeds[lo:hi])
                     z = rnd.randn([hi - lo, *shape], device=self.device)
                     if self.label_dim > 0:
                         drawn = rnd.randint(self.label_dim, size=[hi - lo], device=self.device)  # keeps EDM's stream
                         labels = drawn if labels is None else labels
-                    out.append(self._sample(z, labels, rnd.randn_like, num_steps, sampler_kwargs))
+                    out.append(decode(self._sample(z, labels, rnd.randn_like, num_steps, sampler_kwargs)))
                 images = torch.cat(out) if out else torch.empty(0, *shape, device=self.device)
         finally:
             self.net.train(was_training)
@@ -471,13 +504,19 @@ def rank_batches(seeds, batch_size):
     return [b.tolist() for b in batches[distributed.get_rank() :: world]]
 
 
-def load_on_ranks(network, *, device, cache_dir=None, sigma_G=None):
-    """Build a DMDGenerator on every rank, rank 0 first so a download happens once; a run folder's newest snapshot
-    is named on rank 0."""
+def load_on_ranks(network, *, device, cache_dir=None, sigma_G=None, vae=None):
+    """Build a DMDGenerator on every rank, rank 0 first so a download (of the network, or of a latent network's VAE)
+    happens once; a run folder's newest snapshot is named on rank 0."""
     resolved = resolve_network(network)
     if resolved is not network:
         distributed.print0(f"{network}: a run folder; loading its newest snapshot, {Path(resolved).name}")
-    return distributed.main_first(partial(DMDGenerator, resolved, device=device, cache_dir=cache_dir, sigma_G=sigma_G))
+
+    def load():
+        generator = DMDGenerator(resolved, device=device, cache_dir=cache_dir, sigma_G=sigma_G, vae=vae)
+        generator.codec  # noqa: B018 (loads a latent network's VAE now, not at the first batch)
+        return generator
+
+    return distributed.main_first(load)
 
 
 def load_guide(generator, sampler_kwargs, *, device, cache_dir=None):
@@ -537,6 +576,7 @@ def generate_images(
     device="auto",  # 'auto', 'cpu', 'cuda', 'cuda:1'; under torchrun CUDA ranks use their local device.
     cache_dir=None,  # Download cache for URLs.
     progress=True,  # tqdm bar on rank 0.
+    vae=None,  # A latent network's VAE (folder or Hub name); None: the name its file records.
 ):
     """Write one PNG per seed (quantised exactly as EDM does) and optionally a grid; return the list of paths."""
     from tqdm import tqdm
@@ -548,7 +588,7 @@ def generate_images(
     if class_idx is not None and class_balanced:
         raise ValueError("--class and --class-balanced exclude each other")
     device = distributed.setup_device(device)
-    generator = load_on_ranks(network, device=device, cache_dir=cache_dir)
+    generator = load_on_ranks(network, device=device, cache_dir=cache_dir, vae=vae)
     sampler_kwargs = load_guide(generator, sampler_kwargs, device=device, cache_dir=cache_dir)
     if (class_balanced or class_idx is not None) and generator.label_dim == 0:
         raise ValueError("--class and --class-balanced need a class-conditional network")

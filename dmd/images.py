@@ -336,9 +336,9 @@ def refuse_pixels_for_latents(path, net):
     Encoding on the fly would cost a VAE encoder pass over every real batch of every fake-score step, and EDM2 itself
     trains its latent networks on pre-encoded datasets (`dataset_tool.py encode`); dmd/encoded.py reads those.
     """
-    from dmd.edm2.encoders import latent_encoder
+    from dmd.edm2.vae import latent_info
 
-    info = latent_encoder(net)
+    info = latent_info(net)
     if info is not None:
         dest = Path(path).with_name(f"{Path(path).stem}-sd.zip")
         raise ImageDatasetError(

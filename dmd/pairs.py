@@ -4,6 +4,7 @@ Each pair has its own seed. Its `StackedRandomGenerator` stream is drawn exactly
 latent z (C, R, R) first, then the label (randint(label_dim), conditional teachers only), then one noise per sampler
 step, so a pair equals EDM's sample for the same seed and device. `--class-balanced` still draws the label (to keep
 the stream) and then overrides it with row i -> class i % label_dim.
+A latent teacher (EDM2 img512) makes its pairs in its own space, VAE latents, which the file records (`space`).
 
 Under torchrun every rank samples its slice of each global batch and rank 0 writes the gathered rows, so the result
 is one file, equal to what one process makes. The file on disk is the only state: a rerun resumes from its
@@ -49,6 +50,15 @@ def sample_pairs(net, seeds, first_row=0, class_balanced=False, device="cpu", **
 
 
 GUIDE_ATTRS = ("guide_sha256", "guidance")  # a guided teacher's attributes, absent from unguided files
+
+
+def teacher_space(net):
+    """What a teacher's samples are: 'pixels', or 'latents of VAE' for EDM2's latent teachers (a pair file of a
+    latent teacher records it as its attribute `space`; files of pixel teachers have none)."""
+    from dmd.edm2.vae import latent_info
+
+    info = latent_info(net)
+    return "pixels" if info is None else f"latents of {info.vae_name}"
 
 
 def prepare_pair_file(out, *, seeds, shape, settings, teacher_source):
@@ -155,6 +165,8 @@ def make_pairs(
     }
     if guide_sha256 is not None:  # recorded only when guided, so that unguided files made before still resume
         settings.update(guide_sha256=guide_sha256, guidance=float(guidance))
+    if teacher_space(net) != "pixels":  # the pairs are VAE latents, stored as the teacher makes them
+        settings.update(space=teacher_space(net))
 
     # Rank 0 owns the file; its verdict (start row or error) goes to every rank so none is left waiting.
     start, error = 0, None

@@ -27,6 +27,7 @@ from dmd.build import (
     build_parts,
     build_regression,
     load_teacher,
+    load_vae_codec,
     open_datasets,
     open_stream,
     setup_device,
@@ -49,7 +50,7 @@ from dmd.checkpoint import (
     snapshot_path,
     state_path,
 )
-from dmd.edm2.encoders import latent_encoder
+from dmd.edm2.vae import latent_info
 from dmd.generator import SigmaError, check_sigmas
 from dmd.steps import STAT_NAMES, BatchError, fake_score_step, generated, generator_step
 from dmd.utils import distributed as dist
@@ -68,13 +69,14 @@ from dmd.utils.logger import (
 from dmd.utils.training import STOP_CHECK_STEPS, BadSteps, StopSignals, Window, memory_gib, update_ema
 
 
-def compute_fid(cfg, net, fid, device):
-    """FID of `net` as the run's generator (eval mode, no grad) over seeds 0..fid_num-1; the same on every rank."""
+def compute_fid(cfg, net, fid, device, codec=None):
+    """FID of `net` as the run's generator (eval mode, no grad) over seeds 0..fid_num-1, a latent generator's
+    samples decoded by the VAE `codec`; the same on every rank."""
     from dmd.fid import generator_fid
     from dmd.generate import DMDGenerator
 
     detector, ref = fid
-    generator = DMDGenerator(net=net, sigmas=list(cfg.generator_sigmas))
+    generator = DMDGenerator(net=net, sigmas=list(cfg.generator_sigmas), vae=codec)
     return generator_fid(
         lambda seeds, class_ids: generator.generate_batch(seeds=seeds, class_ids=class_ids),
         ref,
@@ -86,10 +88,12 @@ def compute_fid(cfg, net, fid, device):
     )
 
 
-def save_grid(path, rows, n, *, step, kimg, labels):
+def save_grid(path, rows, n, *, step, kimg, labels, codec=None):
     """Write the sample grid: one row per entry of `rows` ({name: images}), `n` images each, classes named from
-    `labels` ({name: one-hot (B, label_dim), or None when unconditional}), the step and kimg in the title."""
-    images = torch.cat([r[:n].detach().float().cpu() for r in rows.values()])
+    `labels` ({name: one-hot (B, label_dim), or None when unconditional}), the step and kimg in the title; a latent
+    run's rows decoded by the VAE `codec`."""
+    images = torch.cat([r[:n].detach().float() for r in rows.values()])
+    images = (images if codec is None else codec.decode_to_unit(images)).cpu()
     class_ids = None
     if all(labels[name] is not None for name in rows):
         class_ids = torch.cat([labels[name][:n].argmax(1).cpu() for name in rows])
@@ -169,7 +173,7 @@ def run_summary(cfg, teacher, pairs, real, device):
     if pairs is not None:
         data.append(f"{len(pairs):,} teacher pairs ({cfg.data_path})")
     if real is not None:
-        what = "real VAE latents" if latent_encoder(teacher) else "real images"  # the teacher fixes the data's kind
+        what = "real VAE latents" if latent_info(teacher) else "real images"  # the teacher fixes the data's kind
         data.append(f"{real.num_images:,} {what} ({cfg.real_data}{', x-flipped too' if cfg.xflip else ''})")
     losses = [name for name, on in (("DM", cfg.lambda_dm), ("regression", cfg.lambda_reg)) if on]
     losses += ["GAN"] if cfg.gan_weight_gen else []
@@ -274,6 +278,7 @@ class Inputs:
     start: int  # the step the run starts at
     elapsed_before: float  # the training time in seconds the resumed state records (0 for a new run)
     reg_loss: Any  # the regression loss, its LPIPS weights loaded (None at --lambda-reg 0)
+    codec: Any  # a latent teacher's VAE (LatentCodec), which decodes grids and FID images; None on pixels
     fid: Optional[tuple]  # (detector, reference statistics) of --fid-every, or None
 
 
@@ -319,6 +324,7 @@ def check_inputs(cfg, device):
     changes = {}
     if state is not None:
         changes = check_same_run(state, resume_path, cfg, global_batch=batches, fingerprints=fingerprints)
+    codec = load_vae_codec(cfg, teacher, device)
     return Inputs(
         run_dir=run_dir,
         resume_path=resume_path,
@@ -335,8 +341,9 @@ def check_inputs(cfg, device):
         fingerprints=fingerprints,
         start=0 if state is None else state["step"],
         elapsed_before=0.0 if state is None else recorded_elapsed(state, resume_path),
-        reg_loss=build_regression(cfg, device),
-        fid=setup_fid(cfg, mu_real, device),
+        reg_loss=build_regression(cfg, device, latent=codec is not None),
+        codec=codec,
+        fid=setup_fid(cfg, mu_real, device, codec),
     )
 
 
@@ -368,7 +375,7 @@ def run(cfg, inputs, device, summary):
     # The students, their losses and optimisers, restored from the training state if the run resumes.
     pair_stream, real_stream = streams["data_position"], streams["real_position"]
     parts, G_ema = build_parts(cfg, mu_real, inputs.teacher, inputs.reg_loss, pair_stream, real_stream, device)
-    fid = inputs.fid
+    fid, codec = inputs.fid, inputs.codec
     nets = dict(G=parts.G, mu_fake=parts.mu_fake, G_ema=G_ema, head=parts.head)
     nets.update(opt_G=parts.opt_G, opt_fake=parts.opt_fake)
     if state is not None:
@@ -445,10 +452,12 @@ def run(cfg, inputs, device, summary):
                 if logger is not None and cfg.image_every and done % cfg.image_every == 0:
                     images, labels = grid_rows(parts, gen, step)
                     grid_path, kimg = run_dir / f"grid-{done:06d}.png", done * n / 1000
-                    grid = save_grid(grid_path, images, min(cfg.batch_size, 8), step=done, kimg=kimg, labels=labels)
+                    grid = save_grid(
+                        grid_path, images, min(cfg.batch_size, 8), step=done, kimg=kimg, labels=labels, codec=codec
+                    )
                     logger.image(done, kimg, "samples", grid)
                 if fid is not None and done % cfg.fid_every == 0:
-                    value = compute_fid(cfg, G_ema or parts.G, fid, device)
+                    value = compute_fid(cfg, G_ema or parts.G, fid, device, codec)
                     if logger is not None:
                         record = dict(fid=value, **clock_fields(done, n, elapsed()))
                         logger.log(done, record)

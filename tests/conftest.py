@@ -90,3 +90,27 @@ def real(tmp_path):
     images = torch.randint(0, 256, (16, 8, 8, 3), generator=g, dtype=torch.uint8).numpy()
     write_image_dataset(tmp_path / "real.zip", images, labels=torch.arange(16) % 10)
     return tmp_path / "real.zip"
+
+
+def save_tiny_vae(folder, latent_channels=4):
+    """A tiny randomly initialised diffusers AutoencoderKL saved with save_pretrained (2x per side: 8x8 latents are
+    16x16 pixels), a stand-in for EDM2's Stable Diffusion VAE, which tests cannot download."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    vae.save_pretrained(folder)
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")

@@ -13,7 +13,8 @@ from test_edm2_encoders import SCALE, VAE
 
 from dmd.batches import BatchStream
 from dmd.edm.persistence import load_network
-from dmd.edm2.encoders import final_latents, latent_encoder
+from dmd.edm2.encoders import final_latents
+from dmd.edm2.vae import latent_info
 from dmd.encoded import (
     EncodedDataset,
     EncodedDatasetError,
@@ -88,7 +89,7 @@ def test_reads_np_save_entries_as_edm2_writes_them(tmp_path):
 
 
 def test_final_latents_are_mean_plus_std_eps_scaled_and_biased_per_channel():
-    info = latent_encoder(load_network(LATENT))
+    info = latent_info(load_network(LATENT))
     assert np.array_equal(np.float32(info.scale), SCALE) and np.array_equal(np.float32(info.bias), VAE["bias"])
     raw = torch.from_numpy(_raw(2, r=3))
     eps = torch.randn(2, 4, 3, 3)
@@ -99,7 +100,7 @@ def test_final_latents_are_mean_plus_std_eps_scaled_and_biased_per_channel():
             mean, std = raw[n, ch].numpy(), raw[n, 4 + ch].numpy()
             expected[n, ch] = (mean + std * eps[n, ch].numpy()) * SCALE[ch] + VAE["bias"][ch]
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-6)
-    assert latent_encoder(load_network(PIXEL)) is None
+    assert latent_info(load_network(PIXEL)) is None
 
 
 GOOD = _raw(1)[0]

@@ -4,6 +4,7 @@ one, and pixel data for a latent teacher (or latents for a pixel one) is one lin
 
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from test_train import LOSSES, ONE_THREAD_ENV, ROOT, assert_same_updates, load, 
 
 from dmd.batches import draw_noise
 from dmd.edm.persistence import load_network
-from dmd.edm2.encoders import latent_encoder
+from dmd.edm2.vae import latent_info
 from dmd.encoded import write_encoded_dataset
 from dmd.images import write_image_dataset
 
@@ -31,16 +32,23 @@ def latents(tmp_path):
     return tmp_path / "img8-sd.zip"
 
 
-def latent_args(out, real, *extra):
-    """A small DMD2 run on the latent teacher: GAN on, two fake-score steps, a two-step generator."""
-    args = ["train", "--network", str(LATENT), "--output-dir", str(out), "--device", "cpu", "--workers", "0"]
+@pytest.fixture
+def latent_args(tiny_vae):
+    return partial(dmd2_latent_args, vae=tiny_vae)
+
+
+def dmd2_latent_args(out, real, *extra, vae):
+    """A small DMD2 run on the latent teacher (decoding through `vae`): GAN on, two fake-score steps, a two-step
+    generator."""
+    args = ["train", "--network", str(LATENT), "--vae", str(vae), "--output-dir", str(out), "--device", "cpu"]
+    args += ["--workers", "0"]
     args += ["--log-every", "1", "--no-progress", "--image-every", "0", "--checkpoint-every", "0"]
     args += ["--recipe", "dmd2", "--real-data", str(real), "--fake-steps-per-gen", "2", "--batch-size", "2"]
     args += ["--generator-sigmas", "80,1.5", "--lr-gen", "1e-3", "--lr-fake", "1e-3"]
     return args + [str(a) for a in extra]
 
 
-def test_the_discriminator_sees_final_latents_with_the_steps_eps(tmp_path, latents, monkeypatch):
+def test_the_discriminator_sees_final_latents_with_the_steps_eps(tmp_path, latents, latent_args, monkeypatch):
     """Every real batch reaches the GAN as (mean + std eps) scale + bias of raw entries of the zip, with eps the
     step's draw_noise(seed, step, 'real-eps{k}'); hand-computed from the zip's entries."""
     from dmd import gan
@@ -58,7 +66,7 @@ def test_the_discriminator_sees_final_latents_with_the_steps_eps(tmp_path, laten
     assert len(stats) == 1 and all(r["loss_disc"] > 0 and np.isfinite(r["loss_disc"]) for r in stats)
     from dmd.encoded import EncodedDataset
 
-    data, info = EncodedDataset(latents), latent_encoder(load_network(LATENT))
+    data, info = EncodedDataset(latents), latent_info(load_network(LATENT))
     scale, bias = np.float32(info.scale)[:, None, None], np.float32(info.bias)[:, None, None]
     raws = np.stack([data[i][0].numpy() for i in range(16)])
     assert len(seen) == 2  # 2 fake-score steps
@@ -74,7 +82,7 @@ def test_the_discriminator_sees_final_latents_with_the_steps_eps(tmp_path, laten
     assert load(tmp_path / "run" / "training-state-000001.pt")["real_position"] == {"epoch": 0, "index": 2}
 
 
-def test_dmd2_on_latents_resumes_bit_for_bit(tmp_path, latents):
+def test_dmd2_on_latents_resumes_bit_for_bit(tmp_path, latents, latent_args):
     whole, split = tmp_path / "whole", tmp_path / "split"
     run_cli(latent_args(whole, latents, "--max-steps", 3))
     run_cli(latent_args(split, latents, "--max-steps", 2))
@@ -85,7 +93,7 @@ def test_dmd2_on_latents_resumes_bit_for_bit(tmp_path, latents):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
 
 
-def test_two_processes_draw_the_eps_of_one(tmp_path, latents):
+def test_two_processes_draw_the_eps_of_one(tmp_path, latents, latent_args):
     """Each rank turns its rows of the real batch into final latents with its rows of the global batch's eps."""
     from dmd.build import student_copy
 
@@ -105,7 +113,7 @@ def test_two_processes_draw_the_eps_of_one(tmp_path, latents):
     assert_same_updates(a, b, dict(G=start, mu_fake=start))
 
 
-def test_pixels_for_a_latent_teacher_and_latents_for_a_pixel_one_are_one_line(tmp_path, latents):
+def test_pixels_for_a_latent_teacher_and_latents_for_a_pixel_one_are_one_line(tmp_path, latents, latent_args):
     images = tmp_path / "img8.zip"
     write_image_dataset(images, np.zeros((4, 8, 8, 3), np.uint8), labels=[0, 1, 2, 3])
     result = run_cli(latent_args(tmp_path / "a", images, "--max-steps", 1), expect_ok=False)
@@ -125,7 +133,7 @@ def test_pixels_for_a_latent_teacher_and_latents_for_a_pixel_one_are_one_line(tm
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
-def test_a_bad_entry_stops_training_with_one_line(tmp_path, latents):
+def test_a_bad_entry_stops_training_with_one_line(tmp_path, latents, latent_args):
     import zipfile
 
     bad = tmp_path / "bad-sd.zip"

@@ -193,6 +193,17 @@ def detector_option():
     )
 
 
+def vae_option():
+    return option(
+        "--vae",
+        metavar="DIR|NAME",
+        section="I/O",
+        show_default=False,
+        help="A latent network's VAE (EDM2 img512): a folder saved with save_pretrained or a Hugging Face name.  "
+        "[default: the name its file records, stabilityai/sd-vae-ft-mse]",
+    )
+
+
 def cache_option():
     return option(
         "--cache-dir",

@@ -17,6 +17,7 @@ from dmd.cli.options import (
     progress_option,
     sampler_kwargs_of,
     sampler_options,
+    vae_option,
 )
 
 _NETWORK_HELP = (
@@ -81,6 +82,7 @@ torchrun --standalone --nproc_per_node 8 -m dmd generate --network model.pt --ou
 @batch_option("Images per network call, per process.")
 @device_option()
 @option("--subdirs", is_flag=True, section="I/O", help="One folder per 1000 seeds, as EDM's --subdirs.")
+@vae_option()
 @cache_option()
 @progress_option()
 def generate_command(
@@ -93,6 +95,7 @@ def generate_command(
     batch_size,
     num_steps,
     subdirs,
+    vae,
     device,
     cache_dir,
     progress,
@@ -123,6 +126,7 @@ def generate_command(
             device=device,
             cache_dir=cache_dir,
             progress=progress,
+            vae=vae,
         )
     except (GeneratorLoadError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
@@ -245,10 +249,24 @@ python -m dmd fid calc --images fid-out --ref $REF --num-images 50000
 @guide_options()
 @batch_option("Images per call, per process.")
 @device_option()
+@vae_option()
 @cache_option()
 @progress_option()
 def fid_calc_command(
-    images, network, ref, num, seeds, repeats, num_steps, detector, batch_size, device, cache_dir, progress, **sampler
+    images,
+    network,
+    ref,
+    num,
+    seeds,
+    repeats,
+    num_steps,
+    detector,
+    batch_size,
+    device,
+    vae,
+    cache_dir,
+    progress,
+    **sampler,
 ):
     """Score images (or a generator's samples, labels cycling over classes) against reference statistics."""
     import numpy as np
@@ -278,6 +296,7 @@ def fid_calc_command(
             device=device,
             cache_dir=cache_dir,
             progress=progress,
+            vae=vae,
         )
         is_main = distributed.is_main()
     except (FIDError, GeneratorLoadError, ValueError, OSError) as e:

@@ -225,6 +225,7 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
 @_train("--fid-num", section=IO, type=click.IntRange(min=2), metavar="INT")
 @_train("--fid-ref", section=IO, metavar="PATH|URL", show_default=False)
 @_train("--fid-detector", section=IO, metavar="PATH|URL", show_default=False)
+@_train("--vae", section=IO, metavar="DIR|NAME", show_default=False)
 @_train("--lpips-vgg", section=IO, metavar="PATH|URL", show_default=False)
 @_train("--lpips-lin", section=IO, metavar="PATH|URL", show_default=False)
 @option("--lpips-random", is_flag=True, section=IO, help="Random LPIPS weights: tests and smoke runs only.")

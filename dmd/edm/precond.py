@@ -348,5 +348,7 @@ def copy_network(net):
     clone = build_network(type(net).__name__, net.init_kwargs)
     clone.load_state_dict(net.state_dict())
     clone.compute_dtype = net.compute_dtype
+    if hasattr(net, "encoder_info"):  # EDM2: the space it runs in (pixels, or VAE latents)
+        clone.encoder_info = net.encoder_info
     device = next(net.parameters()).device
     return clone.to(device).train(net.training)

@@ -52,12 +52,35 @@ class EncoderInfo:
             raise ValueError("the encoder's 'batch_size' is not a positive integer")
         return cls(class_name, vae_name, per_channel("scale"), per_channel("bias"), int(batch_size))
 
+    def to_json(self):
+        """The attributes as JSON values (snapshots, training states and exported folders record them)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
 
-def latent_encoder(net):
-    """The EncoderInfo of `net` if it is a latent EDM2 network (a StabilityVAEEncoder), else None (EDM's networks and
-    EDM2's pixel ones)."""
+    @classmethod
+    def from_json(cls, data, channels):
+        """The EncoderInfo that `to_json` recorded, for a network of `channels` channels, checked as a pickle's
+        attributes are; ValueError naming what is not sane."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the recorded encoder is a {type(data).__name__}, not a dict")
+        arrays = {k: np.asarray(v, np.float32) for k, v in data.items() if k in ("scale", "bias") and v is not None}
+        return cls.from_attributes(data.get("class_name"), {**data, **arrays}, channels)
+
+
+def encoder_json(net):
+    """The recorded form of a network's EncoderInfo (EDM2 networks), or None (EDM's networks have none)."""
     info = getattr(net, "encoder_info", None)
-    return info if info is not None and info.class_name == "StabilityVAEEncoder" else None
+    return None if info is None else info.to_json()
+
+
+def attach_encoder(net, data):
+    """Set `net.encoder_info` from what `encoder_json` recorded (None: leave the network as built); ValueError if the
+    record is not sane or the network cannot hold one."""
+    if data is None:
+        return net
+    if not hasattr(net, "encoder_info"):
+        raise ValueError(f"a {type(net).__name__} runs on pixels but the file records an encoder")
+    net.encoder_info = EncoderInfo.from_json(data, net.img_channels)
+    return net
 
 
 def final_latents(raw, eps, info):
