@@ -162,8 +162,10 @@ class EncodedDataset(Dataset):
 # EDM2's encoded format written as DatasetWriter writes EDM's (staged, atomic, resumable, never overwriting).
 class LatentWriter(DatasetWriter):
     name = staticmethod(latent_name)
-    encode = staticmethod(npy_bytes)
     items = "latents"
+
+    def encode(self, item):
+        return npy_bytes(item)
 
 
 def write_encoded_dataset(dest, raw, labels=None):

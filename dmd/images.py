@@ -392,8 +392,11 @@ def _zip_entry(name):
 # same images give the same bytes. Subclasses write other entries under other names (dmd/encoded.py: EDM2's latents).
 class DatasetWriter:
     name = staticmethod(image_name)  # index -> the entry's name (its folder is the group's: 00000/ ...)
-    encode = staticmethod(encode_png)  # an item -> the entry's bytes
     items = "images"  # What the items are, in messages.
+
+    def encode(self, item):
+        """An item -> the entry's bytes (an image: a PNG)."""
+        return encode_png(item)
 
     def __init__(self, dest, num, job):
         from dmd.utils.io import atomic_write_text, check_name_length

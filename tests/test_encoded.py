@@ -182,3 +182,25 @@ def test_workers_read_the_zip_through_their_own_handles(tmp_path):
     for (x0, k0), (x2, k2) in zip(batches[0], batches[2]):
         assert torch.equal(x0, x2) and torch.equal(k0, k2)
         assert torch.equal(x0, torch.from_numpy(raw[k0.numpy()]))  # label i is entry i
+
+
+def test_make_dataset_encode_writes_the_vaes_raw_latents(tmp_path, tiny_vae):
+    """`make-dataset --encode` writes what LatentCodec.encode_raw gives for each image (the VAE reads [0, 1])."""
+    from click.testing import CliRunner
+
+    from dmd.cli import main
+    from dmd.edm2.encoders import EncoderInfo
+    from dmd.edm2.vae import LatentCodec, load_vae
+
+    images = np.random.default_rng(2).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    write_image_dataset(tmp_path / "img16.zip", images, labels=[4, 0, 7])
+    args = ["make-dataset", str(tmp_path / "img16.zip"), str(tmp_path / "img16-sd.zip"), "--encode"]
+    result = CliRunner().invoke(main, [*args, "--vae", str(tiny_vae), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0 and "3 latents of 16x16 images, 8x8x8 (mean, std), 3 classes" in result.output
+    data = EncodedDataset(tmp_path / "img16-sd.zip")
+    assert (len(data), data.channels, data.resolution) == (3, 4, 8) and data.labels.tolist() == [4, 0, 7]
+    codec = LatentCodec(load_vae(tiny_vae), EncoderInfo("StabilityVAEEncoder", vae_name="tiny", batch_size=8))
+    expected = codec.encode_raw(torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert torch.equal(torch.stack([data[i][0] for i in range(3)]), expected)
+    bad = CliRunner().invoke(main, [*args[:2], str(tmp_path / "x.zip"), "--encode", "--vae", str(tmp_path / "none")])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "--vae" in bad.output, bad.output
