@@ -20,9 +20,12 @@ class TrainError(RuntimeError):
 
 
 def open_datasets(cfg, teacher):
-    """The pair file of --data-path and the real images of --real-data (each None without), checked against the
-    teacher; TrainError naming the flag on failure."""
+    """The pair file of --data-path and the real data of --real-data (each None without), checked against the
+    teacher; TrainError naming the flag on failure. Real data are images in EDM's format (ImageDataset) or, for a
+    latent EDM2 teacher, raw VAE latents in EDM2's encoded format (EncodedDataset); each kind refuses the other
+    kind's teacher, images for a latent one with the command that encodes them."""
     from dmd.data import PairDataset, PairFileError
+    from dmd.encoded import EncodedDataset, holds_latents
     from dmd.images import ImageDataset, ImageDatasetError
 
     pairs = real = None
@@ -33,8 +36,16 @@ def open_datasets(cfg, teacher):
     except PairFileError as e:
         raise TrainError(f"--data-path: {e}") from e
     try:
-        if cfg.real_data is not None:
+        if cfg.real_data is not None and holds_latents(cfg.real_data):
+            if cfg.xflip:
+                raise TrainError(
+                    f"--xflip: {cfg.real_data} holds VAE latents, and a mirrored latent is not the latent of the "
+                    "mirrored image (EDM2 trains its latent networks unflipped); run without --xflip"
+                )
+            real = EncodedDataset(cfg.real_data)
+        elif cfg.real_data is not None:
             real = ImageDataset(cfg.real_data, xflip=cfg.xflip)
+        if real is not None:
             real.check_compatible(teacher)
     except ImageDatasetError as e:
         raise TrainError(f"--real-data: {e}") from e
@@ -269,6 +280,7 @@ def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, devic
     their losses and optimisers as the StepParts of the two updates, and the EMA of G (or None). mu_real is the
     teacher, or the teacher guided."""
     from dmd.edm.precond import copy_network
+    from dmd.edm2.vae import latent_info
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     G, mu_fake = student_copy(teacher, cfg.dropout, device), student_copy(teacher, cfg.dropout, device)
@@ -299,6 +311,7 @@ def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, devic
         gan_loss=gan_loss,
         pair_stream=pair_stream,
         real_stream=real_stream,
+        encoder=latent_info(teacher),
         rows=rows,
         n=n,
         device=device,

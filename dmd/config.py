@@ -81,7 +81,7 @@ class TrainConfig:
     fid_detector: Optional[str] = None  # TorchScript detector (path/URL); None = the Inception-v3 of EDM's protocol
     vae: Optional[str] = None  # a latent teacher's VAE for grids and FID (folder or Hub name); None = its pickle's
     cache_dir: Optional[str] = None  # download cache; None = $DMD_CACHE_DIR or ~/.cache/dmd
-    real_data: Optional[str] = None  # real images for DMD2's GAN: EDM's dataset format (folder or zip + dataset.json)
+    real_data: Optional[str] = None  # DMD2's real data: EDM's image format, or EDM2's encoded latents (dmd/encoded.py)
     xflip: bool = False  # also train the discriminator on the real images mirrored (EDM's x-flip doubling)
     gan_weight_gen: float = 0.0  # weight of G's GAN loss softplus(-f(G(z))) (DMD2: 3e-3); 0 = no GAN
     gan_weight_disc: float = 0.0  # weight of the discriminator loss in the fake-score step (DMD2: 1e-2)

@@ -225,9 +225,11 @@ def open_source(src):
     raise ImageDatasetError(f"{src}: not a folder or ZIP of images, nor CIFAR-10's python tarball")
 
 
-def make_dataset(src, dest, *, resolution=None, max_images=None, progress=True):
-    """Write the images of `src` in EDM's dataset format at `dest` (a ZIP if it ends in .zip, else a folder); return
-    a summary dict (images, resolution, channels, classes, continued: images kept from an interrupted run)."""
+def make_dataset(src, dest, *, resolution=None, max_images=None, progress=True, codec=None):
+    """Write the images of `src` in EDM's dataset format at `dest` (a ZIP if it ends in .zip, else a folder), or with
+    a VAE `codec` (dmd.edm2.vae.LatentCodec) their raw latents in EDM2's encoded format (dmd/encoded.py), as EDM2's
+    `dataset_tool.py encode` does; return a summary dict (images, resolution, channels, classes, continued: images
+    kept from an interrupted run)."""
     from tqdm import tqdm
 
     from dmd.checkpoint import data_fingerprint
@@ -249,10 +251,25 @@ def make_dataset(src, dest, *, resolution=None, max_images=None, progress=True):
         "channels": channels,
         "labels": labels is not None,
     }
-    writer = DatasetWriter(dest, num, job)
+    if codec is not None:
+        import torch
+
+        from dmd.encoded import LatentWriter
+
+        channels = 3  # the VAE reads RGB: grayscale images are converted
+        job.update(channels=channels, vae=codec.info.vae_name)
+    writer = (DatasetWriter if codec is None else LatentWriter)(dest, num, job)
     todo = writer.todo()
-    for i in tqdm(todo, total=num, initial=num - len(todo), unit="img", desc="make-dataset", disable=not progress):
-        writer.write(i, source.read_as(i, resolution, channels))
+    step = 1 if codec is None else codec.batch_size  # images per VAE call
+    with tqdm(total=num, initial=num - len(todo), unit="img", desc="make-dataset", disable=not progress) as bar:
+        for start in range(0, len(todo), step):
+            indices = todo[start : start + step]
+            items = np.stack([source.read_as(i, resolution, channels) for i in indices])  # (B, H, W, C) uint8
+            if codec is not None:  # (B, 2C, h, w) float32: the VAE's mean then std
+                items = codec.encode_raw(torch.from_numpy(items).permute(0, 3, 1, 2)).cpu().numpy()
+            for i, item in zip(indices, items):
+                writer.write(i, item)
+            bar.update(len(indices))
     writer.publish(labels)
     classes = 0 if labels is None else len(set(labels))
     return dict(images=num, resolution=resolution, channels=channels, classes=classes, continued=num - len(todo))

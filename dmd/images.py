@@ -11,8 +11,9 @@ EPS file named `.png` would make it run Ghostscript. A JPEG (or any other format
 file; `dmd make-dataset` (dmd/dataset_tool.py) converts other images into this format. FIFOs, sockets and devices are
 refused by name rather than opened (opening a FIFO waits for a writer forever).
 
-`ImageFolder` is the one reader of this format: `dmd.fid.ImageFiles` is the same class raising FIDError, and
-make-dataset reads its sources with a subclass that allows more formats. `DatasetWriter` is the one writer.
+`ImageFolder` is the one reader of this format: `dmd.fid.ImageFiles` is the same class raising FIDError,
+make-dataset reads its sources with a subclass that allows more formats, and dmd/encoded.py's `LatentFolder` reads
+EDM2's encoded latents (.npy entries in the same layout) with it. `DatasetWriter` is the one writer (of both).
 """
 
 import hashlib
@@ -89,21 +90,26 @@ class ImageFolder:
     formats = ("PNG",)  # The only decoders PIL may use (EDM's dataset format holds PNGs).
     format_note = "EDM's dataset format holds PNGs; `dmd make-dataset` converts other images"
     max_pixels = MAX_PIXELS  # The most pixels an image may declare.
+    items = "images"  # What the entries are, in messages (dmd/encoded.py's subclass reads VAE latents).
 
-    def __init__(self, path):
+    def extensions(self):
+        """The file extensions read as items: every one PIL knows, as EDM counts images."""
         import PIL.Image
 
+        return set(PIL.Image.registered_extensions())
+
+    def __init__(self, path):
         self.path = Path(path)
         self._zip = self._pid = None
-        self._shape = None  # (H, W, C) of the first image, read when first needed.
-        extensions = set(PIL.Image.registered_extensions())
+        self._shape = None  # The shape of the first item, read when first needed.
+        extensions = self.extensions()
 
-        def counts(name):  # Is `name` read: an image (any extension PIL knows, as EDM counts them) or the labels?
+        def counts(name):  # Is `name` read: an item or the labels?
             return name == LABELS_FILE or Path(name).suffix.lower() in extensions
 
         kind = special_file(self.path)
         if kind is not None:
-            raise self.error(f"{path}: {kind}, not a folder or ZIP of images")
+            raise self.error(f"{path}: {kind}, not a folder or ZIP of {self.items}")
         if self.path.is_dir():
             self.is_zip = False
             names = []
@@ -128,11 +134,11 @@ class ImageFolder:
                     raise self.error(f"{self.path}/{info.filename}: {problem}")
             names = [info.filename for info in infos if counts(info.filename)]
         else:
-            raise self.error(f"{path}: not a folder or ZIP of images")
+            raise self.error(f"{path}: not a folder or ZIP of {self.items}")
         self.names = sorted(n for n in names if n != LABELS_FILE)
         self.has_labels_file = LABELS_FILE in names
         if not self.names:
-            raise self.error(f"{path}: no images found")
+            raise self.error(f"{path}: no {self.items} found")
 
     def __len__(self):
         return len(self.names)
@@ -205,7 +211,7 @@ class ImageFolder:
 
     @property
     def shape(self):
-        """(H, W, C) of the first image, which every image must share."""
+        """The shape of the first item as `read` returns it ((H, W, C) for an image), which every item must share."""
         if self._shape is None:
             self._shape = self.read(0).shape
         return self._shape
@@ -215,7 +221,7 @@ class ImageFolder:
         return self.read(index, self.shape)
 
     def read_labels(self):
-        """Return the class index of every image (N,) int64 from dataset.json, or None if it gives no labels."""
+        """Return the class index of every item (N,) int64 from dataset.json, or None if it gives no labels."""
         if not self.has_labels_file:
             return None
         where = f"{self.path}/{LABELS_FILE}"
@@ -226,7 +232,7 @@ class ImageFolder:
         except (OSError, zipfile.BadZipFile) as e:
             raise self.error(f"{where}: not readable JSON ({e})") from e
         if len(text) > limit:
-            raise self.error(f"{where}: more than {limit:,} bytes for {len(self.names)} images; not a label file")
+            raise self.error(f"{where}: more than {limit:,} bytes for {len(self.names)} {self.items}; not a label file")
         try:
             meta = parse_json(text, where)
         except ValueError as e:
@@ -248,7 +254,9 @@ class ImageFolder:
         labels = dict(pairs)
         missing = [name for name in self.names if name not in labels]
         if missing:
-            raise self.error(f"{where}: no label for {len(missing)} of {len(self.names)} images (e.g. {missing[0]})")
+            raise self.error(
+                f"{where}: no label for {len(missing)} of {len(self.names)} {self.items} (e.g. {missing[0]})"
+            )
         return np.array([labels[name] for name in self.names], dtype=np.int64)
 
 
@@ -270,10 +278,7 @@ class ImageDataset(Dataset):
         if height != width:
             raise ImageDatasetError(f"{self.path}: images are {height}x{width}; EDM's networks take square images")
         self.resolution = height
-        labels = self.files.read_labels()
-        self.label_dim = 0 if labels is None else int(labels.max()) + 1  # A lower bound: the top classes may be unused.
-        labels = np.full(self.num_images, -1, dtype=np.int64) if labels is None else labels
-        self.labels = torch.from_numpy(labels)  # (N,)
+        self.labels, self.label_dim = class_labels(self.files)
 
     def __len__(self):
         return self.num_images * (2 if self.xflip else 1)
@@ -292,27 +297,55 @@ class ImageDataset(Dataset):
         self.files.close()
 
     def check_compatible(self, net):
-        """Raise ImageDatasetError naming the data if its resolution, channels or labels do not fit the teacher `net`.
+        """Raise ImageDatasetError naming the data if its resolution, channels or labels do not fit the teacher `net`,
+        or if `net` runs on VAE latents (see refuse_pixels_for_latents)."""
+        refuse_pixels_for_latents(self.path, net)
+        check_fits(f"real images {self.path}", self, (net.img_resolution, net.img_channels, net.label_dim))
 
-        An unconditional teacher ignores labels (EDM's cifar10-32x32.zip is labelled and serves its unconditional
-        runs too); a conditional one needs labels below its label_dim.
-        """
-        found = {"resolution": self.resolution, "channels": self.channels}
-        wanted = {"resolution": net.img_resolution, "channels": net.img_channels}
-        for key in found:
-            if found[key] != wanted[key]:
-                raise ImageDatasetError(
-                    f"real images {self.path} have {key} {found[key]} but the teacher has {wanted[key]}"
-                )
-        if net.label_dim > 0 and self.label_dim == 0:
-            raise ImageDatasetError(
-                f"real images {self.path} have no labels ({LABELS_FILE}) but the teacher has label_dim {net.label_dim}"
-            )
-        if net.label_dim > 0 and self.label_dim > net.label_dim:
-            raise ImageDatasetError(
-                f"real images {self.path} have class indices up to {self.label_dim - 1} but the teacher has label_dim "
-                f"{net.label_dim}"
-            )
+
+def class_labels(files):
+    """The class index of every item of an ImageFolder `files` as a tensor (N,) int64, -1 without labels, and the
+    label_dim they imply: 1 + the largest index (a lower bound: the top classes may be unused), 0 without labels."""
+    labels = files.read_labels()
+    label_dim = 0 if labels is None else int(labels.max()) + 1
+    labels = np.full(len(files), -1, dtype=np.int64) if labels is None else labels
+    return torch.from_numpy(labels), label_dim
+
+
+def check_fits(what, data, wanted, error=ImageDatasetError):
+    """Raise `error` naming `what` if the data's resolution, channels or labels (its attributes
+    `resolution`, `channels`, `label_dim`) do not fit `wanted` = a teacher's (resolution, channels, label_dim).
+
+    An unconditional teacher ignores labels (EDM's cifar10-32x32.zip is labelled and serves its unconditional runs
+    too); a conditional one needs labels below its label_dim.
+    """
+    resolution, channels, label_dim = wanted
+    for key, want in (("resolution", resolution), ("channels", channels)):
+        if getattr(data, key) != want:
+            raise error(f"{what} have {key} {getattr(data, key)} but the teacher has {want}")
+    if label_dim > 0 and data.label_dim == 0:
+        raise error(f"{what} have no labels ({LABELS_FILE}) but the teacher has label_dim {label_dim}")
+    if label_dim > 0 and data.label_dim > label_dim:
+        raise error(f"{what} have class indices up to {data.label_dim - 1} but the teacher has label_dim {label_dim}")
+
+
+def refuse_pixels_for_latents(path, net):
+    """Raise ImageDatasetError naming `path` if the teacher `net` is a latent EDM2 network (it runs on Stable
+    Diffusion VAE latents), giving the command that encodes the images once.
+
+    Encoding on the fly would cost a VAE encoder pass over every real batch of every fake-score step, and EDM2 itself
+    trains its latent networks on pre-encoded datasets (`dataset_tool.py encode`); dmd/encoded.py reads those.
+    """
+    from dmd.edm2.vae import latent_info
+
+    info = latent_info(net)
+    if info is not None:
+        dest = Path(path).with_name(f"{Path(path).stem}-sd.zip")
+        raise ImageDatasetError(
+            f"real images {path} are pixels but the teacher runs on the latents of the VAE {info.vae_name}; encode "
+            f"them once (a VAE pass over every real batch would slow every fake-score step): `python -m dmd "
+            f"make-dataset {path} {dest} --encode --vae {info.vae_name}`"
+        )
 
 
 def image_name(index):
@@ -356,8 +389,15 @@ def _zip_entry(name):
 # folder per group for a folder DEST. The staging folder records the job writing it (a JSON dict saying what is
 # written from what): a writer of the same job continues after the last whole group, one of another job is refused,
 # as is an existing DEST, so that a file a person made is never overwritten. ZIP entries carry a fixed time: the
-# same images give the same bytes.
+# same images give the same bytes. Subclasses write other entries under other names (dmd/encoded.py: EDM2's latents).
 class DatasetWriter:
+    name = staticmethod(image_name)  # index -> the entry's name (its folder is the group's: 00000/ ...)
+    items = "images"  # What the items are, in messages.
+
+    def encode(self, item):
+        """An item -> the entry's bytes (an image: a PNG)."""
+        return encode_png(item)
+
     def __init__(self, dest, num, job):
         from dmd.utils.io import atomic_write_text, check_name_length
 
@@ -370,7 +410,7 @@ class DatasetWriter:
         except ValueError as e:
             raise ImageDatasetError(f"{dest}: {e}") from None
         if num >= 10**8:  # EDM's names have 8 digits
-            raise ImageDatasetError(f"{dest}: {num:,} images; EDM's dataset format names at most 99,999,999")
+            raise ImageDatasetError(f"{dest}: {num:,} {self.items}; EDM's dataset format names at most 99,999,999")
         job = json.loads(json.dumps(dict(job, images=num, zip=self.is_zip)))  # as it reads back (tuples: lists)
         record = self.staging / JOB_FILE
         if record.is_file():
@@ -399,7 +439,7 @@ class DatasetWriter:
 
     def _final(self, index):
         """Where the whole group of image `index` lies in the staging folder."""
-        folder = image_name(index).split("/")[0]
+        folder = self.name(index).split("/")[0]
         return self.staging / (f"{folder}.zip" if self.is_zip else folder)
 
     def todo(self):
@@ -407,8 +447,9 @@ class DatasetWriter:
         starts = [start for start in range(0, self.num, CHUNK) if not self._final(start).exists()]
         return [i for start in starts for i in range(start, min(start + CHUNK, self.num))]
 
-    def write(self, index, pixels):
-        """Write image `index`, (H, W, C) uint8 with C = 1 or 3; images come in order, a group from its first."""
+    def write(self, index, item):
+        """Write item `index` (an image: (H, W, C) uint8 with C = 1 or 3); items come in order, a group from its
+        first."""
         final = self._final(index)
         if self._group is None:
             tmp = final.with_name(final.name + ".tmp")
@@ -418,11 +459,11 @@ class DatasetWriter:
                 tmp.mkdir()
                 self._group = tmp, None
         tmp, z = self._group
-        name = image_name(index)
+        name = self.name(index)
         if z is not None:
-            z.writestr(_zip_entry(name), encode_png(pixels))
+            z.writestr(_zip_entry(name), self.encode(item))
         else:
-            (tmp / name.split("/")[1]).write_bytes(encode_png(pixels))
+            (tmp / name.split("/")[1]).write_bytes(self.encode(item))
         if index == min(index // CHUNK * CHUNK + CHUNK, self.num) - 1:  # the group's last image
             if z is not None:
                 z.close()
@@ -431,7 +472,7 @@ class DatasetWriter:
 
     def publish(self, labels=None):
         """Make DEST of all `num` images and their class indices `labels` (num ints, or None for unlabelled)."""
-        meta = {"labels": None if labels is None else [[image_name(i), int(c)] for i, c in enumerate(labels)]}
+        meta = {"labels": None if labels is None else [[self.name(i), int(c)] for i, c in enumerate(labels)]}
         if not self.is_zip:
             (self.staging / LABELS_FILE).write_text(json.dumps(meta), encoding="utf-8")
             refuse_existing(self.dest)
@@ -459,12 +500,17 @@ def write_image_dataset(dest, images, labels=None):
     images = np.asarray(images, dtype=np.uint8)
     if images.ndim != 4 or images.shape[3] not in (1, 3):
         raise ImageDatasetError(f"{dest}: images must be (N, H, W, 1 or 3) uint8, got shape {images.shape}")
-    if labels is not None and len(labels) != len(images):
-        raise ImageDatasetError(f"{dest}: {len(labels)} labels for {len(images)} images")
+    write_all(DatasetWriter, dest, images, labels)
+
+
+def write_all(writer_class, dest, items, labels):
+    """Write the array `items` (N, ...) and optional class indices (N,) at `dest` with a DatasetWriter subclass."""
+    if labels is not None and len(labels) != len(items):
+        raise ImageDatasetError(f"{dest}: {len(labels)} labels for {len(items)} {writer_class.items}")
     labels = None if labels is None else [int(c) for c in labels]
-    digest = hashlib.sha256(images.tobytes())  # the job: these very images and labels
-    digest.update(json.dumps([images.shape, labels]).encode())
-    writer = DatasetWriter(dest, len(images), {"sha256": digest.hexdigest()})
+    digest = hashlib.sha256(items.tobytes())  # the job: these very items and labels
+    digest.update(json.dumps([items.shape, labels]).encode())
+    writer = writer_class(dest, len(items), {"sha256": digest.hexdigest()})
     for i in writer.todo():
-        writer.write(i, images[i])
+        writer.write(i, items[i])
     writer.publish(labels)

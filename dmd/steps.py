@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from dmd.batches import RankRows, draw_generator_inputs, draw_index, draw_noise, spread, step_generator, take
+from dmd.edm2.encoders import final_latents
 from dmd.utils.common import one_hot
 from dmd.utils.training import average_gradients, clip_and_step
 
@@ -47,7 +48,8 @@ class StepParts:
     reg_loss: Any  # RegressionLoss / MSERegressionLoss, or None at --lambda-reg 0
     gan_loss: Any  # GANLoss, or None
     pair_stream: Any  # BatchStream of teacher pairs, or None
-    real_stream: Any  # BatchStream of real images, or None
+    real_stream: Any  # BatchStream of real images (or raw latents, with `encoder`), or None
+    encoder: Any  # the teacher's EncoderInfo if it runs on VAE latents (its real data are then raw latents), or None
     rows: slice  # this rank's rows of the global batch
     n: int  # global batch
     device: torch.device
@@ -216,6 +218,11 @@ def fake_score_step(p, step, x, c):
                 x_fake = spread(torch.cat(x_new), rows, n)
         if p.gan_loss is not None:
             x_real, k_real = next_batch(p.real_stream, "--real-data", device)  # this rank's B real images
+            if p.encoder is not None:  # raw (B, 2C, h, w) -> final latents (B, C, h, w), a fresh eps at every use
+                eps = draw_noise(
+                    cfg.seed, step, f"real-eps{k}", (n, x_real.shape[1] // 2, *x_real.shape[2:]), rows, device
+                )
+                x_real = final_latents(x_real, eps, p.encoder)
             c_real = one_hot(k_real, p.mu_real.label_dim, device=device)
         loss_k, loss_fake_k, loss_disc_k = zero, zero, zero
         for i, r in enumerate(chunks):

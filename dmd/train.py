@@ -173,7 +173,8 @@ def run_summary(cfg, teacher, pairs, real, device):
     if pairs is not None:
         data.append(f"{len(pairs):,} teacher pairs ({cfg.data_path})")
     if real is not None:
-        data.append(f"{real.num_images:,} real images ({cfg.real_data}{', x-flipped too' if cfg.xflip else ''})")
+        what = "real VAE latents" if latent_info(teacher) else "real images"  # the teacher fixes the data's kind
+        data.append(f"{real.num_images:,} {what} ({cfg.real_data}{', x-flipped too' if cfg.xflip else ''})")
     losses = [name for name, on in (("DM", cfg.lambda_dm), ("regression", cfg.lambda_reg)) if on]
     losses += ["GAN"] if cfg.gan_weight_gen else []
     sigmas = ", ".join(f"{s:g}" for s in cfg.generator_sigmas)
@@ -313,7 +314,7 @@ def check_inputs(cfg, device):
         check_sigmas(cfg.generator_sigmas, "--generator-sigmas", mu_real)
     except SigmaError as e:
         raise TrainError(str(e)) from None
-    pairs, real = open_datasets(cfg, mu_real)
+    pairs, real = open_datasets(cfg, teacher)  # the teacher, not mu_real: a guided one has no encoder_info
     B, B_reg = cfg.batch_size, cfg.reg_batch_size or cfg.batch_size
     reg_flag = "--reg-batch-size" if cfg.reg_batch_size else "--batch-size"
     pair_stream = open_stream(pairs, B_reg, reg_flag, "pairs", cfg, device)

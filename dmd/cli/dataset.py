@@ -5,7 +5,7 @@ import re
 import click
 
 from dmd.cli import main
-from dmd.cli.options import COUNT, Command, new_file, option, progress_option
+from dmd.cli.options import COUNT, Command, cache_option, new_file, option, progress_option
 
 
 def _square_size(ctx, param, value):
@@ -28,6 +28,8 @@ python -m dmd make-dataset cifar-10-python.tar.gz datasets/cifar10-32x32.zip
 python -m dmd make-dataset ~/imagenet/train datasets/imagenet-64x64.zip --resolution 64
 # A flat folder of images (unlabelled), the first 10,000 only, written as a folder; rerun it if interrupted
 python -m dmd make-dataset photos datasets/photos-10k --max-images 10000
+# EDM2's encoded ImageNet-512 for a latent teacher (as EDM2's `dataset_tool.py encode` writes img512-sd.zip)
+python -m dmd make-dataset datasets/img512.zip datasets/img512-sd.zip --encode
 # Then: `train --recipe dmd2 --real-data datasets/cifar10-32x32.zip`, and FID reference statistics of the same images
 python -m dmd fid ref --data datasets/cifar10-32x32.zip --dest fid-refs/cifar10-32x32.npz
 """,
@@ -53,8 +55,31 @@ python -m dmd fid ref --data datasets/cifar10-32x32.zip --dest fid-refs/cifar10-
     show_default=False,
     help="Write only the first INT images.  [default: all]",
 )
+@option(
+    "--encode",
+    is_flag=True,
+    section="Main",
+    help="Write the VAE's raw latents (mean and std, .npy entries) instead of PNGs, as EDM2's `dataset_tool.py "
+    "encode`: the real data of a latent EDM2 teacher.",
+)
+@option(
+    "--vae",
+    default="stabilityai/sd-vae-ft-mse",
+    metavar="DIR|NAME",
+    section="Main",
+    help="With --encode: the VAE, a folder saved with save_pretrained or a Hugging Face name (EDM2's).",
+)
+@option(
+    "--device",
+    default=None,
+    metavar="DEV",
+    section="Main",
+    show_default=False,
+    help="With --encode: where the VAE runs.  [default: cuda if available, else cpu]",
+)
+@cache_option()
 @progress_option()
-def make_dataset_command(src, dest, resolution, max_images, progress):
+def make_dataset_command(src, dest, resolution, max_images, encode, vae, device, cache_dir, progress):
     """Write SRC's images in EDM's dataset format at DEST (a ZIP of PNGs and dataset.json, or a folder if DEST does
     not end in .zip).
 
@@ -65,12 +90,38 @@ def make_dataset_command(src, dest, resolution, max_images, progress):
     from dmd.dataset_tool import make_dataset
     from dmd.images import ImageDatasetError
 
+    codec = None
     try:
-        done = make_dataset(src, dest, resolution=resolution, max_images=max_images, progress=progress)
+        if encode:
+            codec = _encoder(vae, device, cache_dir)
+        done = make_dataset(src, dest, resolution=resolution, max_images=max_images, progress=progress, codec=codec)
     except (ImageDatasetError, OSError) as e:
         raise click.ClickException(str(e)) from e
     r = done["resolution"]
     what = f"{done['classes']} classes" if done["classes"] else "unlabelled"
     mode = "RGB" if done["channels"] == 3 else "grayscale"
     continued = f" ({done['continued']} of them kept from the interrupted run)" if done["continued"] else ""
+    if codec is not None:
+        h = r // codec.scale_factor
+        click.echo(f"{dest}: {done['images']} latents{continued} of {r}x{r} images, 8x{h}x{h} (mean, std), {what}")
+        return
     click.echo(f"{dest}: {done['images']} images{continued}, {r}x{r} {mode}, {what}")
+
+
+def _encoder(vae, device, cache_dir):
+    """The LatentCodec that encodes images (EDM2's StabilityVAEEncoder: its VAE; scale and bias are the teacher's,
+    applied at training time, not here); a ClickException naming --vae or --device if it does not load."""
+    import torch
+
+    from dmd.edm2.encoders import EncoderInfo
+    from dmd.edm2.vae import LatentCodec, VAEError, load_vae
+
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise click.ClickException(f"--device {device}: not a torch device ({e})") from None
+    try:
+        model = load_vae(vae, cache_dir=cache_dir, device=device)
+    except VAEError as e:
+        raise click.ClickException(str(e)) from None
+    return LatentCodec(model, EncoderInfo("StabilityVAEEncoder", vae_name=str(vae), batch_size=8))

@@ -92,7 +92,8 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     metavar="PATH",
     show_default=False,
     help="real images for DMD2's GAN: a folder or ZIP in EDM's dataset format (`dmd make-dataset`), e.g. "
-    "cifar10-32x32.zip, matching the teacher's resolution, channels and classes",
+    "cifar10-32x32.zip, matching the teacher's resolution, channels and classes; for a latent EDM2 teacher, its "
+    "VAE's latents in EDM2's encoded format (e.g. img512-sd.zip)",
 )
 @_train(
     "--max-steps",

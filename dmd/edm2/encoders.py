@@ -4,7 +4,8 @@ EDM2 pickles an `encoder` object beside every network: `StandardRGBEncoder` for 
 x / 127.5 - 1, decoded as x * 127.5 + 128 clipped to [0, 255]) and `StabilityVAEEncoder` for latent models (the
 Stable Diffusion VAE named `vae_name`; final latent = raw latent * scale + bias per channel, decoded as
 (x - bias) / scale through the VAE). `dmd.edm.load_network` reads its attributes, never its code, into `EncoderInfo`
-and keeps it as `net.encoder_info`.
+and keeps it as `net.encoder_info`. A latent network's real data are raw latents, the VAE's mean and std (EDM2's
+encoded datasets, dmd/encoded.py), which `final_latents` turns into the latents the network sees.
 """
 
 import numbers
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
+import torch
 
 ENCODERS = ("StandardRGBEncoder", "StabilityVAEEncoder")  # EDM2's encoder classes, as named in its pickles
 
@@ -79,3 +81,13 @@ def attach_encoder(net, data):
         raise ValueError(f"a {type(net).__name__} runs on pixels but the file records an encoder")
     net.encoder_info = EncoderInfo.from_json(data, net.img_channels)
     return net
+
+
+def final_latents(raw, eps, info):
+    """Final latents (N, C, h, w) = (mean + std * eps) * scale + bias per channel, from raw latents (N, 2C, h, w) =
+    the VAE's mean then std, and standard normal eps (N, C, h, w): a fresh sample of the VAE's latent distribution each
+    time a real latent is drawn, as EDM2's training loop draws it."""
+    mean, std = raw.to(torch.float32).chunk(2, dim=1)
+    scale = torch.tensor(info.scale, dtype=torch.float32, device=raw.device).view(1, -1, 1, 1)
+    bias = torch.tensor(info.bias, dtype=torch.float32, device=raw.device).view(1, -1, 1, 1)
+    return (mean + std * eps) * scale + bias
