@@ -14,6 +14,7 @@ _EXPORTS = {
     "load_network": "dmd.edm.persistence",
     "edm_sampler": "dmd.edm.sampler",
     "calc_fid": "dmd.fid",
+    "calc_metrics": "dmd.fid",
     "export_generator": "dmd.export",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -1,10 +1,15 @@
-"""FID as EDM computes it: Inception-v3 pool features of uint8 images, float64 statistics, scipy's sqrtm.
+"""FID as EDM computes it (Inception-v3 pool features of uint8 images, float64 statistics, scipy's sqrtm), and
+EDM2's FD_DINOv2 beside it: the same Frechet distance of DINOv2 ViT-L/14 features (dmd/dinov2.py).
 
-The detector is NVIDIA's TorchScript port of TF's `inception-2015-12-05`, called as
-`detector(uint8 images (N, 3, H, W), return_features=True) -> (N, 2048)`; any TorchScript module with that call
-signature can stand in (`--detector`). Images come from a PNG folder or ZIP (EDM's dataset layout), or straight from
-a generator, quantised with `to_uint8` exactly as the PNGs would be. Under torchrun each rank reads or generates its
-share and the feature sums are added over ranks, so every rank gets the same statistics.
+Each metric has a detector called as `detector(uint8 images (N, 3, H, W), return_features=True) -> (N, D)`: for
+'fid' NVIDIA's TorchScript port of TF's `inception-2015-12-05` (D = 2048), or any TorchScript module with that call
+signature (`--detector`); for 'fd_dinov2' DINOv2 (D = 1024; `--dinov2`). Images come from a PNG folder or ZIP (EDM's
+dataset layout), or straight from a generator, quantised with `to_uint8` exactly as the PNGs would be; one pass feeds
+every detector. Under torchrun each rank reads or generates its share and the feature sums are added over ranks, so
+every rank gets the same statistics.
+
+Reference statistics: EDM's npz ('mu', 'sigma'; FID only) or EDM2's pickle ({'fid': {'mu', 'sigma'}, 'fd_dinov2':
+{'mu', 'sigma'}, 'num_images': N}). `make_ref` writes the pickle for a destination named .pkl, else the npz.
 """
 
 import zipfile
@@ -20,6 +25,8 @@ from dmd.utils.common import to_uint8
 
 DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 CIFAR10_REF_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"  # EDM's CIFAR-10 statistics
+METRICS = {"fid": "FID", "fd_dinov2": "FD_DINOv2"}  # EDM2's names (its pickles' keys) -> the names printed
+DETECTOR_FLAGS = {"fid": "--detector", "fd_dinov2": "--dinov2"}  # the option choosing each metric's detector
 
 
 class FIDError(ValueError):
@@ -44,6 +51,30 @@ def load_detector(source=None, *, cache_dir=None, device="cpu", flag="--detector
         raise FIDError(f"detector: {e}") from e
     except RuntimeError as e:
         raise FIDError(f"detector {source}: not a TorchScript module ({' '.join(str(e).split())[:200]})") from e
+
+
+def load_detectors(metrics, *, detector=None, dinov2=None, cache_dir=None, device="cpu"):
+    """{metric: detector} for `metrics` ('fid': `detector` as load_detector takes it; 'fd_dinov2': `dinov2` as
+    dmd.dinov2.load_dinov2 takes it), each loaded on rank 0 first, so that a download fills the cache once."""
+    detectors = {}
+    for metric in metrics:
+        if metric == "fid":
+            load = partial(load_detector, detector, cache_dir=cache_dir, device=device)
+        else:
+            from dmd.dinov2 import load_dinov2
+
+            load = partial(load_dinov2, dinov2, cache_dir=cache_dir, device=device)
+        detectors[metric] = distributed.main_first(load)
+    return detectors
+
+
+def check_metrics(metrics):
+    """`metrics` as a tuple of known, distinct names; FIDError naming --metrics otherwise."""
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics or len(set(metrics)) != len(metrics):
+        raise FIDError(f"--metrics {','.join(metrics)}: give distinct names among {', '.join(METRICS)}")
+    return metrics
 
 
 MAX_FEATURES = 8192  # reference statistics of more features are refused before loading (Inception's: 2048)
@@ -147,6 +178,28 @@ def save_ref(mu, sigma, dest):
         np.savez(f, mu=mu, sigma=sigma)
 
 
+def check_ref_dest(dest, metrics):
+    """Refuse, before any work, a destination whose format cannot hold `metrics`: EDM's npz holds FID only."""
+    if Path(dest).suffix.lower() != ".pkl" and metrics != ("fid",):
+        raise FIDError(f"--dest {dest}: {', '.join(metrics)} statistics are written as EDM2's pickle; name it .pkl")
+
+
+def save_refs(stats, dest, num_images):
+    """Write {metric: (mu, sigma)} atomically: EDM2's pickle (plain dicts of float64 numpy arrays, which load_ref
+    reads back without running code) for a destination named .pkl, else EDM's npz of 'fid'."""
+    import pickle
+
+    from dmd.utils.io import atomic_path
+
+    check_ref_dest(dest, tuple(stats))
+    if Path(dest).suffix.lower() == ".pkl":
+        data = {"num_images": num_images, **{m: {"mu": mu, "sigma": sigma} for m, (mu, sigma) in stats.items()}}
+        with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+            pickle.dump(data, f, protocol=4)  # as EDM2's files (Python 3.8-3.13's default)
+    else:
+        save_ref(*stats["fid"], dest)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64, real part of scipy's sqrtm."""
     import scipy.linalg
@@ -206,17 +259,18 @@ class FeatureStats:
 
 # The detector, refusing features of another size than the reference's at its first batch, not after the whole pass.
 class _SizeCheckedDetector:
-    def __init__(self, detector, dim, ref_name):
+    def __init__(self, detector, dim, ref_name, flag="--detector"):
         self.detector = detector
         self.dim = dim  # D of the reference's mu (D,)
         self.ref_name = ref_name  # for the message: "--ref PATH"
+        self.flag = flag  # the option choosing this detector, for the message
 
     def __call__(self, x, return_features=True):
         features = self.detector(x, return_features=return_features)  # (N, D')
         if features.shape[1] != self.dim:
             raise FIDError(
                 f"{self.ref_name} holds statistics of {self.dim}-dimensional features, but the detector gives "
-                f"{features.shape[1]}; make the reference with the same detector (`dmd fid ref --detector ...`)"
+                f"{features.shape[1]}; make the reference with the same detector (`dmd fid ref {self.flag} ...`)"
             )
         return features
 
@@ -247,11 +301,28 @@ def open_images(path, num=None):
     return files
 
 
-def image_stats(path, detector, *, num=None, seed=0, batch_size=256, device="cpu", progress=True):
-    """mu, sigma of the images in a folder or ZIP (or ImageFiles): all of them, or a random subset of `num` as EDM's
-    fid.py draws it."""
+def _stats(batches, pixels_of, detector, device, progress):
+    """Statistics of the uint8 images (N, H, W, C) that pixels_of(batch) gives for each of this rank's batches, summed
+    over ranks: one (mu, sigma), or {metric: (mu, sigma)} for `detector` a dict {metric: detector}, each image read
+    or generated once for all of them."""
     from tqdm import tqdm
 
+    detectors = detector if isinstance(detector, dict) else {"fid": detector}
+    stats = {metric: FeatureStats() for metric in detectors}
+    desc = ",".join(detectors)
+    for batch in tqdm(batches, unit="batch", desc=desc, disable=not (progress and distributed.is_main())):
+        pixels = pixels_of(batch)
+        for metric, det in detectors.items():
+            stats[metric].append(detect(det, pixels, device))
+    for s in stats.values():
+        s.reduce(device)
+    result = {metric: s.mu_sigma() for metric, s in stats.items()}
+    return result if isinstance(detector, dict) else result["fid"]
+
+
+def image_stats(path, detector, *, num=None, seed=0, batch_size=256, device="cpu", progress=True):
+    """mu, sigma of the images in a folder or ZIP (or ImageFiles): all of them, or a random subset of `num` as EDM's
+    fid.py draws it; {metric: (mu, sigma)} for `detector` a dict {metric: detector}."""
     files = path if isinstance(path, ImageFiles) else open_images(path, num)
     indices = np.arange(len(files))
     if num is not None:
@@ -260,29 +331,27 @@ def image_stats(path, detector, *, num=None, seed=0, batch_size=256, device="cpu
             indices = np.sort(indices[:num])
     rank, world = distributed.get_rank(), distributed.get_world_size()
     batches = [indices[lo : lo + batch_size] for lo in range(0, len(indices), batch_size)][rank::world]
-    stats = FeatureStats()
-    for batch in tqdm(batches, unit="batch", desc="fid", disable=not (progress and distributed.is_main())):
-        pixels = np.stack([files.read_same_shape(i) for i in batch])  # the error names both files if sizes differ
-        stats.append(detect(detector, pixels, device))
-    stats.reduce(device)
-    return stats.mu_sigma()
+
+    def pixels_of(batch):  # the error names both files if sizes differ
+        return np.stack([files.read_same_shape(i) for i in batch])
+
+    return _stats(batches, pixels_of, detector, device, progress)
 
 
 def generator_stats(generator_fn, seeds, label_dim, detector, *, batch_size=256, device="cpu", progress=False):
-    """mu, sigma of generator_fn(seeds, class_ids) images in [-1, 1], with seed s labelled s % label_dim."""
-    from tqdm import tqdm
-
+    """mu, sigma of generator_fn(seeds, class_ids) images in [-1, 1], with seed s labelled s % label_dim;
+    {metric: (mu, sigma)} for `detector` a dict {metric: detector}."""
     seeds = list(seeds)
     if len(seeds) < 2:
         raise FIDError(f"FID needs at least 2 seeds, got {len(seeds)}")
     rank, world = distributed.get_rank(), distributed.get_world_size()
     batches = [seeds[lo : lo + batch_size] for lo in range(0, len(seeds), batch_size)][rank::world]
-    stats = FeatureStats()
-    for batch in tqdm(batches, unit="batch", desc="fid", disable=not (progress and distributed.is_main())):
+
+    def pixels_of(batch):
         class_ids = torch.as_tensor(batch) % label_dim if label_dim > 0 else None
-        stats.append(detect(detector, to_uint8(generator_fn(batch, class_ids)), device))
-    stats.reduce(device)
-    return stats.mu_sigma()
+        return to_uint8(generator_fn(batch, class_ids))
+
+    return _stats(batches, pixels_of, detector, device, progress)
 
 
 def generator_fid(
@@ -304,7 +373,7 @@ def generator_fid(
         (mu_ref, sigma_ref), ref_name = ref, "the reference"
     if detector is None or isinstance(detector, (str, Path)):
         detector = load_detector(detector, cache_dir=cache_dir, device=device)
-    if not isinstance(detector, _SizeCheckedDetector):  # calc_fid's own check names the file
+    if not isinstance(detector, _SizeCheckedDetector):  # calc_metrics' own check names the file
         detector = _SizeCheckedDetector(detector, mu_ref.shape[0], ref_name)
     mu, sigma = generator_stats(
         generator_fn, seeds, label_dim, detector, batch_size=batch_size, device=device, progress=progress
@@ -312,9 +381,10 @@ def generator_fid(
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
-def calc_fid(
-    ref,  # Reference statistics: EDM's npz or EDM2's pkl (its 'fid' entry), path or URL.
+def calc_metrics(
+    ref,  # Reference statistics: EDM's npz (FID only) or EDM2's pkl (an entry per metric), path or URL.
     *,
+    metrics=("fid",),  # Any of 'fid' (Inception-v3) and 'fd_dinov2' (DINOv2 ViT-L/14), scored in one pass.
     images=None,  # A PNG folder or ZIP to score ...
     network=None,  # ... or a network: a DMDGenerator, or anything it loads (path, run folder, URL, hf://user/repo).
     num=50000,  # Images per score.
@@ -322,28 +392,31 @@ def calc_fid(
     repeats=1,  # `network`: disjoint seed ranges of `num` seeds each, scored separately.
     num_steps=None,  # `network`: None = its own sigmas; N = edm_sampler in N steps (an EDM teacher).
     sampler_kwargs=None,  # edm_sampler's other settings with num_steps (sigma_min, sigma_max, rho, S_churn, ...).
-    detector=None,  # TorchScript detector path or URL; None: the protocol's Inception-v3.
+    detector=None,  # 'fid': TorchScript detector path or URL; None: the protocol's Inception-v3.
+    dinov2=None,  # 'fd_dinov2': a folder saved with save_pretrained or a Hub name; None: facebook/dinov2-large.
     batch_size=256,  # Images per call, per process.
     device="auto",  # 'auto', 'cpu', 'cuda', 'cuda:1'; under torchrun CUDA ranks use their local device.
     cache_dir=None,  # Download cache.
     progress=True,  # tqdm bar on rank 0.
     vae=None,  # `network` on VAE latents: its VAE (folder or Hub name); None: the name its file records.
 ):
-    """Score images or a generator against reference statistics `ref` as EDM does; return one FID per repeat (a list).
+    """Score images or a generator against reference statistics `ref` as EDM (FID) and EDM2 (FD_DINOv2) do; return
+    one dict {metric: value} per repeat (a list).
 
     The Python face of `dmd fid calc`. A generator's images are scored straight from its samples, seed s labelled
     s % label_dim (EDM's class-balanced protocol), without writing PNGs; a folder or ZIP of PNGs is scored whole or,
-    when it holds more than `num`, on EDM's random subset. Under torchrun every rank returns the same numbers. Bad
-    input raises FIDError (or GeneratorLoadError for a network that does not load).
+    when it holds more than `num`, on EDM's random subset. Each image is generated or read once and fed to every
+    metric's detector. Under torchrun every rank returns the same numbers. Bad input raises FIDError (or
+    GeneratorLoadError for a network that does not load).
 
     Example:
-        from dmd import DMDGenerator, calc_fid
-        G = DMDGenerator("runs/dmd-cifar10/network-snapshot-best.pt")
-        ref = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"
-        fid = calc_fid(ref, network=G, num=50000)[0]  # EDM's CIFAR-10 protocol: 50k images, classes s % 10
+        from dmd import calc_metrics
+        ref = "https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl"
+        scores = calc_metrics(ref, images="out", metrics=("fid", "fd_dinov2"))[0]  # {'fid': ..., 'fd_dinov2': ...}
     """
     from dmd.generate import DMDGenerator, load_guide, load_on_ranks, refuse_repeated_seeds
 
+    metrics = check_metrics(metrics)
     if (images is None) == (network is None):
         raise FIDError("give exactly one of --images and --network")
     if images is not None and repeats != 1:
@@ -362,13 +435,18 @@ def calc_fid(
             raise FIDError(str(e)) from None
     files = None if images is None else open_images(images, num)
     device = distributed.setup_device(device)
-    mu_ref, sigma_ref = distributed.main_first(partial(load_ref, ref, cache_dir=cache_dir))
-    detector = distributed.main_first(partial(load_detector, detector, cache_dir=cache_dir, device=device))
-    detector = _SizeCheckedDetector(detector, mu_ref.shape[0], f"--ref {ref}")
+    refs = {m: distributed.main_first(partial(load_ref, ref, metric=m, cache_dir=cache_dir)) for m in metrics}
+    detectors = load_detectors(metrics, detector=detector, dinov2=dinov2, cache_dir=cache_dir, device=device)
+    detectors = {
+        m: _SizeCheckedDetector(detectors[m], refs[m][0].shape[0], f"--ref {ref}", DETECTOR_FLAGS[m]) for m in metrics
+    }
 
+    def scores(stats):
+        return {m: frechet_distance(*stats[m], *refs[m]) for m in metrics}
+
+    kwargs = dict(batch_size=batch_size, device=device, progress=progress)
     if images is not None:
-        mu, sigma = image_stats(files, detector, num=num, batch_size=batch_size, device=device, progress=progress)
-        return [frechet_distance(mu, sigma, mu_ref, sigma_ref)]
+        return [scores(image_stats(files, detectors, num=num, **kwargs))]
     if isinstance(network, DMDGenerator):
         generator = network
     else:
@@ -381,30 +459,47 @@ def calc_fid(
     def generator_fn(batch, class_ids):
         return generator.generate_batch(seeds=batch, class_ids=class_ids, num_steps=num_steps, **(sampler_kwargs or {}))
 
-    scores = []
-    for r in range(repeats):
-        scores.append(
-            generator_fid(
-                generator_fn,
-                (mu_ref, sigma_ref),
-                seeds=seeds[r * num : (r + 1) * num],
-                label_dim=generator.label_dim,
-                detector=detector,
-                batch_size=batch_size,
-                device=device,
-                progress=progress,
-            )
-        )
-    return scores
+    ranges = [seeds[r * num : (r + 1) * num] for r in range(repeats)]
+    return [scores(generator_stats(generator_fn, s, generator.label_dim, detectors, **kwargs)) for s in ranges]
 
 
-def make_ref(data, dest, *, detector=None, batch_size=256, device="auto", cache_dir=None, progress=True):
-    """Compute reference statistics of every image in a folder or ZIP and write them to `dest`; return (mu, sigma)."""
+def calc_fid(ref, **kwargs):
+    """Score images or a generator against reference statistics `ref` as EDM does; return one FID per repeat (a list).
+
+    calc_metrics with metrics=('fid',), which takes the same arguments: `images` (PNG folder or ZIP) or `network`,
+    `num`, `seeds`, `repeats`, `num_steps`, `sampler_kwargs`, `detector`, `batch_size`, `device`, `cache_dir`,
+    `progress`.
+
+    Example:
+        from dmd import DMDGenerator, calc_fid
+        G = DMDGenerator("runs/dmd-cifar10/network-snapshot-best.pt")
+        ref = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"
+        fid = calc_fid(ref, network=G, num=50000)[0]  # EDM's CIFAR-10 protocol: 50k images, classes s % 10
+    """
+    return [scores["fid"] for scores in calc_metrics(ref, metrics=("fid",), **kwargs)]
+
+
+def make_ref(
+    data,  # Image folder or ZIP; every image counts.
+    dest,  # File to write: EDM2's pickle if named .pkl, else EDM's npz (FID only).
+    *,
+    metrics=("fid",),  # Any of 'fid' and 'fd_dinov2', computed in one pass.
+    detector=None,  # 'fid': TorchScript detector path or URL; None: the protocol's Inception-v3.
+    dinov2=None,  # 'fd_dinov2': a folder saved with save_pretrained or a Hub name; None: facebook/dinov2-large.
+    batch_size=256,  # Images per detector call, per process.
+    device="auto",  # As calc_metrics takes it.
+    cache_dir=None,  # Download cache.
+    progress=True,  # tqdm bar on rank 0.
+):
+    """Compute reference statistics of every image in a folder or ZIP and write them to `dest`; return
+    {metric: (mu, sigma)}."""
+    metrics = check_metrics(metrics)
+    check_ref_dest(dest, metrics)
     files = open_images(data)
     device = distributed.setup_device(device)
-    detector = distributed.main_first(partial(load_detector, detector, cache_dir=cache_dir, device=device))
-    mu, sigma = image_stats(files, detector, batch_size=batch_size, device=device, progress=progress)
+    detectors = load_detectors(metrics, detector=detector, dinov2=dinov2, cache_dir=cache_dir, device=device)
+    stats = image_stats(files, detectors, batch_size=batch_size, device=device, progress=progress)
     if distributed.is_main():
-        save_ref(mu, sigma, dest)
+        save_refs(stats, dest, len(files))
     distributed.barrier()
-    return mu, sigma
+    return stats

@@ -114,3 +114,22 @@ def save_tiny_vae(folder, latent_channels=4):
 @pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory):
     return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
+
+
+def save_tiny_dinov2(path, image_size=518):
+    """A random 1-layer, 32-wide Dinov2Model saved with save_pretrained at `path`, with position embeddings of
+    (image_size / 14)^2 patches: 37x37 by default, ViT-L/14's, which 224x224 inputs resample to 16x16."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14,
+        image_size=image_size, initializer_range=0.2,  # 10x the default: features that vary with the image
+    )  # fmt: skip
+    torch.manual_seed(3)
+    Dinov2Model(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dinov2_folder(tmp_path_factory):
+    return save_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "tiny")

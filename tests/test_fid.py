@@ -434,3 +434,85 @@ def test_bad_images_are_refused_before_the_detector_is_fetched(tmp_path, monkeyp
     result = CliRunner().invoke(main, ["fid", command, *args, *extra])
     assert result.exit_code == 1 and result.output.startswith(f"Error: {bad}/a.png: not a PNG image")
     assert fetched == []
+
+
+def test_fid_and_fd_dinov2_in_one_pass(pngs, detector_path, dinov2_folder, tmp_path, monkeypatch):
+    """`fid ref --metrics fid,fd_dinov2` writes EDM2's pickle of numpy's statistics of each detector's features;
+    `fid calc` scores the same images ~0 on both and a generator's other seeds > 0, one line per metric per repeat,
+    every generated image fed to both detectors (one generator call per batch, not one per metric)."""
+    from dmd import calc_metrics
+    from dmd.dinov2 import load_dinov2
+
+    det = ["--detector", str(detector_path), "--dinov2", str(dinov2_folder), "--device", "cpu", "--batch", "16"]
+    ref = tmp_path / "ref.pkl"
+    result = CliRunner().invoke(
+        main, ["fid", "ref", "--data", str(pngs), "--dest", str(ref), "--metrics", "fid,fd_dinov2", *det]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{ref}: statistics of 16-d features (fid), 32-d features (fd_dinov2)\n"
+    with open(ref, "rb") as f:
+        data = pickle.load(f)  # EDM2's layout, as its calculate_metrics.py writes and reads it
+    assert sorted(data) == ["fd_dinov2", "fid", "num_images"] and data["num_images"] == 40
+    files = ImageFiles(pngs)
+    pixels = np.stack([files.read(i) for i in range(40)])
+    for metric, detector in (("fid", torch.jit.load(str(detector_path))), ("fd_dinov2", load_dinov2(dinov2_folder))):
+        features = detect(detector, pixels, "cpu").double().numpy()
+        mu, sigma = load_ref(ref, metric=metric)
+        assert sorted(data[metric]) == ["mu", "sigma"] and np.array_equal(mu, data[metric]["mu"])
+        np.testing.assert_allclose(mu, features.mean(0), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-8, atol=1e-12)
+
+    calc = ["fid", "calc", "--ref", str(ref), "--metrics", "fid,fd_dinov2", *det]
+    result = CliRunner().invoke(main, [*calc, "--images", str(pngs), "--num", "40"])
+    assert result.exit_code == 0, result.output
+    same = dict(re.findall(r"^(FID|FD_DINOv2): (\S+)$", result.output, re.M))
+    assert sorted(same) == ["FD_DINOv2", "FID"] and all(abs(float(v)) < 1e-4 for v in same.values()), result.output
+    in_python = calc_metrics(ref, images=pngs, num=40, metrics=("fid", "fd_dinov2"), detector=detector_path,
+                             dinov2=dinov2_folder, device="cpu", progress=False)  # fmt: skip
+    assert len(in_python) == 1 and in_python[0]["fd_dinov2"] == pytest.approx(float(same["FD_DINOv2"]), abs=2e-6)
+
+    calls = []
+    generate_batch = DMDGenerator.generate_batch
+    monkeypatch.setattr(DMDGenerator, "generate_batch", lambda self, seeds, **kw: calls.append(len(seeds))
+                        or generate_batch(self, seeds, **kw))  # fmt: skip
+    args = ["--network", str(PKL), "--seeds", "100-139", "--num", "20", "--repeats", "2"]
+    result = CliRunner().invoke(main, [*calc, *args])
+    assert result.exit_code == 0, result.output
+    assert calls == [16, 4, 16, 4]
+    lines = result.output.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "repeat 0", "repeat 0", "repeat 1", "repeat 1", "FID", "FID over 2 seed ranges", "FD_DINOv2",
+        "FD_DINOv2 over 2 seed ranges",
+    ]  # fmt: skip
+    assert [line.split()[2] for line in lines[:4]] == ["FID", "FD_DINOv2", "FID", "FD_DINOv2"]
+    assert all(float(line.split()[-1]) > 0.01 for line in lines[:4]), result.output
+
+
+def test_metrics_errors_are_one_line(pngs, detector_path, dinov2_folder, tmp_path):
+    """A metric the npz cannot hold, an unknown metric, and a reference whose fd_dinov2 entry is of another size."""
+    det = ["--detector", str(detector_path), "--dinov2", str(dinov2_folder), "--device", "cpu"]
+    ref = ["fid", "ref", "--data", str(pngs), *det]
+    dest = tmp_path / "ref.npz"
+    (tmp_path / "ref16.pkl").write_bytes(_pickled(_edm2_stats(fid_dim=16, dino_dim=16)))
+    calc = ["fid", "calc", "--images", str(pngs), "--num", "40", "--ref", str(tmp_path / "ref16.pkl"), *det]
+    cases = [
+        ([*ref, "--dest", str(dest), "--metrics", "fid,fd_dinov2"],
+         f"--dest {dest}: fid, fd_dinov2 statistics are written as EDM2's pickle; name it .pkl"),
+        ([*ref, "--dest", str(dest), "--metrics", "fid,fid"],
+         "--metrics fid,fid: give distinct names among fid, fd_dinov2"),
+        ([*calc, "--metrics", "inception"], "--metrics inception: give distinct names among fid, fd_dinov2"),
+        ([*calc, "--metrics", "fd_dinov2"],
+         f"--ref {tmp_path / 'ref16.pkl'} holds statistics of 16-dimensional features, but the detector gives 32; "
+         "make the reference with the same detector (`dmd fid ref --dinov2 ...`)"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and result.output == f"Error: {message}\n", (args, result.output)
+    assert not dest.exists()
+
+    # A .pkl destination holds FID alone in EDM2's layout too.
+    result = CliRunner().invoke(main, [*ref, "--dest", str(tmp_path / "fid.pkl")])
+    assert result.exit_code == 0 and result.output == f"{tmp_path / 'fid.pkl'}: statistics of 16-d features\n"
+    with open(tmp_path / "fid.pkl", "rb") as f:
+        assert sorted(pickle.load(f)) == ["fid", "num_images"]
+    assert load_ref(tmp_path / "fid.pkl")[0].shape == (16,)

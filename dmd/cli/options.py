@@ -204,6 +204,31 @@ def vae_option():
     )
 
 
+def metrics_options():
+    """--metrics and --dinov2 of `fid ref` and `fid calc`: which Frechet distances, one pass over the images."""
+    return stacked(
+        [
+            option(
+                "--metrics",
+                default="fid",
+                metavar="LIST",
+                section="Main",
+                help="Comma-separated metrics, computed in one pass: fid (Inception-v3) and fd_dinov2 (EDM2's DINOv2 "
+                "ViT-L/14, needs pip install 'dmd-distill[dinov2]').",
+            ),
+            option(
+                "--dinov2",
+                default=None,
+                metavar="DIR|NAME",
+                section="Main",
+                show_default=False,
+                help="fd_dinov2's model: a folder written by transformers' save_pretrained or a Hugging Face Hub name "
+                "(downloaded once into the cache); give a folder when offline.  [default: facebook/dinov2-large]",
+            ),
+        ]
+    )
+
+
 def cache_option():
     return option(
         "--cache-dir",

@@ -11,6 +11,7 @@ from dmd.cli.options import (
     detector_option,
     device_option,
     guide_options,
+    metrics_options,
     new_file,
     option,
     output_path,
@@ -136,7 +137,7 @@ def generate_command(
 
 @main.group("fid")
 def fid_group():
-    """FID as EDM computes it: Inception-v3 features of uint8 images, float64 statistics."""
+    """FID as EDM computes it (Inception-v3 features of uint8 images, float64 statistics), and EDM2's FD_DINOv2."""
 
 
 @fid_group.command(
@@ -144,6 +145,8 @@ def fid_group():
     cls=Command,
     examples="""
 python -m dmd fid ref --data cifar10-32x32.zip --dest cifar10-32x32.npz    # a ZIP or folder made by EDM's dataset_tool
+# FID and FD_DINOv2 statistics in one pass, in EDM2's pickle layout (what its dataset-refs/img512.pkl holds)
+python -m dmd fid ref --data img512.zip --dest img512.pkl --metrics fid,fd_dinov2
 """,
 )
 @option(
@@ -161,21 +164,31 @@ python -m dmd fid ref --data cifar10-32x32.zip --dest cifar10-32x32.npz    # a Z
     callback=new_file,
     metavar="FILE",
     section="Main",
-    help="Statistics file to write (.npz with mu, sigma).",
+    help="Statistics file to write: .pkl for EDM2's pickle ({'fid': {'mu', 'sigma'}, 'fd_dinov2': ...}), else EDM's "
+    ".npz of mu, sigma (fid only).",
 )
+@metrics_options()
 @detector_option()
 @batch_option("Images per detector call, per process.")
 @device_option()
 @cache_option()
 @progress_option()
-def fid_ref_command(data, dest, detector, batch_size, device, cache_dir, progress):
-    """Compute reference statistics (mu, sigma) of every image in a dataset."""
+def fid_ref_command(data, dest, metrics, dinov2, detector, batch_size, device, cache_dir, progress):
+    """Compute reference statistics (mu, sigma) of every image in a dataset, for each metric."""
     from dmd.fid import FIDError, make_ref
     from dmd.utils import distributed
 
     try:
-        mu, _ = make_ref(
-            data, dest, detector=detector, batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress
+        stats = make_ref(
+            data,
+            dest,
+            metrics=metrics.split(","),
+            detector=detector,
+            dinov2=dinov2,
+            batch_size=batch_size,
+            device=device,
+            cache_dir=cache_dir,
+            progress=progress,
         )
         is_main = distributed.is_main()
     except (FIDError, OSError) as e:
@@ -183,7 +196,9 @@ def fid_ref_command(data, dest, detector, batch_size, device, cache_dir, progres
     finally:
         distributed.shutdown()
     if is_main:
-        click.echo(f"{dest}: statistics of {mu.shape[0]}-d features")
+        named = len(stats) > 1 or "fid" not in stats  # a plain FID reference reads as it always has
+        dims = [f"{mu.shape[0]}-d features" + (f" ({metric})" if named else "") for metric, (mu, _) in stats.items()]
+        click.echo(f"{dest}: statistics of {', '.join(dims)}")
 
 
 @fid_group.command(
@@ -195,6 +210,9 @@ REF=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
 torchrun --standalone --nproc_per_node 8 -m dmd fid calc --network model.pt --ref $REF --num-images 50000 --repeats 3
 # PNGs written by generate --class-balanced (the same number as --network on the same seeds)
 python -m dmd fid calc --images fid-out --ref $REF --num-images 50000
+# EDM2's protocol: FID and FD_DINOv2 of the same 50k images against its ImageNet-512 reference
+python -m dmd fid calc --images fid-out --ref https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl \\
+    --metrics fid,fd_dinov2
 """,
 )
 @option(
@@ -219,7 +237,7 @@ python -m dmd fid calc --images fid-out --ref $REF --num-images 50000
     required=True,
     metavar="PATH|URL",
     section="Main",
-    help="Reference statistics: EDM's .npz (mu, sigma) or EDM2's dataset-refs .pkl (its 'fid' entry).",
+    help="Reference statistics: EDM's .npz (mu, sigma; fid only) or EDM2's dataset-refs .pkl (an entry per metric).",
 )
 @option(
     "--num-images",
@@ -242,6 +260,7 @@ python -m dmd fid calc --images fid-out --ref $REF --num-images 50000
 @option(
     "--repeats", default=1, type=COUNT, metavar="INT", section="Main", help="--network: disjoint seed ranges to score."
 )
+@metrics_options()
 @detector_option()
 @sampler_options(
     None, "--network: sample with EDM's sampler in this many steps (a teacher).  [default: the generator's own sigmas]"
@@ -259,6 +278,8 @@ def fid_calc_command(
     num,
     seeds,
     repeats,
+    metrics,
+    dinov2,
     num_steps,
     detector,
     batch_size,
@@ -271,7 +292,7 @@ def fid_calc_command(
     """Score images (or a generator's samples, labels cycling over classes) against reference statistics."""
     import numpy as np
 
-    from dmd.fid import FIDError, calc_fid
+    from dmd.fid import METRICS, FIDError, calc_metrics
     from dmd.generate import GeneratorLoadError
     from dmd.utils import distributed
     from dmd.utils.common import parse_int_list
@@ -282,8 +303,9 @@ def fid_calc_command(
         raise click.ClickException(f"--seeds: {e}") from e
     sampler_kwargs = sampler_kwargs_of(num_steps, sampler)
     try:
-        scores = calc_fid(
+        scores = calc_metrics(
             ref,
+            metrics=metrics.split(","),
             images=images,
             network=network,
             num=num,
@@ -292,6 +314,7 @@ def fid_calc_command(
             num_steps=num_steps,
             sampler_kwargs=sampler_kwargs,
             detector=detector,
+            dinov2=dinov2,
             batch_size=batch_size,
             device=device,
             cache_dir=cache_dir,
@@ -305,9 +328,14 @@ def fid_calc_command(
         distributed.shutdown()
     if not is_main:
         return
-    for r, score in enumerate(scores if len(scores) > 1 else []):
-        click.echo(f"repeat {r}: FID {score:.6f}")
-    click.echo(f"FID: {min(scores):.6f}")
-    if len(scores) > 1:
-        mean, std = np.mean(scores), np.std(scores, ddof=1)
-        click.echo(f"FID over {len(scores)} seed ranges: min {min(scores):.4f}, mean {mean:.4f} +- {std:.4f} (std)")
+    for r, repeat in enumerate(scores if len(scores) > 1 else []):
+        for metric, score in repeat.items():
+            click.echo(f"repeat {r}: {METRICS[metric]} {score:.6f}")
+    for metric in scores[0]:
+        name, values = METRICS[metric], [repeat[metric] for repeat in scores]
+        click.echo(f"{name}: {min(values):.6f}")
+        if len(values) > 1:
+            mean, std = np.mean(values), np.std(values, ddof=1)
+            click.echo(
+                f"{name} over {len(values)} seed ranges: min {min(values):.4f}, mean {mean:.4f} +- {std:.4f} (std)"
+            )
