@@ -163,7 +163,8 @@ def shard_fsdp(net, blocks=()):
     FSDP2's fully_shard, in place of DDP's full copy on every rank; the bare network without torchrun.
 
     Each of `blocks` is one unit, gathered whole just before it runs and freed after, so that a rank holds 1/K of
-    the network plus one block at a time; the root unit holds the rest. FSDP2 shards every weight along its dim 0,
+    the network plus one block at a time; the root unit holds the rest and is freed after each call too, so that
+    between calls a network's parameters are its shards (the EMA update pairs G's with G_ema's). FSDP2 shards every weight along its dim 0,
     the output channels, so EDM2's forced weight normalisation (a norm per output channel) stays local to each
     rank's shard. A student's `bottleneck`, which the GAN calls instead of the forward, gathers as the forward does.
     """
@@ -171,9 +172,15 @@ def shard_fsdp(net, blocks=()):
         return net
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    # FSDP2 cannot shard 0-d parameters (EDM2's gains): they stay whole on every rank, their gradients averaged as
+    # each is accumulated, as DDP would.
+    scalars = {p for p in net.parameters() if p.ndim == 0}
+    for p in scalars:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda p: dist.all_reduce_mean(p.grad) and None)
     for block in blocks:
-        fully_shard(block)
-    fully_shard(net)
+        fully_shard(block, ignored_params=scalars)
+    fully_shard(net, reshard_after_forward=True, ignored_params=scalars)  # root default: whole after a no-grad call
     if hasattr(net, "bottleneck"):
         register_fsdp_forward_method(net, "bottleneck")
     return net
