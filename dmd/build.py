@@ -4,6 +4,7 @@ detector and reference, and the DDP wrappers. dmd/train.py runs what this builds
 """
 
 import inspect
+import warnings
 from functools import partial
 
 import numpy as np
@@ -164,9 +165,10 @@ def shard_fsdp(net, blocks=()):
 
     Each of `blocks` is one unit, gathered whole just before it runs and freed after, so that a rank holds 1/K of
     the network plus one block at a time; the root unit holds the rest and is freed after each call too, so that
-    between calls a network's parameters are its shards (the EMA update pairs G's with G_ema's). FSDP2 shards every weight along its dim 0,
-    the output channels, so EDM2's forced weight normalisation (a norm per output channel) stays local to each
-    rank's shard. A student's `bottleneck`, which the GAN calls instead of the forward, gathers as the forward does.
+    between calls a network's parameters are its shards (the EMA update pairs G's with G_ema's). FSDP2 shards every
+    weight along its dim 0, the output channels, so EDM2's forced weight normalisation (a norm per output channel)
+    stays local to each rank's shard. A student's `bottleneck`, which the GAN calls instead of the forward, gathers
+    as the forward does.
     """
     if not dist.is_initialized():
         return net
@@ -297,6 +299,8 @@ def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, devic
     dm_loss, fake_loss, gan_loss = build_losses(cfg, mu_real, mu_fake, rows, device)
     head = None if gan_loss is None else gan_loss.head
     if head is not None and cfg.fsdp:  # sharded too: mu_fake's AdamW and clipping take one kind of tensor
+        # Its logits are a view, which FSDP2 warns of in every step for fear of in-place ops; the losses make none.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         shard_fsdp(head)
     fake_params = list(mu_fake.parameters()) + ([] if head is None else list(head.parameters()))  # DMD2: one AdamW
     adamw = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)  # fused: skips a bad step on the device
