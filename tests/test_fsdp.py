@@ -87,3 +87,32 @@ def test_fsdp_alone_changes_nothing(tmp_path, real):
     run_cli(fsdp_args(tmp_path / "fsdp", real, "--max-steps", 1, "--fsdp"))
     a, b = (load(tmp_path / name / "training-state-000001.pt") for name in ("plain", "fsdp"))
     assert all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"])
+
+
+def test_fsdp_on_edm2_keeps_the_normalised_weights_and_equals_one_process(tmp_path, real):
+    """EDM2's students: the forced weight normalisation runs on each rank's shard of output channels, and the 0-d
+    gains FSDP2 cannot shard stay whole with their gradients averaged; DMD2 with the guided teacher, as one process."""
+    from test_train_edm2 import LOSSES as EDM2_LOSSES
+    from test_train_edm2 import edm2_args, student_start
+
+    from dmd.edm2.layers import MPConv, normalize
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli(edm2_args(one, real, "--max-steps", 2))
+    args = edm2_args(two, real, "--max-steps", 2)
+    args[args.index("--batch-size") + 1] = "1"
+    proc = subprocess.run([*TORCHRUN, "-m", "dmd", *args, "--fsdp"], cwd=ROOT, env=ONE_THREAD_ENV, capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr[-3000:]
+    a, b = read_stats(one), read_stats(two)
+    np.testing.assert_allclose(
+        [[r[k] for k in EDM2_LOSSES] for r in b], [[r[k] for k in EDM2_LOSSES] for r in a], rtol=1e-5
+    )
+    student = student_start()
+    start = student.state_dict()
+    sa, sb = load(one / "training-state-000002.pt"), load(two / "training-state-000002.pt")
+    assert_same_updates(sa, sb, dict(G=start, mu_fake=start))
+    assert sb["G"]["unet.out_gain"].shape == () and not torch.equal(sb["G"]["unet.out_gain"], start["unet.out_gain"])
+    convs = [f"{name}.weight" for name, m in student.named_modules() if isinstance(m, MPConv)]
+    for key in ("G", "mu_fake"):  # normalised after the last step, shard by shard
+        assert all(torch.allclose(normalize(sb[key][w]), sb[key][w], atol=1e-6) for w in convs), key
