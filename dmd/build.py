@@ -4,6 +4,7 @@ detector and reference, and the DDP wrappers. dmd/train.py runs what this builds
 """
 
 import inspect
+import warnings
 from functools import partial
 
 import numpy as np
@@ -171,6 +172,40 @@ def wrap_ddp(net, device):
 DDP_ARGUMENTS = inspect.signature(DistributedDataParallel).parameters
 
 
+def shard_fsdp(net, blocks=()):
+    """--fsdp: shard a network's parameters, and so its gradients and AdamW moments, over the torchrun ranks with
+    FSDP2's fully_shard, in place of DDP's full copy on every rank; the bare network without torchrun.
+
+    Each of `blocks` is one unit, gathered whole just before it runs and freed after, so that a rank holds 1/K of
+    the network plus one block at a time; the root unit holds the rest and is freed after each call too, so that
+    between calls a network's parameters are its shards (the EMA update pairs G's with G_ema's). FSDP2 shards every
+    weight along its dim 0, the output channels, so EDM2's forced weight normalisation (a norm per output channel)
+    stays local to each rank's shard. A student's `bottleneck`, which the GAN calls instead of the forward, gathers
+    as the forward does.
+    """
+    if not dist.is_initialized():
+        return net
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    # FSDP2 cannot shard 0-d parameters (EDM2's gains): they stay whole on every rank, their gradients averaged as
+    # each is accumulated, as DDP would.
+    scalars = {p for p in net.parameters() if p.ndim == 0}
+    for p in scalars:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda p: dist.all_reduce_mean(p.grad) and None)
+    for block in blocks:
+        fully_shard(block, ignored_params=scalars)
+    fully_shard(net, reshard_after_forward=True, ignored_params=scalars)  # root default: whole after a no-grad call
+    if hasattr(net, "bottleneck"):
+        register_fsdp_forward_method(net, "bottleneck")
+    return net
+
+
+def unet_blocks(net):
+    """The blocks of a student's U-Net encoder and decoder, in both families: FSDP's units."""
+    return [*net.backbone.enc.values(), *net.backbone.dec.values()]
+
+
 def build_losses(cfg, mu_real, mu_fake, rows, device):
     """The losses: distribution matching and fake-score on this rank's `rows`, and DMD2's GAN (None when off) with
     its discriminator head."""
@@ -278,7 +313,12 @@ def setup_fid(cfg, teacher, device, codec=None):
 def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, device):
     """The students G and mu_fake (copies of the teacher; all U-Nets in the run's precision, not the pickle's fp16),
     their losses and optimisers as the StepParts of the two updates, and the EMA of G (or None). mu_real is the
-    teacher, or the teacher guided."""
+    teacher, or the teacher guided.
+
+    With --fsdp, G, mu_fake, the EMA of G and DMD2's head are sharded before their optimisers see them. mu_real (and
+    the guide) stay whole on every rank: frozen, they have no gradients or AdamW moments to shard, and sharded they
+    would be gathered again at every one of their calls.
+    """
     from dmd.edm.precond import copy_network
     from dmd.edm2.vae import latent_info
 
@@ -287,9 +327,17 @@ def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, devic
     for net in (mu_real, G, mu_fake):
         prepare_network(net, dtype, cfg)
     G_ema = copy_network(G).to(device).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None
+    if cfg.fsdp:  # G_ema sharded as G is, so that the EMA update stays local to each rank's shards
+        for net in (G, mu_fake, G_ema):
+            if net is not None:
+                shard_fsdp(net, unet_blocks(net))
     rows, n = rank_rows(cfg.batch_size), cfg.batch_size * dist.get_world_size()
     dm_loss, fake_loss, gan_loss = build_losses(cfg, mu_real, mu_fake, rows, device)
     head = None if gan_loss is None else gan_loss.head
+    if head is not None and cfg.fsdp:  # sharded too: mu_fake's AdamW and clipping take one kind of tensor
+        # Its logits are a view, which FSDP2 warns of in every step for fear of in-place ops; the losses make none.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        shard_fsdp(head)
     fake_params = list(mu_fake.parameters()) + ([] if head is None else list(head.parameters()))  # DMD2: one AdamW
     adamw = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)  # fused: skips a bad step on the device
     opt_G = torch.optim.AdamW(G.parameters(), lr=cfg.lr_gen, **adamw)

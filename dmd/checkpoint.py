@@ -25,6 +25,7 @@ import torch
 from dmd.config import ConfigError, flag_name, resume_changes
 from dmd.edm2.encoders import encoder_json
 from dmd.generator import FORMAT_VERSION, SNAPSHOT_FORMAT, STATE_FORMAT
+from dmd.utils import distributed as dist
 from dmd.utils.io import atomic_torch_save
 
 RUN_FILES = ("config.json", "stats.jsonl")  # Besides checkpoints and grids, what marks a folder as a run's.
@@ -258,18 +259,34 @@ def file_fingerprint(path):
     return digest.hexdigest()
 
 
+def host_copy(value):
+    """`value` (a tensor, or a state dict, nested as an optimiser's is) with its tensors on the CPU, for rank 0 to
+    write; tensors already there are not copied. An FSDP shard (a DTensor) is gathered whole first, a collective
+    every rank takes part in; the other ranks then drop it (None) at once: a whole EDM2-XXL state on every rank's
+    host would not fit."""
+    if isinstance(value, dict):
+        return {k: host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        value = dist.gather_shard(value)
+        return value.detach().cpu() if dist.is_main() else None
+    return value
+
+
 def cpu_state_dict(net):
-    """The state dict of `net` on the CPU; tensors already there are not copied (torch.save writes them as they are)."""
-    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    """The state dict of `net` on the CPU (see host_copy)."""
+    return host_copy(net.state_dict())
 
 
 def save_snapshot(path, net, *, generator_sigmas, step, config):
     """Write the inference weights of `net` with its network config and noise levels, the layout `DMDGenerator`
-    reads (sigma_G, the first level, too, for readers of one-step snapshots)."""
+    reads (sigma_G, the first level, too, for readers of one-step snapshots). Every rank calls it (a sharded
+    network is gathered), rank 0 writes."""
     snapshot = {
         "format": SNAPSHOT_FORMAT,
         "version": FORMAT_VERSION,
-        "class_name": type(net).__name__,
+        "class_name": dist.module_class(net).__name__,
         "init_kwargs": copy.deepcopy(net.init_kwargs),
         "state_dict": cpu_state_dict(net),
         "encoder": encoder_json(net),  # EDM2's latent space (None on pixels)
@@ -278,31 +295,34 @@ def save_snapshot(path, net, *, generator_sigmas, step, config):
         "step": int(step),
         "config": config,
     }
-    atomic_torch_save(snapshot, path)
+    if dist.is_main():
+        atomic_torch_save(snapshot, path)
 
 
 def save_training_state(path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, step, positions, run):
     """Write everything a resumed run needs to continue bit for bit; `positions` holds the data streams' positions
     (data_position: pairs, real_position: real images; None without), `run` the run's identity and counters
-    (config, sigma_G, bad_steps, best_fid, global_batch, fingerprints)."""
+    (config, sigma_G, bad_steps, best_fid, global_batch, fingerprints). Every rank calls it (--fsdp's shards are
+    gathered), rank 0 writes: whole tensors, so that a run resumes with or without --fsdp, on any number of ranks."""
     state = {
         "format": STATE_FORMAT,
         "version": FORMAT_VERSION,
-        "class_name": type(G).__name__,
+        "class_name": dist.module_class(G).__name__,
         "init_kwargs": copy.deepcopy(G.init_kwargs),
         "encoder": encoder_json(G),
         "G": cpu_state_dict(G),
         "mu_fake": cpu_state_dict(mu_fake),
         "G_ema": None if G_ema is None else cpu_state_dict(G_ema),
         "head": None if head is None else cpu_state_dict(head),  # DMD2's discriminator head
-        "opt_G": opt_G.state_dict(),
-        "opt_fake": opt_fake.state_dict(),
+        "opt_G": host_copy(opt_G.state_dict()),
+        "opt_fake": host_copy(opt_fake.state_dict()),
         "step": int(step),
         "rng": capture_rng(),
         **positions,
         **run,
     }
-    atomic_torch_save(state, path)
+    if dist.is_main():
+        atomic_torch_save(state, path)
 
 
 def _read_state(path, mmap=False):
@@ -454,11 +474,27 @@ def check_same_run(state, path, cfg, *, global_batch, fingerprints):
         raise CheckpointError(f"--resume: {path}: {e}") from e
 
 
+def _sharded_as(weights, live):
+    """A state dict of whole tensors split over the ranks as the same entries of `live`, a network's own state dict,
+    are (--fsdp's shards); as it is for a network that is not sharded."""
+    return {k: dist.shard_like(v, live[k]) if k in live else v for k, v in weights.items()}
+
+
+def _sharded_moments(saved, opt):
+    """An optimiser state of whole tensors with each parameter's AdamW moments split as the parameter is (--fsdp);
+    the step count stays one number, as FSDP keeps it. Parameters are numbered as `opt.state_dict()` numbers them."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    state = {}
+    for i, moments in saved["state"].items():
+        state[i] = {k: v if k == "step" else dist.shard_like(v, params[i]) for k, v in moments.items()}
+    return {**saved, "state": state}
+
+
 def restore(state, path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, streams):
     """Load a training state into the run's objects; return its step. `streams` maps the state's position entries
     to the run's data streams (or None). CheckpointError naming `path` if the state does not fit (another network,
     weights of other shapes, an optimiser state of another layout)."""
-    if state["class_name"] != type(G).__name__ or state["init_kwargs"] != G.init_kwargs:
+    if state["class_name"] != dist.module_class(G).__name__ or state["init_kwargs"] != G.init_kwargs:
         raise CheckpointError(f"--resume: {path} holds a different network than --network and --dropout build")
     if (state.get("G_ema") is None) != (G_ema is None):
         raise CheckpointError(f"--resume: {path} and --ema-halflife-kimg disagree on whether G has an EMA")
@@ -468,14 +504,14 @@ def restore(state, path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, streams):
     targets = [(key, net) for key, net in targets if net is not None]
     for key, net in targets:
         try:
-            net.load_state_dict(state[key], strict=True)
+            net.load_state_dict(_sharded_as(state[key], net.state_dict()), strict=True)
         except (RuntimeError, TypeError, AttributeError) as e:
             first = " ".join(str(e).split())[:300]
             raise CheckpointError(f"--resume: {path}: the {key} weights do not fit the network ({first} ...)") from e
     for key, opt in (("opt_G", opt_G), ("opt_fake", opt_fake)):
         try:
-            opt.load_state_dict(state[key])
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            opt.load_state_dict(_sharded_moments(state[key], opt))
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"--resume: {path}: the {key} optimiser state does not fit ({e})") from e
     for key, stream in streams.items():
         if stream is not None and state.get(key) is not None:

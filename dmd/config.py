@@ -59,6 +59,7 @@ class TrainConfig:
     precision: str = "fp32"  # 'fp32', or 'bf16': the U-Nets run in bf16, weights, losses, optimisers stay fp32
     channels_last: bool = False  # networks in channels-last memory layout (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the U-Nets' forward
+    fsdp: bool = False  # under torchrun: shard G, mu_fake (and their AdamW states) over the ranks with FSDP2, not DDP
     seed: int = 0  # seeds every random draw of the run
     device: str = "auto"  # 'auto', 'cpu', 'cuda'; under torchrun each rank takes cuda:LOCAL_RANK
     log_every: int = 50  # steps between console lines / stats.jsonl records
@@ -196,7 +197,7 @@ FREE_ON_RESUME = {
     "model_path", "output_dir", "data_path", "max_steps", "epochs", "device", "log_every", "image_every",
     "checkpoint_every", "keep_last", "max_bad_steps", "resume", "log_neptune", "lpips_vgg", "lpips_lin", "workers",
     "fid_every", "fid_num", "fid_ref", "fid_detector", "cache_dir", "allow_change", "batch_size", "reg_batch_size",
-    "batch_gpu", "channels_last", "compile",
+    "batch_gpu", "channels_last", "compile", "fsdp",
 }  # fmt: skip
 FIXED_ON_RESUME = {"seed", "generator_sigmas", "dropout", "num_timesteps"}
 FREE_ON_RESUME |= {"real_data", "recipe", "guide_network"}  # their contents are checked by their fingerprint

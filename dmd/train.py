@@ -108,7 +108,8 @@ def snapshot_info(cfg, step):
 
 
 def write_checkpoint(run_dir, cfg, step, *, nets, streams, run):
-    """Write training-state-{step} and network-snapshot-{step} (the EMA of G if any), then prune old ones.
+    """Write training-state-{step} and network-snapshot-{step} (the EMA of G if any), then prune old ones. Every rank
+    calls it (--fsdp's shards are gathered), rank 0 writes.
 
     `nets` holds G, mu_fake, G_ema, the head and the optimisers, `streams` the data streams by state key, `run` the
     identity and counters a state records. A write that fails (a full disk) leaves the previous checkpoints as they
@@ -125,7 +126,8 @@ def write_checkpoint(run_dir, cfg, step, *, nets, streams, run):
             f"cannot write the checkpoint of step {step} in {run_dir}: {reason}; the last complete checkpoint, "
             f"{last or 'none'}, is intact (free space, then continue with --resume auto)"
         ) from e
-    prune_checkpoints(run_dir, cfg.keep_last)
+    if dist.is_main():
+        prune_checkpoints(run_dir, cfg.keep_last)
 
 
 def open_logger(cfg, run_dir, start_step, images_per_step, summary):
@@ -308,7 +310,8 @@ def check_inputs(cfg, device):
     on_main(RunLock(run_dir).check)
     check_trackers(cfg.log_neptune, cfg.log_tensorboard, cfg.log_wandb)
     resume_path = resolve_resume(cfg, run_dir)
-    state = None if resume_path is None else load_training_state(resume_path, auto=cfg.resume == "auto")
+    # --fsdp: the state's tensors stay in the file, mapped, so K ranks share one copy in the page cache.
+    state = None if resume_path is None else load_training_state(resume_path, auto=cfg.resume == "auto", mmap=cfg.fsdp)
     mu_real, teacher, fingerprints = load_teacher(cfg, device)
     try:  # inside the teacher's noise range, where it declares one (VP: ~0.001 to ~152)
         check_sigmas(cfg.generator_sigmas, "--generator-sigmas", mu_real)
@@ -322,6 +325,11 @@ def check_inputs(cfg, device):
     num_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * pair_stream.steps_per_epoch
     world = dist.get_world_size()
     batches = {"batch_size": B * world, "reg_batch_size": B_reg * world}  # global batches, fixed in a run
+    if cfg.fsdp and world > 1 and cfg.fid_every and cfg.fid_num % (B * world):
+        raise TrainError(
+            f"--fsdp with --fid-every needs --fid-num a multiple of --batch-size x processes ({B * world}): each call "
+            "of the sharded G gathers it on every process, so every process must make as many FID batches"
+        )
     for key, path in (("pairs", cfg.data_path), ("real", cfg.real_data)):
         if path is not None:
             fingerprints[key] = data_fingerprint(path)
@@ -407,7 +415,8 @@ def run(cfg, inputs, device, summary):
         run.update(elapsed_s=elapsed())
         write_checkpoint(run_dir, cfg, step, nets=nets, streams=streams, run=run)
 
-    parts.G_ddp, parts.fake_ddp = wrap_ddp(parts.G, device), wrap_ddp(parts.mu_fake, device)
+    if not cfg.fsdp:  # sharded networks reduce their gradients themselves
+        parts.G_ddp, parts.fake_ddp = wrap_ddp(parts.G, device), wrap_ddp(parts.mu_fake, device)
     beta_ema = 0.5 ** (n / (cfg.ema_halflife_kimg * 1000)) if G_ema is not None else None
     zero = torch.zeros((), device=device)
     use_dm, hide = cfg.lambda_dm > 0, losses_off(cfg)
@@ -453,13 +462,13 @@ def run(cfg, inputs, device, summary):
                             f"stopping at step {done}: {streak} steps in a row had a non-finite loss or gradient "
                             f"(--max-bad-steps {cfg.max_bad_steps}); last good checkpoint: {last or 'none'}"
                         )
-                if logger is not None and cfg.image_every and done % cfg.image_every == 0:
-                    images, labels = grid_rows(parts, gen, step)
-                    grid_path, kimg = run_dir / f"grid-{done:06d}.png", done * n / 1000
-                    grid = save_grid(
-                        grid_path, images, min(cfg.batch_size, 8), step=done, kimg=kimg, labels=labels, codec=codec
-                    )
-                    logger.image(done, kimg, "samples", grid)
+                if cfg.image_every and done % cfg.image_every == 0 and (logger is not None or cfg.fsdp):
+                    images, labels = grid_rows(parts, gen, step)  # on every rank with --fsdp: G's calls gather
+                    if logger is not None:
+                        grid_path, kimg = run_dir / f"grid-{done:06d}.png", done * n / 1000
+                        columns = min(cfg.batch_size, 8)
+                        grid = save_grid(grid_path, images, columns, step=done, kimg=kimg, labels=labels, codec=codec)
+                        logger.image(done, kimg, "samples", grid)
                 if fid is not None and done % cfg.fid_every == 0:
                     value = compute_fid(cfg, G_ema or parts.G, fid, device, codec)
                     if logger is not None:
@@ -467,19 +476,18 @@ def run(cfg, inputs, device, summary):
                         logger.log(done, record)
                         best = " (best)" if value < best_fid else ""
                         logger.echo(f"{format_head(done, num_steps, record)} | FID {value:.3f}{best}")
-                        if value < best_fid:
-                            snapshot = run_dir / "network-snapshot-best.pt"
-                            save_snapshot(snapshot, G_ema or parts.G, **snapshot_info(cfg, done))
+                    if value < best_fid:  # the same value on every rank
+                        snapshot = run_dir / "network-snapshot-best.pt"
+                        save_snapshot(snapshot, G_ema or parts.G, **snapshot_info(cfg, done))
                     best_fid = min(best_fid, value)
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and counts.read()[0] == 0:
-                    if dist.is_main():
-                        checkpoint(done)
+                    checkpoint(done)
                     saved = done
                 bar.update(1)
                 if stop.requested(agree=log_now or done % STOP_CHECK_STEPS == 0):
                     break
             stopped = done < num_steps
-        if done != saved and counts.read()[0] == 0 and dist.is_main():
+        if done != saved and counts.read()[0] == 0:
             checkpoint(done)
         dist.barrier()
         bar.close()  # before the last line, so that the line is the last the console shows

@@ -206,6 +206,13 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
 @_train(
     "--compile", section=PERF, is_flag=True, help="compile the U-Nets with torch.compile (slow start, faster steps)"
 )
+@_train(
+    "--fsdp",
+    section=PERF,
+    is_flag=True,
+    help="under torchrun, shard G and mu_fake (weights, gradients, AdamW states) over the processes with FSDP2 "
+    "instead of a DDP copy on each, so that EDM2-XL/XXL students fit; the teacher stays whole on each (frozen)",
+)
 @device_option()
 @_train(
     "--workers",

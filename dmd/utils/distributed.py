@@ -93,6 +93,40 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def is_shard(t):
+    """Whether `t` is an FSDP shard (a DTensor: one rank's part of a tensor split over the ranks)."""
+    if not is_initialized():  # nothing is sharded without a process group
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def gather_shard(t):
+    """The whole tensor of an FSDP shard: a collective, so every rank calls it; any other `t` as it is."""
+    return t.full_tensor() if is_shard(t) else t
+
+
+def shard_like(t, like):
+    """A whole tensor `t` split over the ranks as the shard `like` is (each rank keeps its own part of its own copy
+    of `t`, no communication); `t` itself where `like` is not a shard."""
+    if not is_shard(like):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def module_class(net):
+    """The class a network was built as: FSDP2's fully_shard makes a sharded module an instance of a subclass it
+    names FSDP<class>, which no checkpoint reader knows."""
+    if not is_initialized():  # nothing is sharded without a process group
+        return type(net)
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(net).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def print0(*args, **kwargs):
     """Print on rank 0 only."""
     if is_main():

@@ -30,7 +30,7 @@ def clip_and_step(opt, params, max_norm, loss):
     No host sync: the fused AdamW skips its whole update (moments, step count, weight decay) on the device when its
     `found_inf` is non-zero, the mechanism torch's GradScaler uses.
     """
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = dist.gather_shard(torch.nn.utils.clip_grad_norm_(params, max_norm))  # --fsdp: a DTensor, the same on all
     bad = dist.all_reduce_max((~(torch.isfinite(loss.detach()) & torch.isfinite(norm))).float())  # 0-d
     opt.found_inf = bad
     opt.step()
@@ -51,10 +51,11 @@ def memory_gib(device):
 
 
 def average_gradients(module):
-    """Average the gradients of a module that no DDP wrapper reduces (DMD2's GAN head) over ranks; no-op alone."""
+    """Average the gradients of a module that no DDP wrapper reduces (DMD2's GAN head) over ranks; no-op alone and
+    for a module FSDP shards, which reduces its own."""
     if dist.is_initialized():
         for p in module.parameters():
-            if p.grad is not None:
+            if p.grad is not None and not dist.is_shard(p.grad):
                 dist.all_reduce_mean(p.grad)
 
 
