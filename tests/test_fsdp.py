@@ -45,8 +45,10 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path, real):
     run_cli(fsdp_args(one, real, "--max-steps", 4))
     torchrun(fsdp_args(fsdp, real, "--max-steps", 4))
     a, b = read_stats(one), read_stats(fsdp)
+    # Sharded sums run in another order than one process's; Adam carries that float noise, so by step 4 the losses
+    # and norms differ by up to 3e-5 relative under ATEN_CPU_CAPABILITY=default (1e-6 under avx2): rtol 1e-4.
     np.testing.assert_allclose(
-        [[r[k] for k in KEYS] for r in b], [[r[k] for k in KEYS] for r in a], rtol=1e-5, atol=1e-6
+        [[r[k] for k in KEYS] for r in b], [[r[k] for k in KEYS] for r in a], rtol=1e-4, atol=1e-6
     )
     sa, sb = load(one / "training-state-000004.pt"), load(fsdp / "training-state-000004.pt")
     start = load_network_state()
