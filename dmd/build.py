@@ -206,9 +206,10 @@ def unet_blocks(net):
     return [*net.backbone.enc.values(), *net.backbone.dec.values()]
 
 
-def build_losses(cfg, mu_real, mu_fake, rows, device):
+def build_losses(cfg, mu_real, mu_fake, rows, device, teacher=None):
     """The losses: distribution matching and fake-score on this rank's `rows`, and DMD2's GAN (None when off) with
-    its discriminator head."""
+    its discriminator head on mu_fake's bottleneck, or with --gan-features teacher on the frozen `teacher`'s (the
+    teacher itself, never a guided mu_real; None: mu_real is the teacher)."""
     from dmd.losses import DistributionMatchingLoss, FakeScoreLoss, KarrasGrid
 
     grid = KarrasGrid(T=cfg.num_timesteps).to(device)  # on the device once, not copied at every lookup
@@ -220,8 +221,10 @@ def build_losses(cfg, mu_real, mu_fake, rows, device):
 
         with torch.random.fork_rng(devices=[]):  # the same initial head on every rank, and the run's RNG untouched
             torch.manual_seed(step_seed(cfg.seed, 0, "head"))
-            head = DiscriminatorHead.for_network(mu_fake).to(device)
-        gan_loss = GANLoss(mu_fake, head, grid, max_index=max(1, round(cfg.gan_t_max * grid.T)))
+            features = mu_fake if cfg.gan_features == "fake" else mu_real if teacher is None else teacher
+            head = DiscriminatorHead.for_network(features).to(device)
+        max_index = max(1, round(cfg.gan_t_max * grid.T))
+        gan_loss = GANLoss(features, head, grid, max_index=max_index, train_features=cfg.gan_features == "fake")
     return dm_loss, fake_loss, gan_loss
 
 
@@ -332,8 +335,14 @@ def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, devic
             if net is not None:
                 shard_fsdp(net, unet_blocks(net))
     rows, n = rank_rows(cfg.batch_size), cfg.batch_size * dist.get_world_size()
-    dm_loss, fake_loss, gan_loss = build_losses(cfg, mu_real, mu_fake, rows, device)
+    dm_loss, fake_loss, gan_loss = build_losses(cfg, mu_real, mu_fake, rows, device, teacher)
     head = None if gan_loss is None else gan_loss.head
+    fdistill = None
+    if cfg.divergence != "rkl":
+        from dmd.fdistill import FDistillWeights
+
+        index_range = dm_loss.grid.index_range(cfg.t_min, cfg.t_max)
+        fdistill = FDistillWeights(cfg.divergence, index_range, cfg.fdistill_ratio_ema, device)
     if head is not None and cfg.fsdp:  # sharded too: mu_fake's AdamW and clipping take one kind of tensor
         # Its logits are a view, which FSDP2 warns of in every step for fear of in-place ops; the losses make none.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -357,6 +366,7 @@ def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, devic
         fake_loss=fake_loss,
         reg_loss=reg_loss,
         gan_loss=gan_loss,
+        fdistill=fdistill,
         pair_stream=pair_stream,
         real_stream=real_stream,
         encoder=latent_info(teacher),

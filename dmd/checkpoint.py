@@ -299,10 +299,11 @@ def save_snapshot(path, net, *, generator_sigmas, step, config):
         atomic_torch_save(snapshot, path)
 
 
-def save_training_state(path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, step, positions, run):
+def save_training_state(path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, step, positions, run, fdistill=None):
     """Write everything a resumed run needs to continue bit for bit; `positions` holds the data streams' positions
     (data_position: pairs, real_position: real images; None without), `run` the run's identity and counters
-    (config, sigma_G, bad_steps, best_fid, global_batch, fingerprints). Every rank calls it (--fsdp's shards are
+    (config, sigma_G, bad_steps, best_fid, global_batch, fingerprints), `fdistill` f-distill's FDistillWeights (its
+    EMA of the ratio's bin means) or None. Every rank calls it (--fsdp's shards are
     gathered), rank 0 writes: whole tensors, so that a run resumes with or without --fsdp, on any number of ranks."""
     state = {
         "format": STATE_FORMAT,
@@ -314,6 +315,7 @@ def save_training_state(path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, step,
         "mu_fake": cpu_state_dict(mu_fake),
         "G_ema": None if G_ema is None else cpu_state_dict(G_ema),
         "head": None if head is None else cpu_state_dict(head),  # DMD2's discriminator head
+        "fdistill": None if fdistill is None else fdistill.state_dict(),  # f-distill's ratio bins
         "opt_G": host_copy(opt_G.state_dict()),
         "opt_fake": host_copy(opt_fake.state_dict()),
         "step": int(step),
@@ -490,8 +492,9 @@ def _sharded_moments(saved, opt):
     return {**saved, "state": state}
 
 
-def restore(state, path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, streams):
-    """Load a training state into the run's objects; return its step. `streams` maps the state's position entries
+def restore(state, path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, streams, fdistill=None):
+    """Load a training state into the run's objects (f-distill's ratio bins too, where both have them); return its
+    step. `streams` maps the state's position entries
     to the run's data streams (or None). CheckpointError naming `path` if the state does not fit (another network,
     weights of other shapes, an optimiser state of another layout)."""
     if state["class_name"] != dist.module_class(G).__name__ or state["init_kwargs"] != G.init_kwargs:
@@ -513,6 +516,11 @@ def restore(state, path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, streams):
             opt.load_state_dict(_sharded_moments(state[key], opt))
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"--resume: {path}: the {key} optimiser state does not fit ({e})") from e
+    if fdistill is not None and state.get("fdistill") is not None:  # else the bins start at 1, as in a new run
+        try:
+            fdistill.load_state_dict(state["fdistill"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"--resume: {path}: the f-distill ratio bins are malformed ({e})") from e
     for key, stream in streams.items():
         if stream is not None and state.get(key) is not None:
             stream.load_state_dict(state[key])

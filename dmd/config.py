@@ -87,6 +87,9 @@ class TrainConfig:
     gan_weight_gen: float = 0.0  # weight of G's GAN loss softplus(-f(G(z))) (DMD2: 3e-3); 0 = no GAN
     gan_weight_disc: float = 0.0  # weight of the discriminator loss in the fake-score step (DMD2: 1e-2)
     gan_t_max: float = 1.0  # diffusion-GAN noise index uniform in [0, gan_t_max T) of the Karras grid (DMD2: all of it)
+    gan_features: str = "fake"  # the head reads 'fake' (mu_fake's bottleneck, DMD2) or 'teacher' (frozen, FastGen)
+    divergence: str = "rkl"  # f-distill's f-divergence of the DM term (dmd/fdistill.py); 'rkl' = DMD2's reverse KL
+    fdistill_ratio_ema: float = 0.0  # EMA rate of f-distill's per-noise-bin ratio means (FastGen ImageNet-64: 0.5)
     recipe: str = "dmd"  # the bundle of defaults the unset settings took (RECIPES); recorded, the values decide
     allow_change: Tuple[str, ...] = ()  # settings a resumed run may change from the run's, e.g. ('lr_gen',)
 
@@ -142,6 +145,20 @@ class TrainConfig:
                 "--real-data is used by the GAN only: set --gan-weight-gen and --gan-weight-disc (or --recipe dmd2)",
             ),
             (0 < self.gan_t_max <= 1, "--gan-t-max must be in (0, 1]"),
+            (self.gan_features in ("fake", "teacher"), "--gan-features must be 'fake' or 'teacher'"),
+            (self.gan_features == "fake" or self.gan_weight_gen > 0, "--gan-features teacher needs the GAN on"),
+            (self.divergence in DIVERGENCES, f"--divergence must be one of {', '.join(DIVERGENCES)}"),
+            (
+                self.divergence == "rkl" or self.gan_weight_gen > 0,
+                f"--divergence {self.divergence} takes the density ratio from the GAN head: turn the GAN on "
+                "(--gan-weight-gen, --gan-weight-disc, --real-data) or use --recipe fdistill",
+            ),
+            (
+                self.divergence == "rkl" or self.batch_gpu is None or self.batch_gpu >= self.batch_size,
+                f"--divergence {self.divergence} with --batch-gpu below --batch-size: f-distill's ratio is "
+                "normalised over the whole batch, so it needs the batch in one pass",
+            ),
+            (0 <= self.fdistill_ratio_ema < 1, "--fdistill-ratio-ema must be in [0, 1)"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (0 <= self.t_min < self.t_max <= 1, "--t-min must be below --t-max, both in [0, 1]"),
             (self.fake_sigma_sampling in ("karras", "lognormal"), "--fake-sigma-sampling: 'karras' or 'lognormal'"),
@@ -189,6 +206,18 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
 
+# f-distill's divergences and the weights h(r) of their DM terms (dmd/fdistill.py computes them); rkl is DMD2's own.
+DIVERGENCES = {
+    "rkl": "1",
+    "kl": "r",
+    "js": "1 - 1/(1+r)",
+    "hellinger": "sqrt(r)",
+    "jeffreys": "1 + r",
+    "neyman": "1/r",
+    "sf": "1/(1+r)",
+}
+
+
 # Resuming a run: settings of duration, I/O, logging, evaluation and hardware may change freely (the paths of the
 # teacher and pair file too: the training state checks their contents); these never may, because the state would
 # not mean the same (batch: the global batch is checked instead, so a resume may split it over other processes);
@@ -215,6 +244,8 @@ RECIPES = {
         lambda_reg=0.0, fake_steps_per_gen=5, gan_weight_gen=3e-3, gan_weight_disc=1e-2, lr_gen=2e-6, lr_fake=2e-6
     ),
 }
+# f-distill (Xu et al. 2025): DMD2's recipe with the DM term weighted for the Jensen-Shannon divergence (its best).
+RECIPES["fdistill"] = dict(RECIPES["dmd2"], divergence="js")
 
 
 def resolve_recipe(recipe, options):

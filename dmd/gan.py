@@ -6,7 +6,8 @@ noised "diffusion-GAN" style at a sigma of the DM loss's Karras grid, index unif
 the non-saturating ones: softplus(f(fake)) + softplus(-f(real)) trains head + mu_fake in the fake-score step (images
 detached), softplus(-f(G(z))) trains G in the generator step (mu_fake and head frozen). Each loss returns per-sample
 values (N,); the loop reduces, weights (DMD2: 1e-2 and 3e-3), clips and steps, with the head's parameters in mu_fake's
-optimizer.
+optimizer. NVIDIA FastGen's measured runs read the frozen teacher's bottleneck instead (--gan-features teacher): the
+features are then computed without gradient in the discriminator step, so only the head trains there.
 """
 
 import contextlib
@@ -110,32 +111,37 @@ def _cat_labels(c_fake, c_real):
 
 # The two GAN losses of DMD2 on one discriminator: `discriminator` for the fake-score step, `generator` for G's step.
 class GANLoss:
-    """DMD2's two non-saturating GAN losses on one diffusion-GAN discriminator f(x) = head(mu_fake.bottleneck(x_t)).
+    """DMD2's two non-saturating GAN losses on one diffusion-GAN discriminator f(x) = head(features.bottleneck(x_t)).
 
-    `GANLoss(mu_fake, head, grid, max_index=1000)`: every image, real or generated, is noised to x_t at a grid level
-    with index uniform in [0, max_index); a max_index outside [1, T] raises ValueError. `discriminator(x_fake, c_fake,
-    x_real, c_real)` returns softplus(f(fake)) + softplus(-f(real)) per pair (N,), for the fake-score step: both
-    batches are detached, so only mu_fake and the head get gradients. `generator(x_fake, c_fake)` returns
-    softplus(-f(G(z))) (N,) for G's step, with mu_fake and the head frozen. Each returns a dict of logging tensors
-    too. Labels are one-hot (N, label_dim) or None; a torch.Generator (`generator=`) and `rows`, `n` (see `noised`)
-    control the draws.
+    `GANLoss(features, head, grid, max_index=1000, train_features=True)`: `features` is mu_fake (DMD2), whose encoder
+    the discriminator step trains too, or the frozen teacher (FastGen; train_features False: its features are
+    computed without gradient there). Every image, real or generated, is noised to x_t at a grid level with index
+    uniform in [0, max_index); a max_index outside [1, T] raises ValueError. `discriminator(x_fake, c_fake, x_real,
+    c_real)` returns softplus(f(fake)) + softplus(-f(real)) per pair (N,), for the fake-score step: both batches are
+    detached, so only the head (and a trained feature network) gets gradients. `generator(x_fake, c_fake)` returns
+    softplus(-f(G(z))) (N,) for G's step, with the features and the head frozen; given `x_t` and `sigma` (the DM
+    loss's noised samples, FastGen's choice) it reads them instead of drawing its own. Each returns a dict of logging
+    tensors too. Labels are one-hot (N, label_dim) or None; a torch.Generator (`generator=`) and `rows`, `n` (see
+    `noised`) control the draws.
     """
 
     def __init__(
         self,
-        mu_fake: torch.nn.Module,  # Fake-score preconditioner, not DDP-wrapped: .bottleneck(x, sigma, c) -> features.
-        head: DiscriminatorHead,  # DiscriminatorHead of mu_fake's bottleneck width and resolution.
+        features: torch.nn.Module,  # Preconditioner, not DDP-wrapped: .bottleneck(x, sigma, c) -> features.
+        head: DiscriminatorHead,  # DiscriminatorHead of the features' bottleneck width and resolution.
         grid: KarrasGrid,  # KarrasGrid of the DM loss; the diffusion-GAN sigmas are its levels.
         max_index: int = 1000,  # Sigma indices are drawn uniformly from [0, max_index) (DMD2: 1000, the whole grid).
+        train_features: bool = True,  # The discriminator step trains the feature network (DMD2's mu_fake) too.
     ) -> None:
         if not 1 <= max_index <= grid.T:
             raise ValueError(
                 f"diffusion-GAN max_index must be in [1, {grid.T}] for a {grid.T}-level grid, got {max_index}"
             )
-        self.mu_fake = mu_fake
+        self.features = features
         self.head = head
         self.grid = grid
         self.max_index = int(max_index)
+        self.train_features = train_features
 
     def noised(
         self,
@@ -163,7 +169,11 @@ class GANLoss:
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Noise images x (N, C, H, W) at grid sigmas and return the discriminator's logits (N,) and the sigmas (N,)."""
         x_t, sigma = self.noised(x, generator, rows, n)
-        return self.head(self.mu_fake.bottleneck(x_t, sigma, class_labels)), sigma
+        return self.at(x_t, sigma, class_labels), sigma
+
+    def at(self, x_t: torch.Tensor, sigma: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The discriminator's logits (N,) of images x_t (N, C, H, W) already noised at sigma (N,)."""
+        return self.head(self.features.bottleneck(x_t, sigma, class_labels))
 
     def discriminator(
         self,
@@ -176,7 +186,8 @@ class GANLoss:
         n: Optional[int] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Return the discriminator loss per (fake, real) pair (N,) and logging tensors, for N generated and N real
-        images with their one-hot labels (or None). Both batches are detached: gradients reach only mu_fake and head.
+        images with their one-hot labels (or None). Both batches are detached: gradients reach only the head and, if
+        it trains, the feature network.
         `rows`, `n`: the batches are these rows of global batches of n (see `noised`); fake images draw first.
         """
         if x_fake.shape != x_real.shape:
@@ -185,7 +196,9 @@ class GANLoss:
         real_t, sigma_real = self.noised(x_real.detach().to(x_fake.dtype), generator, rows, n)
         k = x_fake.shape[0]  # one encoder pass for both batches (2N, C, H, W)
         sigma = torch.cat([sigma_fake, sigma_real])
-        logits = self.head(self.mu_fake.bottleneck(torch.cat([fake_t, real_t]), sigma, _cat_labels(c_fake, c_real)))
+        with contextlib.nullcontext() if self.train_features else torch.no_grad():
+            h = self.features.bottleneck(torch.cat([fake_t, real_t]), sigma, _cat_labels(c_fake, c_real))
+        logits = self.head(h)
         aux = dict(logits_fake=logits[:k].detach(), logits_real=logits[k:].detach(), sigma=sigma)
         return discriminator_loss(logits[:k], logits[k:]), aux
 
@@ -196,9 +209,15 @@ class GANLoss:
         generator: Optional[torch.Generator] = None,
         rows: Optional[slice] = None,
         n: Optional[int] = None,
+        x_t: Optional[torch.Tensor] = None,
+        sigma: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Return the generator's GAN loss per sample (N,) and logging tensors. mu_fake and the head are frozen while
-        the loss is built, so its backward reaches x_fake (and G) and leaves no gradient in them."""
-        with frozen(self.mu_fake, self.head):
-            logits, sigma = self.logits(x_fake, c_fake, generator, rows, n)
+        """Return the generator's GAN loss per sample (N,) and logging tensors. The features and the head are frozen
+        while the loss is built, so its backward reaches x_fake (and G) and leaves no gradient in them. With `x_t`
+        (N, C, H, W) and `sigma` (N,), noised x_fake with its gradient, no noise is drawn."""
+        with frozen(self.features, self.head):
+            if x_t is None:
+                logits, sigma = self.logits(x_fake, c_fake, generator, rows, n)
+            else:
+                logits = self.at(x_t, sigma, c_fake)
         return generator_gan_loss(logits), dict(logits_fake=logits.detach(), sigma=sigma)

@@ -109,8 +109,8 @@ class DistributionMatchingLoss:
     None, and an optional torch.Generator for the draws), it noises them at grid levels with index uniform in
     [t_min T, t_max T), runs both denoisers without gradients, and returns (loss (N,), aux). The loss is
     0.5 ||x - sg(x - grad)||^2 averaged over C, H, W, with grad = `distribution_matching_grad(x, p_real, p_fake)`,
-    so its gradient reaches x only and equals grad / (C H W). aux holds x_t, sigma, p_real, p_fake and the per-sample
-    grad_norm, for logging.
+    so its gradient reaches x only and equals grad / (C H W). aux holds x_t, sigma and its grid index t, p_real,
+    p_fake and the per-sample grad_norm, for logging and f-distill's weights (dmd/fdistill.py).
     """
 
     def __init__(
@@ -150,6 +150,7 @@ class DistributionMatchingLoss:
         aux = dict(
             x_t=x_t,  # (N, C, H, W) noised generator samples.
             sigma=sigma,  # (N,) their noise levels.
+            t=t,  # (N,) the levels' grid indices.
             p_real=p_real,  # (N, C, H, W) mu_real(x_t).
             p_fake=p_fake,  # (N, C, H, W) mu_fake(x_t).
             grad_norm=grad.flatten(1).norm(dim=1),  # (N,) L2 norm of each sample's distribution-matching gradient.

@@ -21,8 +21,10 @@ from dmd.utils.common import one_hot
 from dmd.utils.training import average_gradients, clip_and_step
 
 # The per-step statistics, averaged over each --log-every window into stats.jsonl (loss_fake and loss_disc: means
-# over the fake-score steps of a step).
+# over the fake-score steps of a step; h_min, h_max: the extremes of f-distill's weights of the DM term over the
+# global batch, h_mean: the mean of h(r) they were divided by; all 1 for rkl, DMD2's unweighted term).
 STAT_NAMES = ("loss_G", "loss_dm", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "grad_norm_G", "grad_norm_fake")
+STAT_NAMES += ("h_min", "h_mean", "h_max")
 
 
 class BatchError(RuntimeError):
@@ -47,6 +49,7 @@ class StepParts:
     fake_loss: Any  # FakeScoreLoss
     reg_loss: Any  # RegressionLoss / MSERegressionLoss, or None at --lambda-reg 0
     gan_loss: Any  # GANLoss, or None
+    fdistill: Any  # FDistillWeights of --divergence, or None for rkl (DMD2's unweighted DM term)
     pair_stream: Any  # BatchStream of teacher pairs, or None
     real_stream: Any  # BatchStream of real images (or raw latents, with `encoder`), or None
     encoder: Any  # the teacher's EncoderInfo if it runs on VAE latents (its real data are then raw latents), or None
@@ -60,6 +63,7 @@ class StepParts:
 @dataclass
 class GeneratorOutputs:
     losses: dict  # loss_G, loss_dm, loss_reg, loss_gan (0-d device tensors)
+    weights: dict  # h_min, h_mean, h_max of f-distill's weights (0-d device tensors; 1 for rkl)
     norm: torch.Tensor  # G's gradient norm before clipping
     bad: torch.Tensor  # 1.0 if the step was skipped (non-finite), else 0.0
     z: torch.Tensor  # this rank's z (B, C, H, W) at level `level`
@@ -135,6 +139,26 @@ def dm_loss_on(loss, rows):
     return loss
 
 
+def gan_term(p, x, c, aux, step, rows, n):
+    """G's GAN loss per sample (b,) of its samples x (b, C, H, W), `rows` of the global batch of n, and the
+    discriminator's logits (b,) at the DM loss's noised samples `aux` for f-distill (None without it).
+
+    --gan-features fake (DMD2): the GAN noises x with its own draws, and f-distill's logits take one more pass of
+    mu_fake's encoder, without gradient, at the DM loss's x_t. teacher (FastGen): the GAN reads the DM loss's x_t
+    itself, with its gradient to x through the frozen teacher's encoder, and its detached logits serve f-distill.
+    """
+    if p.cfg.gan_features == "fake":
+        gan_gen = step_generator(p.cfg.seed, step, "gan", p.device)
+        loss, _ = p.gan_loss.generator(x, c, generator=gan_gen, rows=rows, n=n)
+        if p.fdistill is None:
+            return loss, None
+        with torch.no_grad():
+            return loss, p.gan_loss.at(aux["x_t"][rows], aux["sigma"][rows], c)
+    x_t = x - x.detach() + aux["x_t"][rows]  # the DM loss's noised rows, to the bit, with x's gradient
+    loss, logs = p.gan_loss.generator(x, c, x_t=x_t, sigma=aux["sigma"][rows])
+    return loss, logs["logits_fake"]
+
+
 def generator_step(p, step):
     """One update of G: lambda_dm * DM + lambda_reg * regression + gan_weight_gen * GAN; return GeneratorOutputs.
 
@@ -155,6 +179,8 @@ def generator_step(p, step):
     size, count = split(cfg, B, B_ref)
     zero = torch.zeros((), device=device)
     losses = dict(loss_G=zero, loss_dm=zero, loss_reg=zero, loss_gan=zero)
+    one = torch.ones((), device=device)
+    weights = dict(h_min=one, h_mean=one, h_max=one)
     xs, x_refs, aux = [], [], None
     for i, (r, r_ref) in enumerate(
         zip(micro_batches(dm_rows, size, count), micro_batches(slice(0, B_ref), size, count))
@@ -175,11 +201,15 @@ def generator_step(p, step):
                 share = (r.stop - r.start) / B
                 dm_gen = step_generator(cfg.seed, step, "dm", device)
                 loss_dm, aux_r = dm_loss_on(p.dm_loss, r)(spread(x, r, n), c, generator=dm_gen)
-                loss_dm = loss_dm[r].mean() * share
                 aux = {k: aux_r[k] if aux is None else aux[k] + aux_r[k] for k in ("p_real", "p_fake")}
                 if p.gan_loss is not None:
-                    gan_gen = step_generator(cfg.seed, step, "gan", device)
-                    loss_gan = p.gan_loss.generator(x, c_r, generator=gan_gen, rows=r, n=n)[0].mean() * share
+                    loss_gan, logits = gan_term(p, x, c_r, aux_r, step, r, n)
+                    loss_gan = loss_gan.mean() * share
+                if p.fdistill is None:
+                    loss_dm = loss_dm[r].mean() * share
+                else:  # one micro-batch holds the rank's rows (config refuses --batch-gpu that splits them)
+                    w, weights = p.fdistill(logits, aux_r["t"][r])
+                    loss_dm = (w * loss_dm[r]).mean() * share
             if r_ref.stop > r_ref.start:
                 loss_reg = p.reg_loss(x_ref, y_ref).mean() * ((r_ref.stop - r_ref.start) / B_ref)
             loss_G = cfg.lambda_dm * loss_dm + cfg.lambda_reg * loss_reg + cfg.gan_weight_gen * loss_gan
@@ -191,7 +221,7 @@ def generator_step(p, step):
     norm, bad = clip_and_step(p.opt_G, p.G.parameters(), cfg.grad_clip, losses["loss_G"])
     renormalize(p.G)
     pairs = None if ref is None else (torch.cat(x_refs), *ref[1:])
-    return GeneratorOutputs(losses, norm, bad, z[rows], c, level, torch.cat(xs), aux, pairs)
+    return GeneratorOutputs(losses, weights, norm, bad, z[rows], c, level, torch.cat(xs), aux, pairs)
 
 
 def fake_score_step(p, step, x, c):

@@ -231,10 +231,12 @@ def final_line(run_dir, done, num_steps, stopped):
 
 
 def losses_off(cfg):
-    """The losses a run has switched off: left out of its console lines and trackers (stats.jsonl keeps them, at 0)."""
+    """The losses a run has switched off: left out of its console lines and trackers (stats.jsonl keeps them, at 0;
+    f-distill's weights at 1)."""
     off = set() if cfg.lambda_reg > 0 else {"loss_reg"}
     off |= set() if cfg.lambda_dm > 0 else {"loss_dm", "loss_fake"}
     off |= set() if cfg.gan_weight_gen > 0 else {"loss_gan", "loss_disc"}
+    off |= set() if cfg.divergence != "rkl" else {"h_min", "h_mean", "h_max"}  # all 1: DMD2's unweighted DM term
     return off
 
 
@@ -388,7 +390,7 @@ def run(cfg, inputs, device, summary):
     pair_stream, real_stream = streams["data_position"], streams["real_position"]
     parts, G_ema = build_parts(cfg, mu_real, inputs.teacher, inputs.reg_loss, pair_stream, real_stream, device)
     fid, codec = inputs.fid, inputs.codec
-    nets = dict(G=parts.G, mu_fake=parts.mu_fake, G_ema=G_ema, head=parts.head)
+    nets = dict(G=parts.G, mu_fake=parts.mu_fake, G_ema=G_ema, head=parts.head, fdistill=parts.fdistill)
     nets.update(opt_G=parts.opt_G, opt_fake=parts.opt_fake)
     if state is not None:
         restore(state, resume_path, **nets, streams=streams)
@@ -443,7 +445,7 @@ def run(cfg, inputs, device, summary):
                 counts.add(torch.maximum(gen.bad, bad_fake))
                 if G_ema is not None:
                     update_ema(G_ema, parts.G, beta_ema)
-                window.add([*gen.losses.values(), loss_fake, loss_disc, gen.norm, norm_fake])
+                window.add([*gen.losses.values(), loss_fake, loss_disc, gen.norm, norm_fake, *gen.weights.values()])
                 log_now = done % cfg.log_every == 0 or done == num_steps
                 if log_now:
                     means = window.flush(n)  # on every rank: it all-reduces

@@ -237,16 +237,38 @@ class _MLPScore(torch.nn.Module):
         return self._features(x, sigma)[0][:, :, None, None]  # (N, width, 1, 1)
 
 
-def _distil_mixture(seed, teacher, gan_weight, steps=800, batch=128, lr=2e-3):
-    """DMD (gan_weight 0) or DMD + GAN on real mixture samples; the student's mode fractions on fixed noise."""
+TEACHER_WEIGHTS = torch.tensor([0.2, 0.3, 0.5])  # the biased teacher's mode weights
+
+
+def biased_teacher():
+    """The exact denoiser of the mixture with the teacher's mode weights TEACHER_WEIGHTS instead of the data's."""
     import test_losses as mixture
 
+    class BiasedTeacher(mixture.MixtureDenoiser):
+        def forward(self, x, sigma, class_labels=None):
+            data_weights = mixture.MODE_WEIGHTS.clone()
+            mixture.MODE_WEIGHTS.copy_(TEACHER_WEIGHTS)
+            try:
+                return super().forward(x, sigma, class_labels)
+            finally:
+                mixture.MODE_WEIGHTS.copy_(data_weights)
+
+    return BiasedTeacher()
+
+
+def _distil_mixture(seed, teacher, gan_weight, steps=800, batch=128, lr=2e-3, divergence="rkl"):
+    """DMD (gan_weight 0) or DMD + GAN on real mixture samples, its DM term weighted by f-distill for a divergence
+    other than rkl; the student's mode fractions on fixed noise."""
+    import test_losses as mixture
+
+    from dmd.fdistill import FDistillWeights
     from dmd.losses import DistributionMatchingLoss, FakeScoreLoss
 
     torch.manual_seed(seed)
     G, mu_fake, grid = mixture.MLPGenerator(), _MLPScore(), KarrasGrid()
     gan = GANLoss(mu_fake, DiscriminatorHead(64, 1), grid, max_index=500)
     dm_loss, fake_loss = DistributionMatchingLoss(teacher, mu_fake, grid), FakeScoreLoss(grid, "lognormal")
+    weights = FDistillWeights(divergence, grid.index_range(dm_loss.t_min, dm_loss.t_max))
     opt_G = torch.optim.AdamW(G.parameters(), lr=lr, weight_decay=0.01)
     opt_fake = torch.optim.AdamW([*mu_fake.parameters(), *gan.head.parameters()], lr=2 * lr, weight_decay=0.01)
     real = torch.Generator().manual_seed(seed + 100)
@@ -256,7 +278,11 @@ def _distil_mixture(seed, teacher, gan_weight, steps=800, batch=128, lr=2e-3):
         opt_fake.step()
     for _ in range(steps):
         x = G(torch.randn(batch, 2))
-        loss = dm_loss(x)[0].mean() + (gan_weight * gan.generator(x)[0].mean() if gan_weight else 0)
+        dm, aux = dm_loss(x)
+        if divergence != "rkl":  # the ratio at the DM term's own noised samples
+            with torch.no_grad():
+                dm = weights(gan.at(aux["x_t"], aux["sigma"]), aux["t"])[0] * dm
+        loss = dm.mean() + (gan_weight * gan.generator(x)[0].mean() if gan_weight else 0)
         opt_G.zero_grad()
         loss.backward()
         opt_G.step()
@@ -278,20 +304,9 @@ def test_gan_on_real_samples_corrects_a_biased_teacher():
     # teacher's.
     import test_losses as mixture
 
-    teacher_weights = torch.tensor([0.2, 0.3, 0.5])
-
-    class BiasedTeacher(mixture.MixtureDenoiser):
-        def forward(self, x, sigma, class_labels=None):
-            data_weights = mixture.MODE_WEIGHTS.clone()
-            mixture.MODE_WEIGHTS.copy_(teacher_weights)
-            try:
-                return super().forward(x, sigma, class_labels)
-            finally:
-                mixture.MODE_WEIGHTS.copy_(data_weights)
-
-    dmd = torch.stack([_distil_mixture(seed, BiasedTeacher(), 0.0) for seed in range(3)]).mean(0)
-    dmd2 = torch.stack([_distil_mixture(seed, BiasedTeacher(), 3.0) for seed in range(3)]).mean(0)
+    dmd = torch.stack([_distil_mixture(seed, biased_teacher(), 0.0) for seed in range(3)]).mean(0)
+    dmd2 = torch.stack([_distil_mixture(seed, biased_teacher(), 3.0) for seed in range(3)]).mean(0)
     print(f"mode fractions: DMD {dmd.tolist()}, DMD + GAN {dmd2.tolist()}")
-    assert abs(dmd[0] - teacher_weights[0]) < 0.1
+    assert abs(dmd[0] - TEACHER_WEIGHTS[0]) < 0.1
     assert dmd2[0] > dmd[0] + 0.1
-    assert (dmd2 - mixture.MODE_WEIGHTS).abs().sum() < (dmd2 - teacher_weights).abs().sum()
+    assert (dmd2 - mixture.MODE_WEIGHTS).abs().sum() < (dmd2 - TEACHER_WEIGHTS).abs().sum()

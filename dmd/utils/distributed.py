@@ -77,6 +77,13 @@ def all_reduce_mean(t):
     return t
 
 
+def all_reduce_sum(t):
+    """Sum a tensor over ranks in place and return it (identity for one process)."""
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_reduce_max(t):
     """The elementwise maximum of a tensor over ranks, in place (identity for one process)."""
     if is_initialized():

@@ -57,8 +57,10 @@ def format_head(step, total_steps, stats):
 
 def format_stats(step, total_steps, stats, hide=()):
     """One console line: time and progress, speed, the losses but those in `hide` (the ones a run has switched off),
-    learning rates, memory and skipped steps."""
+    f-distill's weights (h_min, h_mean, h_max) unless hidden, learning rates, memory and skipped steps."""
     losses = " ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.startswith("loss_") and k not in hide)
+    if "h_mean" in stats and "h_mean" not in hide:
+        losses += f" | h {stats['h_min']:.3f}/{stats['h_mean']:.3f}/{stats['h_max']:.3f}"
     return (
         f"{format_head(step, total_steps, stats)} | {stats['s_per_kimg']:.1f} s/kimg | {losses} | "
         f"lr_gen {stats['lr_gen']:.3g} lr_fake {stats['lr_fake']:.3g} | {stats['img_per_s']:.1f} img/s | "
