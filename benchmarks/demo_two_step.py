@@ -30,11 +30,11 @@ STUDENTS = {  # name: (title, run key, losses for dmd.demo.run.distil)
 SAMPLES = ("level 0 alone", "two steps", "mixture")
 
 
-def names(text, known, flag):
-    """A comma-separated list of `known` names; argparse's one-line error naming `flag` otherwise."""
+def names(text, known):
+    """A comma-separated list of `known` names; argparse's one-line error (naming the flag) otherwise."""
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values or any(v not in known for v in values):
-        raise argparse.ArgumentTypeError(f"{flag}: a comma-separated list of {', '.join(known)}, not {text!r}")
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(known)}, not {text!r}")
     return values
 
 
@@ -42,7 +42,7 @@ def seed_list(text):
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds: a comma-separated list of integers, not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"a comma-separated list of integers, not {text!r}") from None
 
 
 def main():
@@ -58,12 +58,10 @@ def main():
     parser.add_argument("--two-step-sigma", type=float, default=DemoConfig.two_step_sigma, help="the second level")
     parser.add_argument("--num-eval", type=int, default=DemoConfig.num_eval, help="samples per row")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: reproducible)")
-    parser.add_argument(
-        "--students", type=lambda t: names(t, STUDENTS, "--students"), default=list(STUDENTS), help="dmd2, dm"
-    )
+    parser.add_argument("--students", type=lambda t: names(t, STUDENTS), default=list(STUDENTS), help="dmd2, dm")
     parser.add_argument(
         "--fake-score-levels",
-        type=lambda t: names(t, ("all", "last"), "--fake-score-levels"),
+        type=lambda t: names(t, ("all", "last")),
         default=["all"],
         help="train's --fake-score-levels values to compare: all, last",
     )
