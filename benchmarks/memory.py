@@ -344,7 +344,7 @@ def measure_peaks(recipe):
 
     for step in range(2):  # the first step makes AdamW's state; the second is measured
         out, gen = peak(generator_step, parts, step)
-        _, fake = peak(fake_score_step, parts, step, out.x, out.c)
+        _, fake = peak(fake_score_step, parts, step, out)
     return gen, fake
 
 

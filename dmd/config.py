@@ -50,6 +50,7 @@ class TrainConfig:
     regression_distance: str = "lpips"  # 'lpips' (the paper's, VGG-16 at 224x224) or 'mse' (native resolution)
     fake_steps_per_gen: int = 1  # mu_fake updates per G update (DMD2's TTUR uses 5)
     generator_sigmas: Tuple[float, ...] = (80.0,)  # G's noise levels: (80,) = G(z) = D_G(80 z; 80), or a few-step list
+    fake_score_levels: str = "all"  # G's samples mu_fake learns: 'all' levels (DMD2) or the 'last' level only
     dropout: float = 0.0  # dropout of G and mu_fake (mu_real always runs in eval mode)
     num_timesteps: int = 1000  # T of the Karras grid
     t_min: float = 0.02  # DM loss draws t uniformly from [t_min T, t_max T)
@@ -126,6 +127,7 @@ class TrainConfig:
             (self.regression_distance in ("lpips", "mse"), "--regression-distance must be 'lpips' or 'mse'"),
             (self.lambda_reg == 0 or self.data_path is not None, "--lambda-reg > 0 needs pairs: give --data-path"),
             (self.fake_steps_per_gen >= 1, "--fake-steps-per-gen must be at least 1"),
+            (self.fake_score_levels in ("all", "last"), "--fake-score-levels must be 'all' or 'last'"),
             (self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
             (
                 (self.gan_weight_gen > 0) == (self.gan_weight_disc > 0),

@@ -224,28 +224,47 @@ def generator_step(p, step):
     return GeneratorOutputs(losses, weights, norm, bad, z[rows], c, level, torch.cat(xs), aux, pairs)
 
 
-def fake_score_step(p, step, x, c):
-    """`fake_steps_per_gen` updates of mu_fake (and the GAN head): the first on G's samples x (this rank's rows) of
-    the generator step, labelled c (global batch), the others on fresh samples of the updated G. Return the mean
-    fake-score and discriminator losses, the last gradient norm and whether any update was skipped (device tensors).
-    Each update goes in the generator step's --batch-gpu micro-batches, its gradients added up before the step.
+def samples_at(p, z, c, step, stream, level, chunks):
+    """G's samples at `level` of this rank's rows, without gradients, in the micro-batches `chunks` (global rows):
+    G's input at that level by backward simulation from z (n, C, H, W; global batch, this rank's rows used) with the
+    step's `stream` noise, then one G call. Return (B, C, H, W)."""
+    with torch.no_grad():
+        x = []
+        for r in chunks:
+            x_in, sigma_in = generated(p.G, z[r], take(c, r), p.cfg, step, stream, level, r, p.n)
+            x.append(p.G(x_in, sigma_in, take(c, r)))
+    return torch.cat(x)
+
+
+def fake_score_step(p, step, gen):
+    """`fake_steps_per_gen` updates of mu_fake (and the GAN head): the first on G's samples of the generator step
+    `gen` (GeneratorOutputs), the others on fresh samples of the updated G. Return the mean fake-score and
+    discriminator losses, the last gradient norm and whether any update was skipped (device tensors).
+
+    --fake-score-levels all (DMD2): the samples are at the level the step drew (backward simulation), so mu_fake
+    learns the mixture of all levels' samples. last: only the final level's; the first update takes the generator
+    step's samples if it drew the last level, else the updated G's final-level samples from the step's own z (new
+    noise streams between the levels), and the others sample the final level. Each update goes in the generator
+    step's --batch-gpu micro-batches, its gradients added up before the step.
     """
     cfg, rows, n, device = p.cfg, p.rows, p.n, p.device
     levels, B = len(cfg.generator_sigmas), rows.stop - rows.start
+    final_only = cfg.fake_score_levels == "last"
     chunks = micro_batches(rows, *split(cfg, B))
-    x_fake, c_fake = spread(x.detach(), rows, n), c
+    x_fake, c_fake = spread(gen.x.detach(), rows, n), gen.c
+    if final_only and gen.level != levels - 1:
+        x_last = samples_at(p, spread(gen.z, rows, n), gen.c, step, "G-last", levels - 1, chunks)
+        x_fake = spread(x_last, rows, n)
     zero = torch.zeros((), device=device)
     loss_fake_sum, loss_disc_sum, norm, bad = zero, zero, zero, zero
     for k in range(cfg.fake_steps_per_gen):
         if k > 0:
             z, c_fake = draw_generator_inputs(p.mu_real, cfg.seed, step, f"fake{k}", n, device)
-            level = draw_index(cfg.seed, step, f"fake-level{k}", levels) if levels > 1 else 0
-            with torch.no_grad():
-                x_new = []
-                for r in chunks:
-                    x_k, sigma_k = generated(p.G, z[r], take(c_fake, r), cfg, step, f"fake{k}", level, r, n)
-                    x_new.append(p.G(x_k, sigma_k, take(c_fake, r)))
-                x_fake = spread(torch.cat(x_new), rows, n)
+            if final_only or levels == 1:
+                level = levels - 1
+            else:
+                level = draw_index(cfg.seed, step, f"fake-level{k}", levels)
+            x_fake = spread(samples_at(p, z, c_fake, step, f"fake{k}", level, chunks), rows, n)
         if p.gan_loss is not None:
             x_real, k_real = next_batch(p.real_stream, "--real-data", device)  # this rank's B real images
             if p.encoder is not None:  # raw (B, 2C, h, w) -> final latents (B, C, h, w), a fresh eps at every use

@@ -436,7 +436,7 @@ def run(cfg, inputs, device, summary):
 
                 # Fake-score step (regression-only training, lambda_dm 0, has no use for mu_fake and skips it).
                 loss_fake, loss_disc, norm_fake, bad_fake = (
-                    fake_score_step(parts, step, gen.x, gen.c) if use_dm else (zero, zero, zero, zero)
+                    fake_score_step(parts, step, gen) if use_dm else (zero, zero, zero, zero)
                 )
 
                 # Maintenance: EMA, statistics, grid, FID, checkpoint, stop conditions. The statistics stay on the

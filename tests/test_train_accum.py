@@ -72,7 +72,7 @@ def one_step(tmp_path, pairs, real, batch_gpu):
     before = {name: [w.detach().clone() for w in net.parameters()] for name, net in nets.items()}
     step = level_one_step(cfg)
     gen = generator_step(parts, step)
-    loss_fake, loss_disc, norm_fake, _ = fake_score_step(parts, step, gen.x, gen.c)
+    loss_fake, loss_disc, norm_fake, _ = fake_score_step(parts, step, gen)
     stats = {**gen.losses, "loss_fake": loss_fake, "loss_disc": loss_disc, "norm_G": gen.norm, "norm_fake": norm_fake}
     changes = {
         name: torch.cat([(w - w0).flatten() for w, w0 in zip(net.parameters(), before[name])])

@@ -170,6 +170,15 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     "few-step generator, trained with backward simulation.  [default: 80]",
 )
 @option("--generator-sigma", type=POSITIVE, hidden=True, help="One-step sigma_G (the old spelling).")
+@_train(
+    "--fake-score-levels",
+    section=HYPER,
+    type=click.Choice(["all", "last"]),
+    help="the samples of a few-step G that mu_fake (and the GAN's discriminator) learns: 'all' levels, each step's "
+    "drawn level (DMD2's backward simulation), or the 'last' level only, G's final samples; the generator step keeps "
+    "its drawn level either way, so at an earlier level its DM gradient moves that level's outputs by the final "
+    "samples' fake score. No effect with one level",
+)
 @_train("--dropout", section=HYPER, type=click.FloatRange(0, 1, max_open=True), metavar="FLOAT")
 @_train("--t-min", section=HYPER, type=click.FloatRange(0, 1, max_open=True), metavar="FLOAT")
 @_train(

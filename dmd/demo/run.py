@@ -117,6 +117,7 @@ def distil(cfg, out, key, losses, data):
         gan_weight_gen=cfg.gan_weight_gen if gan else 0.0,
         gan_weight_disc=cfg.gan_weight_disc if gan else 0.0,
         generator_sigmas=(80.0, cfg.two_step_sigma) if losses.get("two_step") else (80.0,),
+        fake_score_levels=losses.get("fake_score_levels", "all"),
         seed=cfg.seed,
         device="cpu",
         log_every=max(cfg.max_steps // 4, 1),
