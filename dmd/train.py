@@ -101,8 +101,10 @@ def fid_fields(values):
 
 def fid_text(values, best):
     """The console's FID part: 'FID 12.345 (best)', or per EMA 'FID 0.9999 12.345 (best), 0.99995 13.001'."""
-    parts = [f"{'' if len(values) == 1 else name + ' '}{value:.3f}" + (" (best)" if value < best[name] else "")
-             for name, value in values.items()]  # fmt: skip
+    parts = []
+    for name, value in values.items():
+        named = f"{name} " if len(values) > 1 else ""
+        parts.append(f"{named}{value:.3f}" + (" (best)" if value < best[name] else ""))
     return "FID " + ", ".join(parts)
 
 
@@ -440,7 +442,8 @@ def run(cfg, inputs, device, summary):
 
     def checkpoint(step):
         run = dict(config=cfg.to_dict(), sigma_G=float(cfg.generator_sigmas[0]), bad_steps=counts.read()[1])
-        run.update(best_fid=float(next(iter(best_fid.values()))), best_fids={k: float(v) for k, v in best_fid.items()})
+        best_fids = {name: float(value) for name, value in best_fid.items()}  # best_fid: the first's, as before
+        run.update(best_fid=next(iter(best_fids.values())), best_fids=best_fids)
         run.update(global_batch=inputs.batches, fingerprints=inputs.fingerprints)
         run.update(elapsed_s=elapsed())
         write_checkpoint(run_dir, cfg, step, nets=nets, streams=streams, run=run)

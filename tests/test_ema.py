@@ -156,6 +156,17 @@ def test_fid_every_scores_each_ema_and_keeps_a_best_snapshot_of_each(fastgen_run
     assert all(f"{name} {records[1]['fid_' + name]:.3f}" in line for name in FASTGEN)
 
 
+def test_plot_draws_one_fid_curve_per_ema(fastgen_run):
+    pytest.importorskip("matplotlib")
+    from dmd.plot import figure
+
+    out, _ = fastgen_run
+    records = [r for r in read_stats(out) if "fid_0.9999" in r]
+    lines = {line.get_label(): list(line.get_ydata()) for line in figure(out).axes[-1].get_lines()}
+    for name in FASTGEN:
+        assert lines[f"FID {name}"] == [r[f"fid_{name}"] for r in records]
+
+
 def test_generate_and_fid_calc_load_each_snapshot_and_the_state_by_name(fastgen_run, fid_files, tmp_path):
     out, _ = fastgen_run
     state = out / "training-state-000002.pt"
