@@ -219,7 +219,7 @@ def check_snapshot_ema(path, data, ema):
         return
     held = data.get("ema", "unrecorded")
     if ema_name(ema) != (RAW_G if held is None else held):
-        what = "G itself" if held is None else f"the EMA {held}"
+        what = "G itself" if held is None else "one network" if "ema" not in data else f"the EMA {held}"
         raise GeneratorLoadError(
             f"{path}: a snapshot of {what} alone, not --ema {ema}; --ema selects among the networks of a training "
             "state or a run folder's snapshots"
@@ -350,7 +350,10 @@ class DMDGenerator:
     moved, and `device` defaults to its parameters'. The noise levels default to the file's (a dmd file's own list,
     80 for an EDM pickle, 79.56 for the port's checkpoint) and to 80 with `net=`; `sigma_G=` replaces them by one
     level, `sigmas=` by a decreasing list such as [80, 1.5]; every list is checked with `check_sigmas` against the
-    network's range. Bad arguments raise ValueError, unloadable files GeneratorLoadError.
+    network's range. Bad arguments raise ValueError, unloadable files GeneratorLoadError. `ema=` picks the network
+    of a training state (or of a run folder with several EMAs) by its `train --ema` name, '0.9999' or '10kimg', or
+    'none' for G itself; None takes the run's first EMA (G where it kept none); a name it does not hold is a
+    GeneratorLoadError listing those it does.
 
     `generate_batch` returns (N, C, R, R) float32 images in [-1, 1]. A network that runs on VAE latents (EDM2's
     img512 teachers and their students) is decoded by its VAE: `vae=` a folder saved with `save_pretrained`, a Hub

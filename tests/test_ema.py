@@ -210,6 +210,19 @@ def test_dmd_generator_selects_an_ema_or_g_and_names_the_choices(fastgen_run):
         DMDGenerator(snapshot, device="cpu", ema="0.9999")
 
 
+def test_export_takes_an_ema_and_reports_its_own_fid(fastgen_run, tmp_path):
+    from dmd.export import export_generator
+
+    out, _ = fastgen_run
+    fid = [r for r in read_stats(out) if "fid_0.9996" in r][-1]
+    _, config = export_generator(out / "network-snapshot-000002-ema0.9996.pt", tmp_path / "snapshot")
+    assert config["fid"]["value"] == fid["fid_0.9996"]
+    assert config["selection"] == "the run's newest snapshot (network-snapshot-000002-ema0.9996.pt, step 2)"
+    _, config = export_generator(out / "training-state-000002.pt", tmp_path / "state", ema="0.99995")
+    assert config["fid"]["value"] == fid["fid_0.99995"]
+    assert config["selection"] == "the generator of the training state of step 2 (its EMA 0.99995)"
+
+
 def test_a_bad_ema_on_the_command_line_is_one_line(fastgen_run, tmp_path):
     out, _ = fastgen_run
     args = ["generate", "--network", out / "training-state-000002.pt", "--output-dir", tmp_path / "x", "--ema", "0.7"]
