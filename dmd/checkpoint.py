@@ -534,6 +534,8 @@ def restore(state, path, *, G, mu_fake, emas, head, opt_G, opt_fake, streams):
     if state["class_name"] != dist.module_class(G).__name__ or state["init_kwargs"] != G.init_kwargs:
         raise CheckpointError(f"--resume: {path} holds a different network than --network and --dropout build")
     saved_emas = state_emas(state)
+    if not isinstance(saved_emas, dict):
+        raise CheckpointError(f"--resume: {path}: its EMAs are a {type(saved_emas).__name__}, not weights by name")
     if list(saved_emas) != list(emas):
         held = ",".join(saved_emas) or "none"
         raise CheckpointError(f"--resume: {path} holds the EMAs {held}, --ema gives {','.join(emas) or 'none'}")

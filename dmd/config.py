@@ -323,11 +323,13 @@ def ema_beta(name, global_batch):
 
 
 def upgrade_config(d):
-    """A config dict of an older run in today's fields: ema_halflife_kimg X (0 = none) becomes ema ['Xkimg']."""
-    if "ema_halflife_kimg" not in d:
+    """A config dict of an older run in today's fields: ema_halflife_kimg X (0 = none) becomes ema ['Xkimg'] (a value
+    that is no number stays, for TrainConfig to refuse)."""
+    halflife = d.get("ema_halflife_kimg")
+    if isinstance(halflife, bool) or not isinstance(halflife, (int, float)):
         return d
     d = dict(d)
-    halflife = d.pop("ema_halflife_kimg")
+    del d["ema_halflife_kimg"]
     if "ema" not in d:
         d["ema"] = [f"{_number_text(halflife)}{EMA_KIMG}"] if halflife else []
     return d

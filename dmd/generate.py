@@ -69,6 +69,8 @@ def select_state_network(path, data, ema):
     from dmd.checkpoint import state_emas
 
     emas = state_emas(data)
+    if not isinstance(emas, dict):
+        raise GeneratorLoadError(f"{path}: its EMAs are a {type(emas).__name__}, not weights by --ema name")
     name = next(iter(emas), RAW_G) if ema is None else ema_name(ema)
     if name == RAW_G:
         return None, data["G"]
