@@ -37,7 +37,7 @@ With a guide (`--guide-network`) add its weights (fp16), the "guide" column: the
 preset in `generate_images.py` (classifier-free guidance by the unconditional XS; autoguidance of S by XS, of XXL by
 M, of ImageNet-64 S by XS). It runs without gradients. The regression loss (`--lambda-reg > 0`) runs G on R more
 images (`--reg-batch-size`, default B): G's activations per image apply to B + R images, plus LPIPS's VGG-16 at 224.
-An EMA of G (`--ema-halflife-kimg`) adds G's weights once more.
+Each EMA of G (`--ema`) adds G's weights once more.
 
 The CPU check runs one real generator step and one real fake-score step (dmd.build.build_parts, dmd.steps) of a
 small EDM2 network in a fresh process and reads its peak resident memory above the memory it held before each step

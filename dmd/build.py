@@ -315,10 +315,10 @@ def setup_fid(cfg, teacher, device, codec=None):
 
 def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, device):
     """The students G and mu_fake (copies of the teacher; all U-Nets in the run's precision, not the pickle's fp16),
-    their losses and optimisers as the StepParts of the two updates, and the EMA of G (or None). mu_real is the
-    teacher, or the teacher guided.
+    their losses and optimisers as the StepParts of the two updates, and the EMAs of G ({--ema name: copy of G}, in
+    --ema's order; empty without). mu_real is the teacher, or the teacher guided.
 
-    With --fsdp, G, mu_fake, the EMA of G and DMD2's head are sharded before their optimisers see them. mu_real (and
+    With --fsdp, G, mu_fake, the EMAs of G and DMD2's head are sharded before their optimisers see them. mu_real (and
     the guide) stay whole on every rank: frozen, they have no gradients or AdamW moments to shard, and sharded they
     would be gathered again at every one of their calls.
     """
@@ -329,11 +329,10 @@ def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, devic
     G, mu_fake = student_copy(teacher, cfg.dropout, device), student_copy(teacher, cfg.dropout, device)
     for net in (mu_real, G, mu_fake):
         prepare_network(net, dtype, cfg)
-    G_ema = copy_network(G).to(device).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None
-    if cfg.fsdp:  # G_ema sharded as G is, so that the EMA update stays local to each rank's shards
-        for net in (G, mu_fake, G_ema):
-            if net is not None:
-                shard_fsdp(net, unet_blocks(net))
+    emas = {name: copy_network(G).to(device).eval().requires_grad_(False) for name in cfg.ema}
+    if cfg.fsdp:  # the EMAs sharded as G is, so that the EMA update stays local to each rank's shards
+        for net in (G, mu_fake, *emas.values()):
+            shard_fsdp(net, unet_blocks(net))
     rows, n = rank_rows(cfg.batch_size), cfg.batch_size * dist.get_world_size()
     dm_loss, fake_loss, gan_loss = build_losses(cfg, mu_real, mu_fake, rows, device, teacher)
     head = None if gan_loss is None else gan_loss.head
@@ -374,4 +373,4 @@ def build_parts(cfg, mu_real, teacher, reg_loss, pair_stream, real_stream, devic
         n=n,
         device=device,
     )
-    return parts, G_ema
+    return parts, emas

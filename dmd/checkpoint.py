@@ -2,7 +2,8 @@
 weights_only=True, and the checks that make a resumed run continue the same run.
 
 A run folder holds config.json, stats.jsonl, grids, `training-state-NNNNNN.pt` (everything a resumed run needs) and
-`network-snapshot-NNNNNN.pt` (inference weights for `DMDGenerator`). A training state records, besides the weights,
+`network-snapshot-NNNNNN.pt` (inference weights for `DMDGenerator`: the EMA of G, or G without one; with several
+EMAs one file per EMA, `network-snapshot-NNNNNN-ema<name>.pt`). A training state records, besides the weights,
 optimisers, RNG states and data position, what defines the run: its config, the global batch, and fingerprints of
 the teacher and the pair file. Resuming compares them with the new run's and refuses any difference that
 `TrainConfig`'s resume rules (dmd/config.py) do not allow, naming the flags.
@@ -59,20 +60,36 @@ def state_path(run_dir, step):
     return Path(run_dir) / f"training-state-{step:06d}.pt"
 
 
-def snapshot_path(run_dir, step):
-    return Path(run_dir) / f"network-snapshot-{step:06d}.pt"
+def snapshot_path(run_dir, step, suffix=""):
+    return Path(run_dir) / f"network-snapshot-{step:06d}{suffix}.pt"
+
+
+def best_snapshot_path(run_dir, suffix=""):
+    return Path(run_dir) / f"network-snapshot-best{suffix}.pt"
+
+
+def ema_suffix(names, name):
+    """The file-name suffix of the snapshots of EMA `name` among a run's EMAs `names`: none for a run with at most
+    one (today's names), '-ema0.9999' with several."""
+    return f"-ema{name}" if len(names) > 1 else ""
 
 
 def _step_of(path):
-    return int(re.fullmatch(r".*-(\d+)\.pt", Path(path).name).group(1))
+    return int(re.fullmatch(r"[a-z-]+?-(\d+)(-ema.+)?\.pt", Path(path).name).group(1))
 
 
-def list_checkpoints(run_dir, prefix):
-    """Return the `<prefix>-NNNNNN.pt` files of a run folder, oldest step first."""
+def list_checkpoints(run_dir, prefix, suffix=""):
+    """Return the `<prefix>-NNNNNN<suffix>.pt` files of a run folder, oldest step first."""
     if not Path(run_dir).is_dir():
         return []
-    files = [p for p in Path(run_dir).glob(f"{prefix}-*.pt") if re.fullmatch(rf"{prefix}-\d+\.pt", p.name)]
-    return sorted(files, key=_step_of)
+    pattern = rf"{prefix}-\d+{re.escape(suffix)}\.pt"
+    return sorted((p for p in Path(run_dir).glob(f"{prefix}-*.pt") if re.fullmatch(pattern, p.name)), key=_step_of)
+
+
+def snapshot_suffixes(run_dir):
+    """The suffixes of a run folder's step snapshots ('' and/or '-ema<name>' ones), sorted."""
+    matches = (re.fullmatch(r"network-snapshot-\d+(-ema.+)?\.pt", p.name) for p in Path(run_dir).glob("*.pt"))
+    return sorted({m.group(1) or "" for m in matches if m})
 
 
 def find_latest_state(run_dir):
@@ -95,11 +112,12 @@ def run_contents(run_dir):
 
 
 def prune_checkpoints(run_dir, keep_last):
-    """Delete all but the newest `keep_last` training states and snapshots (0 keeps all)."""
+    """Delete all but the newest `keep_last` training states and snapshots of each EMA (0 keeps all)."""
     if keep_last == 0:
         return
-    for prefix in ("training-state", "network-snapshot"):
-        for path in list_checkpoints(run_dir, prefix)[:-keep_last]:
+    kinds = [("training-state", "")] + [("network-snapshot", suffix) for suffix in snapshot_suffixes(run_dir)]
+    for prefix, suffix in kinds:
+        for path in list_checkpoints(run_dir, prefix, suffix)[:-keep_last]:
             path.unlink()
 
 
@@ -279,10 +297,10 @@ def cpu_state_dict(net):
     return host_copy(net.state_dict())
 
 
-def save_snapshot(path, net, *, generator_sigmas, step, config):
+def save_snapshot(path, net, *, generator_sigmas, step, config, ema=None):
     """Write the inference weights of `net` with its network config and noise levels, the layout `DMDGenerator`
-    reads (sigma_G, the first level, too, for readers of one-step snapshots). Every rank calls it (a sharded
-    network is gathered), rank 0 writes."""
+    reads (sigma_G, the first level, too, for readers of one-step snapshots), and which network it is (`ema`: the
+    --ema name, None for G itself). Every rank calls it (a sharded network is gathered), rank 0 writes."""
     snapshot = {
         "format": SNAPSHOT_FORMAT,
         "version": FORMAT_VERSION,
@@ -294,17 +312,21 @@ def save_snapshot(path, net, *, generator_sigmas, step, config):
         "generator_sigmas": [float(s) for s in generator_sigmas],
         "step": int(step),
         "config": config,
+        "ema": ema,
     }
     if dist.is_main():
         atomic_torch_save(snapshot, path)
 
 
-def save_training_state(path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, step, positions, run, fdistill=None):
-    """Write everything a resumed run needs to continue bit for bit; `positions` holds the data streams' positions
-    (data_position: pairs, real_position: real images; None without), `run` the run's identity and counters
-    (config, sigma_G, bad_steps, best_fid, global_batch, fingerprints), `fdistill` f-distill's FDistillWeights (its
-    EMA of the ratio's bin means) or None. Every rank calls it (--fsdp's shards are
-    gathered), rank 0 writes: whole tensors, so that a run resumes with or without --fsdp, on any number of ranks."""
+def save_training_state(path, *, G, mu_fake, emas, head, opt_G, opt_fake, step, positions, run, fdistill=None):
+    """Write everything a resumed run needs to continue bit for bit; `emas` holds the EMAs of G by --ema name,
+    `positions` the data streams' positions (data_position: pairs, real_position: real images; None without), `run`
+    the run's identity and counters (config, sigma_G, bad_steps, best_fid(s), global_batch, fingerprints), `fdistill`
+    f-distill's FDistillWeights (its EMA of the ratio's bin means) or None. Every rank calls it (--fsdp's shards are
+    gathered), rank 0 writes: whole tensors, so that a run resumes with or without --fsdp, on any number of ranks. The
+    first EMA is also G_ema, as states before several EMAs had it (one copy of its tensors in the file: torch.save
+    writes a storage once)."""
+    ema_weights = {name: cpu_state_dict(net) for name, net in emas.items()}
     state = {
         "format": STATE_FORMAT,
         "version": FORMAT_VERSION,
@@ -313,7 +335,8 @@ def save_training_state(path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, step,
         "encoder": encoder_json(G),
         "G": cpu_state_dict(G),
         "mu_fake": cpu_state_dict(mu_fake),
-        "G_ema": None if G_ema is None else cpu_state_dict(G_ema),
+        "G_ema": next(iter(ema_weights.values()), None),
+        "emas": ema_weights,
         "head": None if head is None else cpu_state_dict(head),  # DMD2's discriminator head
         "fdistill": None if fdistill is None else fdistill.state_dict(),  # f-distill's ratio bins
         "opt_G": host_copy(opt_G.state_dict()),
@@ -492,22 +515,42 @@ def _sharded_moments(saved, opt):
     return {**saved, "state": state}
 
 
-def restore(state, path, *, G, mu_fake, G_ema, head, opt_G, opt_fake, streams, fdistill=None):
+def state_emas(state):
+    """The EMAs of G a training state holds, {--ema name: weights} in the run's order: its `emas`, or in a state
+    written before several EMAs, its G_ema under the name of the run's --ema-halflife-kimg."""
+    if state.get("emas") is not None:
+        return state["emas"]
+    if state.get("G_ema") is None:
+        return {}
+    from dmd.config import upgrade_config
+
+    config = state.get("config")
+    names = upgrade_config(config).get("ema") if isinstance(config, dict) else None
+    return {names[0] if names else "ema": state["G_ema"]}
+
+
+def restore(state, path, *, G, mu_fake, emas, head, opt_G, opt_fake, streams, fdistill=None):
     """Load a training state into the run's objects (f-distill's ratio bins too, where both have them); return its
-    step. `streams` maps the state's position entries
-    to the run's data streams (or None). CheckpointError naming `path` if the state does not fit (another network,
-    weights of other shapes, an optimiser state of another layout)."""
+    step. `streams` maps the state's position entries to the run's data streams (or None). CheckpointError naming
+    `path` if the state does not fit (another network, weights of other shapes, an optimiser state of another
+    layout)."""
     if state["class_name"] != dist.module_class(G).__name__ or state["init_kwargs"] != G.init_kwargs:
         raise CheckpointError(f"--resume: {path} holds a different network than --network and --dropout build")
-    if (state.get("G_ema") is None) != (G_ema is None):
-        raise CheckpointError(f"--resume: {path} and --ema-halflife-kimg disagree on whether G has an EMA")
+    saved_emas = state_emas(state)
+    if not isinstance(saved_emas, dict):
+        raise CheckpointError(f"--resume: {path}: its EMAs are a {type(saved_emas).__name__}, not weights by name")
+    if list(saved_emas) != list(emas):
+        held = ",".join(saved_emas) or "none"
+        raise CheckpointError(f"--resume: {path} holds the EMAs {held}, --ema gives {','.join(emas) or 'none'}")
     if (state.get("head") is None) != (head is None):
         raise CheckpointError(f"--resume: {path} and the GAN settings disagree on whether the run has a discriminator")
-    targets = [("G", G), ("mu_fake", mu_fake), ("G_ema", G_ema), ("head", head)]
-    targets = [(key, net) for key, net in targets if net is not None]
-    for key, net in targets:
+    targets = [("G", G, state["G"]), ("mu_fake", mu_fake, state["mu_fake"]), ("head", head, state.get("head"))]
+    targets += [(f"EMA {name}", net, saved_emas[name]) for name, net in emas.items()]
+    for key, net, weights in targets:
+        if net is None:
+            continue
         try:
-            net.load_state_dict(_sharded_as(state[key], net.state_dict()), strict=True)
+            net.load_state_dict(_sharded_as(weights, net.state_dict()), strict=True)
         except (RuntimeError, TypeError, AttributeError) as e:
             first = " ".join(str(e).split())[:300]
             raise CheckpointError(f"--resume: {path}: the {key} weights do not fit the network ({first} ...)") from e

@@ -56,7 +56,7 @@ class TrainConfig:
     t_min: float = 0.02  # DM loss draws t uniformly from [t_min T, t_max T)
     t_max: float = 0.98
     fake_sigma_sampling: str = "karras"  # fake-score sigma: 'karras' (uniform grid index) or 'lognormal'
-    ema_halflife_kimg: float = 0.0  # half-life of the EMA of G in thousands of images; 0 = no EMA
+    ema: Tuple[str, ...] = ()  # EMAs of G (parse_ema): half-lives '10kimg' and/or decays per step '0.9999'; () = none
     precision: str = "fp32"  # 'fp32', or 'bf16': the U-Nets run in bf16, weights, losses, optimisers stay fp32
     channels_last: bool = False  # networks in channels-last memory layout (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the U-Nets' forward
@@ -105,6 +105,7 @@ class TrainConfig:
         except SigmaError as e:
             raise ConfigError(str(e)) from None
         object.__setattr__(self, "allow_change", tuple(field_name(f) for f in self.allow_change))
+        object.__setattr__(self, "ema", parse_ema(self.ema))
         self.validate()
 
     def validate(self):
@@ -164,7 +165,6 @@ class TrainConfig:
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (0 <= self.t_min < self.t_max <= 1, "--t-min must be below --t-max, both in [0, 1]"),
             (self.fake_sigma_sampling in ("karras", "lognormal"), "--fake-sigma-sampling: 'karras' or 'lognormal'"),
-            (self.ema_halflife_kimg >= 0, "--ema-halflife-kimg must be >= 0"),
             (self.precision in ("fp32", "bf16"), "--precision must be 'fp32' or 'bf16'"),
             (self.log_every >= 1, "--log-every must be at least 1"),
             (min(self.image_every, self.checkpoint_every, self.keep_last) >= 0, "step intervals must be >= 0"),
@@ -196,7 +196,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Build a config from `to_dict()` output; unknown keys are an error."""
+        """Build a config from `to_dict()` output (or an older run's, see upgrade_config); unknown keys are an error."""
+        d = upgrade_config(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -231,6 +232,7 @@ FREE_ON_RESUME = {
     "batch_gpu", "channels_last", "compile", "fsdp",
 }  # fmt: skip
 FIXED_ON_RESUME = {"seed", "generator_sigmas", "dropout", "num_timesteps"}
+FIXED_ON_RESUME |= {"ema"}  # a training state holds one set of EMAs; another list would start them from nothing
 FREE_ON_RESUME |= {"real_data", "recipe", "guide_network"}  # their contents are checked by their fingerprint
 FREE_ON_RESUME |= {"log_tensorboard", "log_wandb", "progress"}  # logging only
 FREE_ON_RESUME |= {"vae"}  # decodes grids and FID images only; the training itself runs on latents
@@ -284,6 +286,7 @@ def resume_changes(old, new):
     Return {field: (old, new)} of the changed settings to apply; ConfigError naming the flags of changes the resume
     rules do not allow.
     """
+    old = upgrade_config(old)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     defaults = TrainConfig.__dataclass_fields__
     current = new.to_dict()
@@ -305,3 +308,61 @@ def resume_changes(old, new):
             f"--allow-change {names} to change them from this step on"
         )
     return changes
+
+
+# The EMAs of G (--ema). An entry is a half-life in thousands of images, '10kimg': beta = 0.5 ** (batch / 10000) per
+# step at the run's global batch, as EDM's ema_halflife_kimg (without its ramp-up); or a decay per step in (0, 1),
+# '0.9999': beta itself, as NVIDIA FastGen's EMA callback applies its beta once per training iteration. Every EMA is
+# G_ema <- beta G_ema + (1 - beta) G after each step (one G update). An entry's normal form is its name: in the
+# snapshot file names, the fid_<name> statistics and `generate --ema NAME`.
+EMA_KIMG = "kimg"
+
+
+def _number_text(value):
+    """The shortest text that reads back as `value` exactly: 10.0 -> '10', 0.9999 -> '0.9999'."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def parse_ema(entries):
+    """The normal form of --ema: a comma-separated string or a sequence of entries (strings or numbers) ->
+    a tuple of names such as ('10kimg', '0.9999'); ConfigError naming --ema for a bad or repeated entry."""
+    if isinstance(entries, str):
+        entries = [e for e in entries.split(",") if e.strip()] if entries.strip() else []
+    names = []
+    for entry in entries:
+        text = str(entry).strip().lower()
+        kimg = text.endswith(EMA_KIMG)
+        try:
+            value = float(text[: -len(EMA_KIMG)] if kimg else text)
+        except ValueError:
+            value = math.nan
+        if kimg and not (0 < value < math.inf):
+            raise ConfigError(f"--ema {entry!r}: a half-life must be a positive number of kimg, such as 10kimg")
+        if not kimg and not 0 < value < 1:
+            raise ConfigError(f"--ema {entry!r}: give a half-life such as 10kimg or a decay per step in (0, 1)")
+        names.append(_number_text(value) + (EMA_KIMG if kimg else ""))
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"--ema lists {', '.join(repeated)} more than once: each EMA once")
+    return tuple(names)
+
+
+def ema_beta(name, global_batch):
+    """The decay per step of the EMA `name` (a parse_ema name) at `global_batch` images per step."""
+    if name.endswith(EMA_KIMG):
+        return 0.5 ** (global_batch / (float(name[: -len(EMA_KIMG)]) * 1000))
+    return float(name)
+
+
+def upgrade_config(d):
+    """A config dict of an older run in today's fields: ema_halflife_kimg X (0 = none) becomes ema ['Xkimg'] (a value
+    that is no number stays, for TrainConfig to refuse)."""
+    halflife = d.get("ema_halflife_kimg")
+    if isinstance(halflife, bool) or not isinstance(halflife, (int, float)):
+        return d
+    d = dict(d)
+    del d["ema_halflife_kimg"]
+    if "ema" not in d:
+        d["ema"] = [f"{_number_text(halflife)}{EMA_KIMG}"] if halflife else []
+    return d

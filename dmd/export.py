@@ -198,7 +198,9 @@ def provenance(loaded):
     training = {"recipe": _get(config, "recipe", str), "step": step, "kimg": kimg}
 
     fid = None
-    scores = [r["fid"] for r in records if _get(r, "fid", (int, float)) is not None and math.isfinite(r["fid"])]
+    several = len(_get(config, "ema", list) or ()) > 1  # stats.jsonl then scores each EMA as fid_<name>
+    key = f"fid_{info.get('ema')}" if several else "fid"
+    scores = [r[key] for r in records if _get(r, key, (int, float)) is not None and math.isfinite(r[key])]
     if scores:
         from dmd.fid import CIFAR10_REF_URL, DETECTOR_URL
 
@@ -219,14 +221,16 @@ def _selection(path, info, config, step):
     from dmd.checkpoint import list_checkpoints
 
     if info.get("format") == STATE_FORMAT:
-        return f"the generator of the training state of step {step} (its EMA where the run kept one)"
-    if path.name == "network-snapshot-best.pt":
+        which = f"its EMA {info['ema']}" if info.get("ema") else "G itself"
+        return f"the generator of the training state of step {step} ({which})"
+    if path.name.startswith("network-snapshot-best"):
         every = _get(config, "fid_every", int)
         return (
             f"the run's lowest FID among its evaluations{f' every {every} steps' if every else ''} "
-            "(network-snapshot-best.pt); chosen by the FID it reports, so that number is optimistic for the run"
+            f"({path.name}); chosen by the FID it reports, so that number is optimistic for the run"
         )
-    newest = list_checkpoints(path.parent, "network-snapshot")
+    suffix = re.fullmatch(r"network-snapshot-\d+(-ema.+)?\.pt", path.name)
+    newest = list_checkpoints(path.parent, "network-snapshot", (suffix and suffix.group(1)) or "")
     if newest and newest[-1].name == path.name:
         return f"the run's newest snapshot ({path.name}, step {step})"
     return f"the snapshot of step {step} ({path.name}), chosen by hand among the run's"
@@ -280,6 +284,7 @@ def export_generator(
     device="cpu",  # Where samples.png is sampled.
     cache_dir=None,  # Download cache for a URL source.
     vae=None,  # A latent generator's VAE for samples.png (folder or Hub name); None: the name its file records.
+    ema=None,  # A training state's or run folder's EMA by --ema name; 'none': G itself; None: the first.
 ):
     """Write the exported folder (module docstring) atomically: into a temporary folder beside `dest`, renamed onto
     it once complete, so `dest` is the whole folder or absent. Return (dest, its config)."""
@@ -291,7 +296,7 @@ def export_generator(
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     dest = Path(dest)
     check_dest(dest)
-    loaded = read_network(source, cache_dir=cache_dir)
+    loaded = read_network(source, cache_dir=cache_dir, ema=ema)
     if loaded.info.get("format") not in (SNAPSHOT_FORMAT, STATE_FORMAT):
         raise ExportError(f"{loaded.path}: not a snapshot or training state of `dmd train`, which `dmd export` takes")
     net = loaded.net

@@ -399,6 +399,7 @@ def calc_metrics(
     cache_dir=None,  # Download cache.
     progress=True,  # tqdm bar on rank 0.
     vae=None,  # `network` on VAE latents: its VAE (folder or Hub name); None: the name its file records.
+    ema=None,  # `network`: a training state's or run folder's EMA by --ema name; 'none': G itself; None: the first.
 ):
     """Score images or a generator against reference statistics `ref` as EDM (FID) and EDM2 (FD_DINOv2) do; return
     one dict {metric: value} per repeat (a list).
@@ -450,7 +451,7 @@ def calc_metrics(
     if isinstance(network, DMDGenerator):
         generator = network
     else:
-        generator = load_on_ranks(network, device=device, cache_dir=cache_dir, vae=vae)
+        generator = load_on_ranks(network, device=device, cache_dir=cache_dir, vae=vae, ema=ema)
     try:
         sampler_kwargs = load_guide(generator, sampler_kwargs, device=device, cache_dir=cache_dir)
     except ValueError as e:

@@ -2,8 +2,8 @@
 
 Sources, detected from the file itself:
   - our `network-snapshot-*.pt` (inference weights, the generator's sigma list stored with them);
-  - our `training-state-*.pt` (G_ema if the run kept an EMA, else G);
-  - a run folder of `dmd train`: its newest `network-snapshot-NNNNNN.pt`;
+  - our `training-state-*.pt` (its first EMA of G if the run kept any, else G; `ema=` picks another, 'none' G);
+  - a run folder of `dmd train`: its newest `network-snapshot-NNNNNN.pt` (of the first EMA, or of `ema=`'s);
   - a folder written by `dmd export` (model.safetensors + config.json), or one on the Hugging Face Hub,
     `hf://user/repo` or `hf://user/repo@revision` (dmd/export.py);
   - an EDM network pickle (its 'ema' network, used as a one-step generator at sigma_G = 80);
@@ -17,6 +17,7 @@ gives the same image whatever the batch it is in, and with `num_steps` an EDM te
 """
 
 import collections
+import json
 import operator
 import os
 import re
@@ -43,6 +44,39 @@ PORT_SIGMA_G = 79.56382521581216
 
 class GeneratorLoadError(RuntimeError):
     """A file is not a network `DMDGenerator` can load; the message names the file."""
+
+
+RAW_G = "none"  # `ema=` / --ema naming G itself rather than one of its EMAs
+
+
+def ema_name(ema):
+    """The --ema name `ema` selects (parse_ema's normal form: '0.99990' -> '0.9999'), or RAW_G; ValueError naming
+    --ema for a misspelt one."""
+    from dmd.config import parse_ema
+
+    text = str(ema).strip().lower()
+    return RAW_G if text == RAW_G else parse_ema([text])[0]
+
+
+def _choices(names):
+    return ", ".join([*names, RAW_G])
+
+
+def select_state_network(path, data, ema):
+    """(--ema name, weights) of the network of a training state `ema` selects: None: its first EMA (G where the run
+    kept none); RAW_G: G (name None); else the EMA of that --ema name. GeneratorLoadError listing the EMAs it holds
+    for any other name."""
+    from dmd.checkpoint import state_emas
+
+    emas = state_emas(data)
+    if not isinstance(emas, dict):
+        raise GeneratorLoadError(f"{path}: its EMAs are a {type(emas).__name__}, not weights by --ema name")
+    name = next(iter(emas), RAW_G) if ema is None else ema_name(ema)
+    if name == RAW_G:
+        return None, data["G"]
+    if name not in emas:
+        raise GeneratorLoadError(f"{path}: holds no EMA {ema!r} (--ema); choose one of {_choices(emas)} (G itself)")
+    return name, emas[name]
 
 
 def _strip_prefixes(state_dict):
@@ -141,9 +175,10 @@ def checked_sigmas(path, field, sigmas, net):
         raise GeneratorLoadError(str(e)) from e
 
 
-def _from_torch_file(path):
-    """Build the network of one of our snapshots or training states, or of the port's checkpoint: return (net,
-    sigmas, info), info holding what a dmd file records besides the weights (empty for the port's)."""
+def _from_torch_file(path, ema=None):
+    """Build the network of one of our snapshots or training states (`ema`: see select_state_network), or of the
+    port's checkpoint: return (net, sigmas, info), info holding what a dmd file records besides the weights (empty
+    for the port's)."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -159,9 +194,10 @@ def _from_torch_file(path):
             raise GeneratorLoadError(f"{path}: {kind} version {version}; this dmd reads up to {FORMAT_VERSION}")
         try:
             if kind == SNAPSHOT_FORMAT:
-                state_dict = data["state_dict"]
+                check_snapshot_ema(path, data, ema)
+                name, state_dict = data.get("ema"), data["state_dict"]
             else:
-                state_dict = data["G_ema"] if data.get("G_ema") is not None else data["G"]
+                name, state_dict = select_state_network(path, data, ema)
             class_name, init_kwargs = data["class_name"], data["init_kwargs"]
             field = "generator_sigmas" if "generator_sigmas" in data else "sigma_G"  # one-step files: sigma_G
             sigmas = data[field] if field == "generator_sigmas" else [data[field]]
@@ -169,6 +205,7 @@ def _from_torch_file(path):
             raise GeneratorLoadError(f"{path}: {kind} without the entry {e}") from e
         net = build_checked(path, class_name, init_kwargs, state_dict, data.get("encoder"))
         info = {key: data.get(key) for key in ("format", "step", "config", "fingerprints", "global_batch")}
+        info["ema"] = name  # which network of the run: an EMA's --ema name, None for G (or unrecorded)
         return net, checked_sigmas(path, field, sigmas, net), info
     if "model_g" in data:
         state_dict = _strip_prefixes(data["model_g"])
@@ -178,28 +215,53 @@ def _from_torch_file(path):
     raise GeneratorLoadError(f"{path}: not a dmd snapshot, training state or port checkpoint (keys: {keys})")
 
 
-def resolve_network(source):
-    """The file or folder `source` names: a run folder of `dmd train` stands for its newest network snapshot; any
-    other source (a file, an exported folder, a URL, hf://user/repo) is returned as given. GeneratorLoadError for a
-    folder that is neither."""
-    from dmd.checkpoint import list_checkpoints
+def check_snapshot_ema(path, data, ema):
+    """Refuse an `ema` other than the one network a snapshot holds (its recorded --ema name; None: G itself)."""
+    if ema is None:
+        return
+    held = data.get("ema", "unrecorded")
+    if ema_name(ema) != (RAW_G if held is None else held):
+        what = "G itself" if held is None else "one network" if "ema" not in data else f"the EMA {held}"
+        raise GeneratorLoadError(
+            f"{path}: a snapshot of {what} alone, not --ema {ema}; --ema selects among the networks of a training "
+            "state or a run folder's snapshots"
+        )
+
+
+def resolve_network(source, ema=None):
+    """The file or folder `source` names: a run folder of `dmd train` stands for its newest network snapshot (with
+    several EMAs: of the first, or of the one `ema` names); any other source (a file, an exported folder, a URL,
+    hf://user/repo) is returned as given. GeneratorLoadError for a folder that is neither, or without `ema`'s."""
+    from dmd.checkpoint import list_checkpoints, snapshot_suffixes
     from dmd.export import CONFIG, HUB_PREFIX, WEIGHTS
 
     text = os.fspath(source)
     folder = Path(text).expanduser()
     if text.startswith(HUB_PREFIX) or not folder.is_dir() or (folder / WEIGHTS).is_file():
         return source
-    snapshots = list_checkpoints(folder, "network-snapshot")
-    if not snapshots:
+    suffixes = snapshot_suffixes(folder)
+    if not suffixes:
         raise GeneratorLoadError(
             f"{folder}: a folder without a network snapshot (network-snapshot-NNNNNN.pt of `dmd train`) or an "
             f"exported model ({WEIGHTS} and {CONFIG} of `dmd export`)"
         )
-    return str(snapshots[-1])
+    if suffixes == [""]:  # G or its one EMA: the snapshot itself checks `ema`
+        return str(list_checkpoints(folder, "network-snapshot")[-1])
+    names = [suffix[len("-ema") :] for suffix in suffixes if suffix]
+    name = names[0] if ema is None else ema_name(ema)
+    if ema is None:  # the run's first EMA, as config.json lists them
+        try:
+            listed = json.loads((folder / "config.json").read_text()).get("ema", [])
+        except (OSError, ValueError, AttributeError):
+            listed = []
+        name = next((n for n in listed if n in names), name)
+    if name not in names:
+        raise GeneratorLoadError(f"{folder}: no snapshots of an EMA {ema!r} (--ema); choose one of {', '.join(names)}")
+    return str(list_checkpoints(folder, "network-snapshot", f"-ema{name}")[-1])
 
 
 # What a source holds: the network, its noise levels, the file (or folder) they came from, and what a dmd file
-# records besides the weights (format, step, config, fingerprints, global_batch; empty for other sources).
+# records besides the weights (format, step, config, fingerprints, global_batch, ema; empty for other sources).
 class LoadedNetwork(NamedTuple):
     net: torch.nn.Module
     sigmas: List[float]
@@ -207,15 +269,19 @@ class LoadedNetwork(NamedTuple):
     info: dict
 
 
-def read_network(source, *, cache_dir=None):
-    """Load any source `DMDGenerator` takes (see the module docstring) on the CPU: a LoadedNetwork."""
+def read_network(source, *, cache_dir=None, ema=None):
+    """Load any source `DMDGenerator` takes (see the module docstring) on the CPU, `ema` selecting among a training
+    state's or run folder's networks: a LoadedNetwork."""
     from dmd.edm.persistence import NetworkLoadError, load_network
     from dmd.export import HUB_PREFIX, hub_folder, load_export
     from dmd.utils.download import DownloadError, open_url
 
-    source = resolve_network(source)
+    source = resolve_network(source, ema)
     text = os.fspath(source)
+    holds_one = f"{text}: holds one network; --ema selects among a training state's or a run folder's"
     if text.startswith(HUB_PREFIX) or Path(text).expanduser().is_dir():
+        if ema is not None:
+            raise GeneratorLoadError(holds_one)
         folder = hub_folder(text) if text.startswith(HUB_PREFIX) else Path(text).expanduser()
         return LoadedNetwork(*load_export(folder), path=text, info={})
     try:
@@ -226,7 +292,11 @@ def read_network(source, *, cache_dir=None):
     with open(path, "rb") as f:
         head = f.read(1)
     if zipfile.is_zipfile(path):  # torch.save's format
-        net, sigmas, info = _from_torch_file(path)
+        net, sigmas, info = _from_torch_file(path, ema)
+        if ema is not None and not info:  # the port's checkpoint
+            raise GeneratorLoadError(holds_one)
+    elif ema is not None:
+        raise GeneratorLoadError(holds_one)
     elif head == b"\x80":  # a pickle (protocol >= 2), as EDM writes its networks
         try:
             net = load_network(path, cache_dir=cache_dir)
@@ -245,6 +315,7 @@ def load_generator(
     *,
     cache_dir: Union[str, os.PathLike, None] = None,
     device: Union[str, torch.device] = "cpu",
+    ema: Optional[str] = None,
 ) -> Tuple[torch.nn.Module, List[float]]:
     """Load a network from any supported source (path, folder, URL or hf://user/repo): return (net in eval mode,
     frozen, generator sigmas).
@@ -252,9 +323,9 @@ def load_generator(
     The source is one of `DMDGenerator`'s (a dmd snapshot or training state, a run folder, an exported folder, an
     EDM network pickle, the port's checkpoint), recognised by its contents; the sigmas are the file's (80 for an EDM
     pickle, 79.56 for the port's). A missing file, a failed download, a file that is none of these or weights that
-    do not fit raise GeneratorLoadError naming the file.
+    do not fit raise GeneratorLoadError naming the file. `ema` as DMDGenerator's.
     """
-    loaded = read_network(source, cache_dir=cache_dir)
+    loaded = read_network(source, cache_dir=cache_dir, ema=ema)
     return loaded.net.to(device), loaded.sigmas
 
 
@@ -281,7 +352,10 @@ class DMDGenerator:
     moved, and `device` defaults to its parameters'. The noise levels default to the file's (a dmd file's own list,
     80 for an EDM pickle, 79.56 for the port's checkpoint) and to 80 with `net=`; `sigma_G=` replaces them by one
     level, `sigmas=` by a decreasing list such as [80, 1.5]; every list is checked with `check_sigmas` against the
-    network's range. Bad arguments raise ValueError, unloadable files GeneratorLoadError.
+    network's range. Bad arguments raise ValueError, unloadable files GeneratorLoadError. `ema=` picks the network
+    of a training state (or of a run folder with several EMAs) by its `train --ema` name, '0.9999' or '10kimg', or
+    'none' for G itself; None takes the run's first EMA (G where it kept none); a name it does not hold is a
+    GeneratorLoadError listing those it does.
 
     `generate_batch` returns (N, C, R, R) float32 images in [-1, 1]. A network that runs on VAE latents (EDM2's
     img512 teachers and their students) is decoded by its VAE: `vae=` a folder saved with `save_pretrained`, a Hub
@@ -307,15 +381,18 @@ class DMDGenerator:
         net: Optional[torch.nn.Module] = None,  # An in-memory network instead of network_path (e.g. G_ema).
         sigmas: Optional[Sequence[float]] = None,  # The generator's noise levels, e.g. [80, 1.5]; None: the file's.
         vae: Union[str, os.PathLike, LatentCodec, None] = None,  # A latent network's VAE; None: its file's name.
+        ema: Optional[str] = None,  # A training state's or run folder's EMA by --ema name; 'none': G; None: first.
     ) -> None:
 
         if (network_path is None) == (net is None):
             raise ValueError("DMDGenerator needs exactly one of network_path and net")
+        if ema is not None and net is not None:
+            raise ValueError("ema= selects a network of a file: give it with network_path, not net")
         if sigma_G is not None and sigmas is not None:
             raise ValueError("give sigma_G (one step) or sigmas (the list), not both")
         if net is None:
             self.device = resolve_device(device)
-            loaded = read_network(network_path, cache_dir=cache_dir)
+            loaded = read_network(network_path, cache_dir=cache_dir, ema=ema)
             net, stored, self.source = loaded.net.to(self.device), loaded.sigmas, loaded.path
         else:
             self.device = next(net.parameters()).device if device is None else torch.device(device)
@@ -504,15 +581,15 @@ def rank_batches(seeds, batch_size):
     return [b.tolist() for b in batches[distributed.get_rank() :: world]]
 
 
-def load_on_ranks(network, *, device, cache_dir=None, sigma_G=None, vae=None):
+def load_on_ranks(network, *, device, cache_dir=None, sigma_G=None, vae=None, ema=None):
     """Build a DMDGenerator on every rank, rank 0 first so a download (of the network, or of a latent network's VAE)
-    happens once; a run folder's newest snapshot is named on rank 0."""
-    resolved = resolve_network(network)
+    happens once; a run folder's newest snapshot (of the EMA `ema`, with several) is named on rank 0."""
+    resolved = resolve_network(network, ema)
     if resolved is not network:
         distributed.print0(f"{network}: a run folder; loading its newest snapshot, {Path(resolved).name}")
 
     def load():
-        generator = DMDGenerator(resolved, device=device, cache_dir=cache_dir, sigma_G=sigma_G, vae=vae)
+        generator = DMDGenerator(resolved, device=device, cache_dir=cache_dir, sigma_G=sigma_G, vae=vae, ema=ema)
         generator.codec  # noqa: B018 (loads a latent network's VAE now, not at the first batch)
         return generator
 
@@ -577,6 +654,7 @@ def generate_images(
     cache_dir=None,  # Download cache for URLs.
     progress=True,  # tqdm bar on rank 0.
     vae=None,  # A latent network's VAE (folder or Hub name); None: the name its file records.
+    ema=None,  # A training state's or run folder's EMA by --ema name; 'none': G itself; None: the first.
 ):
     """Write one PNG per seed (quantised exactly as EDM does) and optionally a grid; return the list of paths."""
     from tqdm import tqdm
@@ -588,7 +666,7 @@ def generate_images(
     if class_idx is not None and class_balanced:
         raise ValueError("--class and --class-balanced exclude each other")
     device = distributed.setup_device(device)
-    generator = load_on_ranks(network, device=device, cache_dir=cache_dir, vae=vae)
+    generator = load_on_ranks(network, device=device, cache_dir=cache_dir, vae=vae, ema=ema)
     sampler_kwargs = load_guide(generator, sampler_kwargs, device=device, cache_dir=cache_dir)
     if (class_balanced or class_idx is not None) and generator.label_dim == 0:
         raise ValueError("--class and --class-balanced need a class-conditional network")

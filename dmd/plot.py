@@ -172,12 +172,15 @@ def figure(run_dir):
     x_of, x_name = kimg_axis(records)
     losses = shown({k: series(records, k, x_of) for k in LOSSES})
     norms = shown({k: series(records, k, x_of) for k in GRAD_NORMS})
-    # Every FID record, a failed evaluation's NaN, inf or string too: drawn as a gap and counted in the legend.
-    fid_records = [dict(r, fid=r["fid"] if _is_number(r["fid"]) else math.nan) for r in records if "fid" in r]
-    fid = series(fid_records, "fid", x_of)
+    # Every FID record, a failed evaluation's NaN, inf or string too: drawn as a gap and counted in the legend. A run
+    # with several EMAs (--ema) records fid_<name> per EMA: one curve each.
+    fid = {}
+    for key in sorted({k for r in records for k in r if k == "fid" or k.startswith("fid_")}):
+        fid_records = [dict(r, **{key: r[key] if _is_number(r[key]) else math.nan}) for r in records if key in r]
+        fid[key] = series(fid_records, key, x_of)
     rates = {k: series(records, k, x_of) for k in LEARNING_RATES}
     rates = rates if any(len(set(y)) > 1 for _, y in rates.values()) else {}  # a panel only when one changed
-    panels = [p for p, has in (("losses", losses), ("norms", norms), ("fid", fid[0]), ("lr", rates)) if has]
+    panels = [p for p, has in (("losses", losses), ("norms", norms), ("fid", fid), ("lr", rates)) if has]
     if not panels:
         raise PlotError(f"{run_dir / 'stats.jsonl'} holds no losses, gradient norms or FID to plot")
 
@@ -196,7 +199,8 @@ def figure(run_dir):
                 ax.axhline(clip, color="0.4", linestyle="--", linewidth=1, label=f"--grad-clip {clip:g}")
                 ax.legend(fontsize=8, ncol=3, loc="best")
         elif panel == "fid":
-            draw_fid(ax, *fid, x_name)
+            for i, (key, (x, y)) in enumerate(fid.items()):
+                draw_fid(ax, x, y, x_name, "FID" if key == "fid" else f"FID {key[4:]}", f"C{3 + i}")
         else:
             draw_curves(ax, {k: c for k, c in rates.items() if c[1]}, "learning rate", steps=True)
     axes[-1].set_xlabel(x_name)
@@ -204,19 +208,19 @@ def figure(run_dir):
     return fig
 
 
-def draw_fid(ax, x, y, x_name):
-    """The FID curve with its best (lowest) value marked and written in the legend, and the count of records
-    that are not finite (gaps in the curve) written there too."""
-    ax.plot(x, y, color="C3", linewidth=1.5, marker="o", markersize=3, label="FID")
+def draw_fid(ax, x, y, x_name, name="FID", colour="C3"):
+    """One FID curve (`name`: FID, or FID <ema> per EMA) with its best (lowest) value marked and written in the
+    legend, and the count of records that are not finite (gaps in the curve) written there too."""
+    ax.plot(x, y, color=colour, linewidth=1.5, marker="o", markersize=3, label=name)
     finite = [(v, i) for i, v in enumerate(y) if math.isfinite(v)]
     if finite:
         best, i = min(finite)
-        ax.plot([x[i]], [best], color="C3", marker="*", markersize=12, linestyle="none")
+        ax.plot([x[i]], [best], color=colour, marker="*", markersize=12, linestyle="none")
         label = f"best {best:.3f} at {x_name} {x[i]:g}"
-        ax.plot([], [], color="C3", marker="*", markersize=8, linestyle="none", label=label)
+        ax.plot([], [], color=colour, marker="*", markersize=8, linestyle="none", label=label)
     if len(finite) < len(y):
-        label = f"{len(y) - len(finite)} of {len(y)} FID records not finite"
-        ax.plot([], [], color="C3", marker="x", markersize=8, linestyle="none", label=label)
+        label = f"{len(y) - len(finite)} of {len(y)} {name} records not finite"
+        ax.plot([], [], color=colour, marker="x", markersize=8, linestyle="none", label=label)
     ax.set_ylabel("FID")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")

@@ -37,8 +37,10 @@ from dmd.build import (
 from dmd.checkpoint import (
     CheckpointError,
     RunLock,
+    best_snapshot_path,
     check_same_run,
     data_fingerprint,
+    ema_suffix,
     find_latest_state,
     list_checkpoints,
     load_training_state,
@@ -50,6 +52,7 @@ from dmd.checkpoint import (
     snapshot_path,
     state_path,
 )
+from dmd.config import ema_beta
 from dmd.edm2.vae import latent_info
 from dmd.generator import SigmaError, check_sigmas
 from dmd.steps import STAT_NAMES, BatchError, fake_score_step, generated, generator_step
@@ -88,6 +91,23 @@ def compute_fid(cfg, net, fid, device, codec=None):
     )
 
 
+def fid_fields(values):
+    """The stats.jsonl fields of one FID evaluation ({network name: FID}): `fid` for a run's one network,
+    fid_<name> per EMA with several."""
+    if len(values) == 1:
+        return {"fid": next(iter(values.values()))}
+    return {f"fid_{name}": value for name, value in values.items()}
+
+
+def fid_text(values, best):
+    """The console's FID part: 'FID 12.345 (best)', or per EMA 'FID 0.9999 12.345 (best), 0.99995 13.001'."""
+    parts = []
+    for name, value in values.items():
+        named = f"{name} " if len(values) > 1 else ""
+        parts.append(f"{named}{value:.3f}" + (" (best)" if value < best[name] else ""))
+    return "FID " + ", ".join(parts)
+
+
 def save_grid(path, rows, n, *, step, kimg, labels, codec=None):
     """Write the sample grid: one row per entry of `rows` ({name: images}), `n` images each, classes named from
     `labels` ({name: one-hot (B, label_dim), or None when unconditional}), the step and kimg in the title; a latent
@@ -107,18 +127,25 @@ def snapshot_info(cfg, step):
     return dict(generator_sigmas=cfg.generator_sigmas, step=step, config=cfg.to_dict())
 
 
-def write_checkpoint(run_dir, cfg, step, *, nets, streams, run):
-    """Write training-state-{step} and network-snapshot-{step} (the EMA of G if any), then prune old ones. Every rank
-    calls it (--fsdp's shards are gathered), rank 0 writes.
+def inference_networks(G, emas):
+    """The networks a run snapshots and scores, {name: network}: its EMAs by --ema name, or G alone (name None)."""
+    return dict(emas) if emas else {None: G}
 
-    `nets` holds G, mu_fake, G_ema, the head and the optimisers, `streams` the data streams by state key, `run` the
-    identity and counters a state records. A write that fails (a full disk) leaves the previous checkpoints as they
-    were and stops the run with one line.
+
+def write_checkpoint(run_dir, cfg, step, *, nets, streams, run):
+    """Write training-state-{step} and network-snapshot-{step} (one per EMA of G, or G without one), then prune old
+    ones. Every rank calls it (--fsdp's shards are gathered), rank 0 writes.
+
+    `nets` holds G, mu_fake, the EMAs ({name: network}), the head and the optimisers, `streams` the data streams by
+    state key, `run` the identity and counters a state records. A write that fails (a full disk) leaves the previous
+    checkpoints as they were and stops the run with one line.
     """
     positions = {key: None if stream is None else stream.state_dict() for key, stream in streams.items()}
     try:
         save_training_state(state_path(run_dir, step), **nets, step=step, positions=positions, run=run)
-        save_snapshot(snapshot_path(run_dir, step), nets["G_ema"] or nets["G"], **snapshot_info(cfg, step))
+        for name, net in inference_networks(nets["G"], nets["emas"]).items():
+            path = snapshot_path(run_dir, step, ema_suffix(cfg.ema, name))
+            save_snapshot(path, net, **snapshot_info(cfg, step), ema=name)
     except OSError as e:
         reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else str(e)
         last = find_latest_state(run_dir)
@@ -215,9 +242,10 @@ def clock_fields(done, n, elapsed_s):
     return dict(kimg=done * n / 1000, elapsed_s=elapsed_s, timestamp=time.time())
 
 
-def final_line(run_dir, done, num_steps, stopped):
-    """The run's last console line: its newest snapshot and the command that samples from it."""
-    snapshots = list_checkpoints(run_dir, "network-snapshot")
+def final_line(run_dir, done, num_steps, stopped, emas=()):
+    """The run's last console line: its newest snapshot (of the first of its EMAs `emas`) and the command that
+    samples from it."""
+    snapshots = list_checkpoints(run_dir, "network-snapshot", ema_suffix(emas, emas[0]) if emas else "")
     end = f"{'Stopped' if stopped else 'Finished'} at step {done}/{num_steps}"
     if not snapshots:
         return f"{end}; no network snapshot was written (the last steps were not finite)"
@@ -388,15 +416,18 @@ def run(cfg, inputs, device, summary):
 
     # The students, their losses and optimisers, restored from the training state if the run resumes.
     pair_stream, real_stream = streams["data_position"], streams["real_position"]
-    parts, G_ema = build_parts(cfg, mu_real, inputs.teacher, inputs.reg_loss, pair_stream, real_stream, device)
+    parts, emas = build_parts(cfg, mu_real, inputs.teacher, inputs.reg_loss, pair_stream, real_stream, device)
     fid, codec = inputs.fid, inputs.codec
-    nets = dict(G=parts.G, mu_fake=parts.mu_fake, G_ema=G_ema, head=parts.head, fdistill=parts.fdistill)
+    nets = dict(G=parts.G, mu_fake=parts.mu_fake, emas=emas, head=parts.head, fdistill=parts.fdistill)
     nets.update(opt_G=parts.opt_G, opt_fake=parts.opt_fake)
     if state is not None:
         restore(state, resume_path, **nets, streams=streams)
     set_hyperparameters(parts.opt_G, cfg.lr_gen, cfg)  # a change allowed on resume reaches the optimiser
     set_hyperparameters(parts.opt_fake, cfg.lr_fake, cfg)
-    best_fid = float("inf") if state is None else state["best_fid"]
+    scored = inference_networks(parts.G, emas)  # what --fid-every scores, each with its best FID so far
+    best_fid = {name: float("inf") for name in scored}
+    if state is not None:  # a state before several EMAs records its one network's best as best_fid
+        best_fid.update(state.get("best_fids") or {next(iter(scored)): state["best_fid"]})
     lines = run_summary(cfg, inputs.teacher, inputs.pairs, inputs.real, device) if summary else None
     logger = open_logger(cfg, run_dir, start, n, lines)
     if logger is not None and state is not None:
@@ -413,13 +444,15 @@ def run(cfg, inputs, device, summary):
 
     def checkpoint(step):
         run = dict(config=cfg.to_dict(), sigma_G=float(cfg.generator_sigmas[0]), bad_steps=counts.read()[1])
-        run.update(best_fid=float(best_fid), global_batch=inputs.batches, fingerprints=inputs.fingerprints)
+        best_fids = {name: float(value) for name, value in best_fid.items()}  # best_fid: the first's, as before
+        run.update(best_fid=next(iter(best_fids.values())), best_fids=best_fids)
+        run.update(global_batch=inputs.batches, fingerprints=inputs.fingerprints)
         run.update(elapsed_s=elapsed())
         write_checkpoint(run_dir, cfg, step, nets=nets, streams=streams, run=run)
 
     if not cfg.fsdp:  # sharded networks reduce their gradients themselves
         parts.G_ddp, parts.fake_ddp = wrap_ddp(parts.G, device), wrap_ddp(parts.mu_fake, device)
-    beta_ema = 0.5 ** (n / (cfg.ema_halflife_kimg * 1000)) if G_ema is not None else None
+    betas_ema = {name: ema_beta(name, n) for name in emas}
     zero = torch.zeros((), device=device)
     use_dm, hide = cfg.lambda_dm > 0, losses_off(cfg)
     window, done, saved = Window(device, STAT_NAMES), start, start
@@ -443,8 +476,8 @@ def run(cfg, inputs, device, summary):
                 # device and are read (one transfer, one all-reduce) at logging steps only.
                 done = step + 1
                 counts.add(torch.maximum(gen.bad, bad_fake))
-                if G_ema is not None:
-                    update_ema(G_ema, parts.G, beta_ema)
+                for name, G_ema in emas.items():
+                    update_ema(G_ema, parts.G, betas_ema[name])
                 window.add([*gen.losses.values(), loss_fake, loss_disc, gen.norm, norm_fake, *gen.weights.values()])
                 log_now = done % cfg.log_every == 0 or done == num_steps
                 if log_now:
@@ -472,16 +505,16 @@ def run(cfg, inputs, device, summary):
                         grid = save_grid(grid_path, images, columns, step=done, kimg=kimg, labels=labels, codec=codec)
                         logger.image(done, kimg, "samples", grid)
                 if fid is not None and done % cfg.fid_every == 0:
-                    value = compute_fid(cfg, G_ema or parts.G, fid, device, codec)
+                    values = {name: compute_fid(cfg, net, fid, device, codec) for name, net in scored.items()}
                     if logger is not None:
-                        record = dict(fid=value, **clock_fields(done, n, elapsed()))
+                        record = dict(fid_fields(values), **clock_fields(done, n, elapsed()))
                         logger.log(done, record)
-                        best = " (best)" if value < best_fid else ""
-                        logger.echo(f"{format_head(done, num_steps, record)} | FID {value:.3f}{best}")
-                    if value < best_fid:  # the same value on every rank
-                        snapshot = run_dir / "network-snapshot-best.pt"
-                        save_snapshot(snapshot, G_ema or parts.G, **snapshot_info(cfg, done))
-                    best_fid = min(best_fid, value)
+                        logger.echo(f"{format_head(done, num_steps, record)} | {fid_text(values, best_fid)}")
+                    for name, value in values.items():
+                        if value < best_fid[name]:  # the same value on every rank
+                            snapshot = best_snapshot_path(run_dir, ema_suffix(cfg.ema, name))
+                            save_snapshot(snapshot, scored[name], **snapshot_info(cfg, done), ema=name)
+                            best_fid[name] = value
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and counts.read()[0] == 0:
                     checkpoint(done)
                     saved = done
@@ -494,7 +527,7 @@ def run(cfg, inputs, device, summary):
         dist.barrier()
         bar.close()  # before the last line, so that the line is the last the console shows
         if logger is not None:
-            logger.echo(final_line(run_dir, done, num_steps, stopped))
+            logger.echo(final_line(run_dir, done, num_steps, stopped, cfg.ema))
     except Exception as e:
         if logger is not None:  # the CLI prints our errors as this line; unexpected ones keep their type
             known = isinstance(e, (TrainError, BatchError, LoggerError, OSError))

@@ -11,7 +11,7 @@ BASE = dict(model_path="teacher.pkl", output_dir="run", data_path="pairs.h5", ma
 
 
 def test_json_round_trip_keeps_every_field():
-    cfg = TrainConfig(**BASE, betas=[0.5, 0.99], ema_halflife_kimg=500.0, precision="bf16", resume="auto")
+    cfg = TrainConfig(**BASE, betas=[0.5, 0.99], ema="500kimg,0.999", precision="bf16", resume="auto")
     back = TrainConfig.from_dict(json.loads(cfg.to_json()))
     assert back == cfg
     assert back.betas == (0.5, 0.99)
@@ -22,7 +22,7 @@ def test_defaults_are_the_papers():
     cfg = TrainConfig(**BASE)
     assert (cfg.lr_gen, cfg.lr_fake, cfg.weight_decay, cfg.betas) == (5e-5, 5e-5, 0.01, (0.9, 0.999))
     assert (cfg.batch_size, cfg.lambda_reg, cfg.grad_clip, cfg.generator_sigmas) == (56, 0.25, 10.0, (80.0,))
-    assert (cfg.dropout, cfg.fake_steps_per_gen, cfg.t_min, cfg.t_max, cfg.ema_halflife_kimg) == (0, 1, 0.02, 0.98, 0)
+    assert (cfg.dropout, cfg.fake_steps_per_gen, cfg.t_min, cfg.t_max, cfg.ema) == (0, 1, 0.02, 0.98, ())
 
 
 def test_config_is_frozen():
@@ -43,7 +43,7 @@ def test_config_is_frozen():
         (dict(dropout=1.0), "--dropout"),
         (dict(precision="fp16"), "--precision"),
         (dict(fake_sigma_sampling="uniform"), "--fake-sigma-sampling"),
-        (dict(ema_halflife_kimg=-1), "--ema-halflife-kimg"),
+        (dict(ema="-1kimg"), "--ema"),
         (dict(max_bad_steps=0), "--max-bad-steps"),
         (dict(workers=-1), "--workers"),
         (dict(lambda_dm=-1), "--lambda-dm"),

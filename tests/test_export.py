@@ -166,7 +166,7 @@ def test_a_training_state_exports_its_generator(run, tmp_path):
     _, config = export_generator(tmp_path / "run" / "training-state-000030.pt", tmp_path / "out")
     assert config["training"] == {"recipe": "dmd2", "step": 30, "kimg": 30 * 56 / 1000}
     assert config["teacher"]["sha256"] == "cd" * 32 and config["fid"] is None
-    assert config["selection"] == "the generator of the training state of step 30 (its EMA where the run kept one)"
+    assert config["selection"] == "the generator of the training state of step 30 (G itself)"
 
 
 def test_a_run_folder_exports_its_newest_snapshot(run, tmp_path):

@@ -24,12 +24,18 @@ from test_train import (
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 WORKER = str(Path(__file__).parent / "test_train.py")  # torchrun's entry point, with test_train's LPIPS stand-in
 KEYS = [*LOSSES, "loss_gan", "loss_disc"]
+EMAS = ("0.001kimg", "0.9")
+
+
+def networks(state):
+    """A training state's networks by name, its EMAs as 'ema <name>'."""
+    return {**state, **{f"ema {name}": weights for name, weights in state["emas"].items()}}
 
 
 def fsdp_args(out, real, *extra):
-    """DMD2 (GAN head, two-step G, two fake-score steps) with an EMA of G and grids, checkpoints at steps 2 and 4;
-    at the default lr, as test_train's DDP tests run (see assert_same_updates)."""
-    args = dmd2_args(out, real, "--lr-gen", "5e-5", "--lr-fake", "5e-5", "--ema-halflife-kimg", "0.001", *extra)
+    """DMD2 (GAN head, two-step G, two fake-score steps) with two EMAs of G (each sharded as G) and grids,
+    checkpoints at steps 2 and 4; at the default lr, as test_train's DDP tests run (see assert_same_updates)."""
+    args = dmd2_args(out, real, "--lr-gen", "5e-5", "--lr-fake", "5e-5", "--ema", ",".join(EMAS), *extra)
     return args + ["--image-every", "2", "--checkpoint-every", "2", "--keep-last", "0"]
 
 
@@ -52,9 +58,10 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path, real):
     )
     sa, sb = load(one / "training-state-000004.pt"), load(fsdp / "training-state-000004.pt")
     start = load_network_state()
-    starts = dict(G=start, mu_fake=start, G_ema=start, head=initial_head_state())
-    assert_same_updates(sa, sb, starts)  # whole tensors, named and shaped as without --fsdp
-    assert sb["class_name"] == "EDMPrecond" and load(fsdp / "network-snapshot-000004.pt")["class_name"] == "EDMPrecond"
+    starts = dict(G=start, mu_fake=start, head=initial_head_state(), **{f"ema {name}": start for name in EMAS})
+    assert_same_updates(networks(sa), networks(sb), starts)  # whole tensors, named and shaped as without --fsdp
+    assert sb["class_name"] == "EDMPrecond"
+    assert all(load(fsdp / f"network-snapshot-000004-ema{name}.pt")["class_name"] == "EDMPrecond" for name in EMAS)
     for key in ("opt_G", "opt_fake"):
         assert sb[key]["param_groups"] == sa[key]["param_groups"]
         assert all(sb[key]["state"][i]["exp_avg"].shape == s["exp_avg"].shape for i, s in sa[key]["state"].items())
@@ -62,11 +69,11 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path, real):
 
     # The --fsdp state of step 2 resumed without --fsdp in one process, and with it in two (bit for bit).
     run_cli(fsdp_args(plain, real, "--max-steps", 4, "--resume", fsdp / "training-state-000002.pt"))
-    assert_same_updates(sa, load(plain / "training-state-000004.pt"), starts)
+    assert_same_updates(networks(sa), networks(load(plain / "training-state-000004.pt")), starts)
     torchrun(fsdp_args(again, real, "--max-steps", 4, "--resume", fsdp / "training-state-000002.pt"))
     assert [[r[k] for k in KEYS] for r in read_stats(again)] == [[r[k] for k in KEYS] for r in b[2:]]
-    sc = load(again / "training-state-000004.pt")
-    for key in ("G", "mu_fake", "G_ema", "head"):
+    sb, sc = networks(sb), networks(load(again / "training-state-000004.pt"))
+    for key in starts:
         assert all(torch.equal(sb[key][k], sc[key][k]) for k in sb[key]), key
     for key in ("opt_G", "opt_fake"):
         assert all(torch.equal(sb[key]["state"][i][m], s[m]) for i, s in sc[key]["state"].items() for m in s), key

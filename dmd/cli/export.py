@@ -4,7 +4,7 @@ uploaded to the Hugging Face Hub (the work: dmd/export.py)."""
 import click
 
 from dmd.cli import main
-from dmd.cli.options import Command, cache_option, device_option, option, output_path, vae_option
+from dmd.cli.options import Command, cache_option, device_option, ema_option, option, output_path, vae_option
 
 
 def new_folder(ctx, param, value):
@@ -64,9 +64,10 @@ python -m dmd generate --network hf://me/dmd-cifar10 --output-dir out --seeds 0-
 )
 @option("--private", is_flag=True, section="Hub", help="--push: create the repository private.")
 @device_option()
+@ema_option()
 @vae_option()
 @cache_option()
-def export_command(snapshot, dest, dtype, repo_id, private, device, vae, cache_dir):
+def export_command(snapshot, dest, dtype, repo_id, private, device, ema, vae, cache_dir):
     """Export SNAPSHOT (a network snapshot or training state of `train`, or its run folder: the newest snapshot) as
     a folder DEST_DIR that DMDGenerator and `generate --network` load, with a model card."""
     from dmd.export import ExportError, export_generator, push
@@ -75,7 +76,14 @@ def export_command(snapshot, dest, dtype, repo_id, private, device, vae, cache_d
 
     try:
         folder, config = export_generator(
-            snapshot, dest, dtype=dtype, repo_id=repo_id, device=resolve_device(device), cache_dir=cache_dir, vae=vae
+            snapshot,
+            dest,
+            dtype=dtype,
+            repo_id=repo_id,
+            device=resolve_device(device),
+            cache_dir=cache_dir,
+            vae=vae,
+            ema=ema,
         )
         fid = config["fid"]
         recorded = f"FID {fid['value']:.3f} at step {fid['step']}" if fid else "no FID recorded"

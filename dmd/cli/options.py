@@ -204,6 +204,18 @@ def vae_option():
     )
 
 
+def ema_option(section="Main"):
+    """--ema of the commands that load a network: which of a training state's (or run folder's) networks."""
+    return option(
+        "--ema",
+        metavar="NAME",
+        section=section,
+        show_default=False,
+        help="A training state's or run folder's EMA of G by its `train --ema` name (e.g. 0.9999 or 10kimg), or "
+        "'none' for G itself.  [default: the run's first EMA; G where it kept none]",
+    )
+
+
 def metrics_options():
     """--metrics and --dinov2 of `fid ref` and `fid calc`: which Frechet distances, one pass over the images."""
     return stacked(

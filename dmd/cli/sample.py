@@ -10,6 +10,7 @@ from dmd.cli.options import (
     cache_option,
     detector_option,
     device_option,
+    ema_option,
     guide_options,
     metrics_options,
     new_file,
@@ -41,6 +42,7 @@ torchrun --standalone --nproc_per_node 8 -m dmd generate --network model.pt --ou
 """,
 )
 @option("--network", required=True, metavar="PATH|URL", section="Main", help=_NETWORK_HELP)
+@ema_option()
 @option(
     "--output-dir",
     "--outdir",
@@ -88,6 +90,7 @@ torchrun --standalone --nproc_per_node 8 -m dmd generate --network model.pt --ou
 @progress_option()
 def generate_command(
     network,
+    ema,
     outdir,
     seeds,
     class_idx,
@@ -128,6 +131,7 @@ def generate_command(
             cache_dir=cache_dir,
             progress=progress,
             vae=vae,
+            ema=ema,
         )
     except (GeneratorLoadError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
@@ -232,6 +236,7 @@ python -m dmd fid calc --images fid-out --ref https://nvlabs-fi-cdn.nvidia.com/e
     show_default=False,
     help="... or a network as generate takes it, scored straight from its samples (seed s labelled s % label_dim).",
 )
+@ema_option()
 @option(
     "--ref",
     required=True,
@@ -274,6 +279,7 @@ python -m dmd fid calc --images fid-out --ref https://nvlabs-fi-cdn.nvidia.com/e
 def fid_calc_command(
     images,
     network,
+    ema,
     ref,
     num,
     seeds,
@@ -320,6 +326,7 @@ def fid_calc_command(
             cache_dir=cache_dir,
             progress=progress,
             vae=vae,
+            ema=ema,
         )
         is_main = distributed.is_main()
     except (FIDError, GeneratorLoadError, ValueError, OSError) as e:

@@ -19,7 +19,7 @@ from dmd.cli.options import (
     resolve_progress,
     sentence,
 )
-from dmd.config import DIVERGENCES, RECIPES, ConfigError, TrainConfig, resolve_recipe
+from dmd.config import DIVERGENCES, RECIPES, ConfigError, TrainConfig, resolve_recipe, upgrade_config
 
 
 def _train(flag, *aliases, section, **kwargs):
@@ -189,7 +189,20 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     help="upper end (exclusive) of the DM loss's t range, a fraction of T",
 )
 @_train("--fake-sigma-sampling", section=HYPER, type=click.Choice(["karras", "lognormal"]))
-@_train("--ema-halflife-kimg", section=HYPER, type=click.FloatRange(min=0), metavar="KIMG")
+@_train(
+    "--ema",
+    section=HYPER,
+    default="",
+    metavar="LIST",
+    show_default=False,
+    help="EMAs of G, comma-separated, each updated after every step (one G update) as G_ema <- beta G_ema + "
+    "(1 - beta) G: a half-life in kimg, '10kimg' (beta = 0.5 ** (global batch / 10000), EDM's ema_halflife_kimg), "
+    "or a decay per step in (0, 1), e.g. NVIDIA FastGen's three '0.9999,0.99995,0.9996' (FastGen applies beta once "
+    "per training iteration; here once per step). Each EMA has its own snapshots (with several: "
+    "network-snapshot-NNNNNN-ema0.9999.pt), best snapshot and FID; `generate --ema NAME` picks one from a training "
+    "state.  [default: none]",
+)
+@option("--ema-halflife-kimg", type=click.FloatRange(min=0), hidden=True, help="--ema Xkimg (the old spelling).")
 @_train("--xflip", section=DMD2, is_flag=True)
 @_recipe("--gan-weight-gen", DMD2, type=click.FloatRange(min=0), metavar="FLOAT")
 @_recipe("--gan-weight-disc", DMD2, type=click.FloatRange(min=0), metavar="FLOAT")
@@ -315,7 +328,8 @@ def build_config(ctx, options):
     def given_flag(name):
         return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
-    lpips_random, generator_sigma, batch = (options.pop(k) for k in ("lpips_random", "generator_sigma", "batch"))
+    old_names = ("lpips_random", "generator_sigma", "batch", "ema_halflife_kimg")
+    lpips_random, generator_sigma, batch, ema_halflife_kimg = (options.pop(k) for k in old_names)
     changeable = tuple(name for name in options.pop("allow_change").split(",") if name.strip())
     recipe = options.pop("recipe")
     given = {k for k in options if given_flag(k)}  # the config fields this command line sets
@@ -326,6 +340,11 @@ def build_config(ctx, options):
         if "generator_sigmas" in given:
             raise ConfigError("give --generator-sigmas or its old spelling --generator-sigma, not both")
         options["generator_sigmas"], given = (generator_sigma,), given | {"generator_sigmas"}
+    if ema_halflife_kimg is not None:
+        if "ema" in given:
+            raise ConfigError("give --ema or its old spelling --ema-halflife-kimg, not both")
+        options["ema"] = upgrade_config({"ema_halflife_kimg": ema_halflife_kimg})["ema"]
+        given |= {"ema"}
     if batch is not None:
         if "batch_size" in given:
             raise ConfigError("give --batch-size (per process) or --batch (the global batch, EDM's meaning), not both")
