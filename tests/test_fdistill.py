@@ -219,7 +219,7 @@ def test_teacher_features_read_the_dm_loss_x_t_once_and_train_only_the_head(tmp_
     parts.gan_loss.discriminator(x_fake, gen.c, x_real, c_real)[0].mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in parts.head.parameters())
     assert all(p.grad is None for p in [*teacher.parameters(), *parts.mu_fake.parameters()])
-    fake_score_step(parts, 0, gen.x, gen.c)  # the whole step runs
+    fake_score_step(parts, 0, gen)  # the whole step runs
     # DMD2's features: the same discriminator loss trains mu_fake's encoder too.
     parts_fake, _ = build(tmp_path, real)
     parts_fake.gan_loss.discriminator(x_fake, gen.c, x_real, c_real)[0].mean().backward()
