@@ -1,5 +1,6 @@
 """Tests of the embedded demo: digits data, the judge, the teacher's training and pickle, and a shortened demo run."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -82,6 +83,12 @@ def test_demo_config_errors_name_the_option(tmp_path):
     check_output_dir(DemoConfig(output_dir=str(tmp_path)), tmp_path)
     with pytest.raises(DemoError, match="--output-dir"):
         check_output_dir(DemoConfig(output_dir=str(tmp_path), max_steps=7), tmp_path)
+    # A folder written before --fdistill existed (no such key) holds the same settings as the default now.
+    saved = json.loads((tmp_path / "demo-config.json").read_text())
+    (tmp_path / "demo-config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "fdistill"}))
+    check_output_dir(DemoConfig(output_dir=str(tmp_path)), tmp_path)
+    with pytest.raises(DemoError, match="--output-dir"):
+        check_output_dir(DemoConfig(output_dir=str(tmp_path), fdistill=True), tmp_path)
     result = CliRunner().invoke(main, ["demo", "--teacher", str(tmp_path / "missing.pkl"), "--output-dir", "x"])
     assert result.exit_code == 1 and "--network" in result.output  # --teacher: the old spelling of --network
 
@@ -89,18 +96,22 @@ def test_demo_config_errors_name_the_option(tmp_path):
 def test_short_demo_end_to_end(tmp_path, capsys):
     # Under a minute on an idle 2-core CPU: 128 pairs, 30 steps per student, 200 samples.
     cfg = DemoConfig(output_dir=str(tmp_path), num_pairs=128, max_steps=30, batch_size=16, num_eval=200, two_step=True)
+    cfg = dataclasses.replace(cfg, fdistill=True)
     results = run_demo(cfg)
     # The demo's console is its own: none of what the training loop prints (its config, summary, losses: all in
     # each student's log.txt) reaches it.
     printed = set(capsys.readouterr().out.splitlines())
-    for key in ("dmd", "regression", "dm", "dmd2", "dmd2_2step"):
+    for key in ("dmd", "regression", "dm", "dmd2", "fdistill", "dmd2_2step_last"):
         logged = {line for line in (tmp_path / "train" / key / "log.txt").read_text().splitlines() if line.strip()}
         assert logged and not logged & printed, logged & printed
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["format"] == "dmd-demo-results" and on_disk["config"] == cfg.to_dict()
-    keys = ["teacher_35nfe", "teacher_1step", "dmd", "regression", "dm", "dmd2", "dmd2_2step"]
+    keys = ["teacher_35nfe", "teacher_1step", "dmd", "regression", "dm", "dmd2", "fdistill", "dmd2_2step_last"]
     assert [r["key"] for r in on_disk["rows"]] == keys
-    assert [r["nfe"] for r in on_disk["rows"]] == [35, 1, 1, 1, 1, 1, 2]
+    assert [r["nfe"] for r in on_disk["rows"]] == [35, 1, 1, 1, 1, 1, 1, 2]
+    fdistill = json.loads((tmp_path / "train" / "fdistill" / "config.json").read_text())
+    two_step = json.loads((tmp_path / "train" / "dmd2_2step_last" / "config.json").read_text())
+    assert fdistill["divergence"] == "js" and two_step["fake_score_levels"] == "last"
     for r in on_disk["rows"]:
         assert set(r) == {"key", "method", "nfe", "fid", "accuracy", "samples_per_s"}
         assert r["fid"] >= 0 and 0 <= r["accuracy"] <= 1 and r["samples_per_s"] > 0

@@ -106,13 +106,14 @@ python -m dmd demo train-teacher --out teacher.pkl && python -m dmd demo --netwo
 @_demo("--gan-weight-gen", type=POSITIVE, metavar="FLOAT")
 @_demo("--gan-weight-disc", type=POSITIVE, metavar="FLOAT")
 @option("--two-step", is_flag=True, section="Settings", help="Also distil DMD2's two-step generator.  [--full: on]")
+@option("--fdistill", is_flag=True, section="Settings", help="Also distil f-distill (JS) beside DMD2.  [--full: on]")
 @_demo("--two-step-sigma", type=click.FloatRange(0, 80, min_open=True, max_open=True), metavar="FLOAT")
 @_demo("--num-eval", type=click.IntRange(min=20), metavar="INT")
 @_demo("--seed", type=int, metavar="INT")
 @_threads_option()
 @progress_option("Progress bars of the pair sampling and the training")
 @click.pass_context
-def demo_group(ctx, teacher, full, lr, two_step, threads, progress, **options):
+def demo_group(ctx, teacher, full, lr, two_step, fdistill, threads, progress, **options):
     """Distil the shipped digits teacher into one-step generators on a CPU and measure them (minutes)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -130,6 +131,8 @@ def demo_group(ctx, teacher, full, lr, two_step, threads, progress, **options):
         settings = {**FULL, **settings}
     if two_step:
         settings["two_step"] = True
+    if fdistill:
+        settings["fdistill"] = True
     if teacher is not None:
         settings["teacher"] = teacher
     _set_threads(threads)

@@ -35,6 +35,7 @@ class DemoConfig:
     gan_weight_disc: float = 1.0  # DMD2 students: weight of the discriminator loss (DMD2's: 1e-2)
     two_step: bool = False  # also distil DMD2's two-step generator (levels 80 and two_step_sigma)
     two_step_sigma: float = 0.5  # the DMD2 two-step generator's second noise level
+    fdistill: bool = False  # also distil f-distill (DMD2 with the JS weights h(r) of the GAN head's density ratio)
     num_eval: int = 1000  # samples per method for FID and accuracy (classes cycling)
     progress: bool = True  # progress bars of the pair sampling and of the students' training
 
@@ -59,8 +60,8 @@ class DemoConfig:
         return dataclasses.asdict(self)
 
 
-# What --full changes: longer training, the two-step student, twice the evaluation samples (see the README).
-FULL = dict(max_steps=1000, num_eval=2000, two_step=True)
+# What --full changes: longer training, the two-step and f-distill students, twice the evaluation samples (README).
+FULL = dict(max_steps=1000, num_eval=2000, two_step=True, fdistill=True)
 
 
 # How the shipped teacher was trained: EDM's recipe (Adam, lr warm-up, EMA with ramp-up) sized for 1,797 digits, with
