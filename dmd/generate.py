@@ -175,6 +175,18 @@ def checked_sigmas(path, field, sigmas, net):
         raise GeneratorLoadError(str(e)) from e
 
 
+def stored_sigmas(data):
+    """(field, noise levels) a snapshot or training state records: a snapshot's generator_sigmas (sigma_G in
+    one-step files of earlier versions); a training state's config.generator_sigmas (its sigma_G is the first level
+    only, so a few-step run's state would otherwise sample in one step)."""
+    config = data.get("config")
+    if "generator_sigmas" in data:
+        return "generator_sigmas", data["generator_sigmas"]
+    if data.get("format") == STATE_FORMAT and isinstance(config, dict) and "generator_sigmas" in config:
+        return "config.generator_sigmas", config["generator_sigmas"]
+    return "sigma_G", [data["sigma_G"]]
+
+
 def _from_torch_file(path, ema=None):
     """Build the network of one of our snapshots or training states (`ema`: see select_state_network), or of the
     port's checkpoint: return (net, sigmas, info), info holding what a dmd file records besides the weights (empty
@@ -199,8 +211,7 @@ def _from_torch_file(path, ema=None):
             else:
                 name, state_dict = select_state_network(path, data, ema)
             class_name, init_kwargs = data["class_name"], data["init_kwargs"]
-            field = "generator_sigmas" if "generator_sigmas" in data else "sigma_G"  # one-step files: sigma_G
-            sigmas = data[field] if field == "generator_sigmas" else [data[field]]
+            field, sigmas = stored_sigmas(data)
         except KeyError as e:
             raise GeneratorLoadError(f"{path}: {kind} without the entry {e}") from e
         net = build_checked(path, class_name, init_kwargs, state_dict, data.get("encoder"))

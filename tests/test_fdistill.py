@@ -293,6 +293,33 @@ def test_resume_with_the_ratio_ema_is_bit_exact(tmp_path, real):
         assert all(torch.equal(sa[key][k], sb[key][k]) for k in sa[key]), key
 
 
+def test_fastgen_style_run_with_every_new_option_resumes_bit_exact_and_samples_each_ema(tmp_path, real):
+    # f-distill with teacher features, three constant-decay EMAs and a two-step G whose fake score sees its last
+    # level only: interrupted and resumed, the run equals the straight one in its statistics, every network and every
+    # EMA, and each EMA's snapshot samples through `generate` as that EMA of the training state does.
+    from dmd.generate import DMDGenerator
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = ["--batch-size", 3, "--gan-features", "teacher", "--ema", "0.9999,0.99995,0.9996"]
+    args += ["--generator-sigmas", "80,1.5", "--fake-score-levels", "last", "--fdistill-ratio-ema", 0.5]
+    run_cli(fdistill_args(straight, real, "--max-steps", 4, *args))
+    run_cli(fdistill_args(split, real, "--max-steps", 2, *args))
+    run_cli(fdistill_args(split, real, "--max-steps", 4, "--resume", "auto", *args))
+    keys = [*KEYS, *WEIGHT_KEYS]
+    assert [[r[k] for k in keys] for r in read_stats(split)] == [[r[k] for k in keys] for r in read_stats(straight)]
+    sa, sb = load(straight / "training-state-000004.pt"), load(split / "training-state-000004.pt")
+    assert list(sa["emas"]) == ["0.9999", "0.99995", "0.9996"]
+    pairs = [(sa[k], sb[k]) for k in ("G", "mu_fake", "head")] + [(sa["emas"][k], sb["emas"][k]) for k in sa["emas"]]
+    assert all(torch.equal(a[k], b[k]) for a, b in pairs for k in a)
+    state = straight / "training-state-000004.pt"
+    for name in sa["emas"]:
+        snapshot = straight / f"network-snapshot-000004-ema{name}.pt"
+        from_snapshot = DMDGenerator(snapshot).generate_batch(seeds=[0, 1], class_ids=[3, 4])
+        from_state = DMDGenerator(state, ema=name).generate_batch(seeds=[0, 1], class_ids=[3, 4])
+        assert torch.equal(from_snapshot, from_state), name
+    assert not torch.equal(sa["emas"]["0.9996"]["model.enc.8x8_conv.weight"], sa["G"]["model.enc.8x8_conv.weight"])
+
+
 def test_fdistill_recipe_on_a_guided_edm2_teacher_with_teacher_features(tmp_path, real):
     import json
 
