@@ -74,8 +74,10 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     default="dmd",
     type=click.Choice(sorted(RECIPES)),
     help="Defaults for the settings left unset: dmd (the DMD paper's), dmd2 (DMD2's: no pairs, 5 "
-    "fake-score steps per G step, GAN on --real-data, lr 2e-6) or fdistill (dmd2's with --divergence js). Explicit "
-    "flags override it; config.json records the result.",
+    "fake-score steps per G step, GAN on --real-data, lr 2e-6) or fdistill (dmd2's with --divergence js). Both keep "
+    "DMD2's discriminator (--gan-features fake); NVIDIA FastGen's measured DMD2 and f-distill runs add --gan-features "
+    "teacher and --ema 0.9999,0.99995,0.9996 (README: the recipes). Explicit flags override it; config.json records "
+    "the result.",
 )
 @_train(
     "--data-path",
