@@ -29,15 +29,9 @@ import torch
 
 from dmd.edm2.encoders import encoder_json
 from dmd.edm2.vae import VAEError
-from dmd.generate import (
-    GeneratorLoadError,
-    build_checked,
-    checked_sigmas,
-    describe_sampling,
-    read_network,
-    sample_grid,
-)
+from dmd.generate import describe_sampling, sample_grid
 from dmd.generator import SNAPSHOT_FORMAT, STATE_FORMAT
+from dmd.generator_files import GeneratorLoadError, build_checked, checked_sigmas, read_network
 from dmd.utils.common import parse_json
 from dmd.utils.io import atomic_path, atomic_save_image, atomic_write_text
 
