@@ -35,7 +35,9 @@ def _vgg16_features():
         if v == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            layers += [nn.Conv2d(in_channels, v, kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+            # In place: a conv's backward needs its input, not its output, so the ReLU may overwrite it (one
+            # activation-sized tensor less per layer; benchmarks/lpips_step.py).
+            layers += [nn.Conv2d(in_channels, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
             in_channels = v
     return nn.Sequential(*layers)
 
