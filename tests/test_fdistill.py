@@ -278,15 +278,20 @@ def test_two_processes_equal_one(tmp_path, real, features):
     assert_same_updates(sa, sb, dict(G=load_network_state(), mu_fake=load_network_state(), head=initial_head_state()))
 
 
-def test_resume_with_the_ratio_ema_is_bit_exact(tmp_path, real):
+def straight_and_resumed(tmp_path, real, *args):
+    """Run 4 steps straight and 2 + 2 with a resume; assert equal statistics (losses and weights) at every logged step
+    and return both runs' final training states."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    args = ["--batch-size", 3, "--fdistill-ratio-ema", 0.5]
     run_cli(fdistill_args(straight, real, "--max-steps", 4, *args))
     run_cli(fdistill_args(split, real, "--max-steps", 2, *args))
     run_cli(fdistill_args(split, real, "--max-steps", 4, "--resume", "auto", *args))
     keys = [*KEYS, *WEIGHT_KEYS]
     assert [[r[k] for k in keys] for r in read_stats(split)] == [[r[k] for k in keys] for r in read_stats(straight)]
-    sa, sb = load(straight / "training-state-000004.pt"), load(split / "training-state-000004.pt")
+    return load(straight / "training-state-000004.pt"), load(split / "training-state-000004.pt")
+
+
+def test_resume_with_the_ratio_ema_is_bit_exact(tmp_path, real):
+    sa, sb = straight_and_resumed(tmp_path, real, "--batch-size", 3, "--fdistill-ratio-ema", 0.5)
     assert not torch.equal(sa["fdistill"]["bins"], torch.ones(10))  # the state the resume must restore
     assert torch.equal(sa["fdistill"]["bins"], sb["fdistill"]["bins"])
     for key in ("G", "mu_fake", "head"):
@@ -299,21 +304,15 @@ def test_fastgen_style_run_with_every_new_option_resumes_bit_exact_and_samples_e
     # EMA, and each EMA's snapshot samples through `generate` as that EMA of the training state does.
     from dmd.generate import DMDGenerator
 
-    straight, split = tmp_path / "straight", tmp_path / "split"
     args = ["--batch-size", 3, "--gan-features", "teacher", "--ema", "0.9999,0.99995,0.9996"]
     args += ["--generator-sigmas", "80,1.5", "--fake-score-levels", "last", "--fdistill-ratio-ema", 0.5]
-    run_cli(fdistill_args(straight, real, "--max-steps", 4, *args))
-    run_cli(fdistill_args(split, real, "--max-steps", 2, *args))
-    run_cli(fdistill_args(split, real, "--max-steps", 4, "--resume", "auto", *args))
-    keys = [*KEYS, *WEIGHT_KEYS]
-    assert [[r[k] for k in keys] for r in read_stats(split)] == [[r[k] for k in keys] for r in read_stats(straight)]
-    sa, sb = load(straight / "training-state-000004.pt"), load(split / "training-state-000004.pt")
+    sa, sb = straight_and_resumed(tmp_path, real, *args)
     assert list(sa["emas"]) == ["0.9999", "0.99995", "0.9996"]
     pairs = [(sa[k], sb[k]) for k in ("G", "mu_fake", "head")] + [(sa["emas"][k], sb["emas"][k]) for k in sa["emas"]]
     assert all(torch.equal(a[k], b[k]) for a, b in pairs for k in a)
-    state = straight / "training-state-000004.pt"
+    state = tmp_path / "straight" / "training-state-000004.pt"
     for name in sa["emas"]:
-        snapshot = straight / f"network-snapshot-000004-ema{name}.pt"
+        snapshot = tmp_path / "straight" / f"network-snapshot-000004-ema{name}.pt"
         from_snapshot = DMDGenerator(snapshot).generate_batch(seeds=[0, 1], class_ids=[3, 4])
         from_state = DMDGenerator(state, ema=name).generate_batch(seeds=[0, 1], class_ids=[3, 4])
         assert torch.equal(from_snapshot, from_state), name
