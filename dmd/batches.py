@@ -78,6 +78,11 @@ class RankRows:
         out = self.net(x[self.rows], sigma[self.rows], take(class_labels, self.rows))
         return spread(out.to(x.dtype), self.rows, x.shape[0])
 
+    def forward_with_bottleneck(self, x, sigma, class_labels=None):
+        """The net's (D, bottleneck features) on these rows, each spread (Preconditioner.forward_with_bottleneck)."""
+        out, h = self.net.forward_with_bottleneck(x[self.rows], sigma[self.rows], take(class_labels, self.rows))
+        return spread(out.to(x.dtype), self.rows, x.shape[0]), spread(h, self.rows, x.shape[0])
+
 
 # An item a DataLoader worker could not read, sent back as a value: torch re-raises a worker's exception with the
 # worker's whole traceback inside its message, so the user's one-line error (a NaN row, a bad image) would arrive as

@@ -209,11 +209,15 @@ def unet_blocks(net):
 def build_losses(cfg, mu_real, mu_fake, rows, device, teacher=None):
     """The losses: distribution matching and fake-score on this rank's `rows`, and DMD2's GAN (None when off) with
     its discriminator head on mu_fake's bottleneck, or with --gan-features teacher on the frozen `teacher`'s (the
-    teacher itself, never a guided mu_real; None: mu_real is the teacher)."""
+    teacher itself, never a guided mu_real; None: mu_real is the teacher), which G's step then takes from the DM
+    loss's pass of mu_real."""
     from dmd.losses import DistributionMatchingLoss, FakeScoreLoss, KarrasGrid
 
     grid = KarrasGrid(T=cfg.num_timesteps).to(device)  # on the device once, not copied at every lookup
-    dm_loss = DistributionMatchingLoss(RankRows(mu_real, rows), RankRows(mu_fake, rows), grid, cfg.t_min, cfg.t_max)
+    shared = cfg.gan_weight_gen > 0 and cfg.gan_features == "teacher"  # G's GAN term reads mu_real's features
+    dm_loss = DistributionMatchingLoss(
+        RankRows(mu_real, rows), RankRows(mu_fake, rows), grid, cfg.t_min, cfg.t_max, bottleneck=shared
+    )
     fake_loss = FakeScoreLoss(grid, sigma_sampling=cfg.fake_sigma_sampling)
     gan_loss = None
     if cfg.gan_weight_gen > 0:

@@ -119,10 +119,10 @@ class GANLoss:
     uniform in [0, max_index); a max_index outside [1, T] raises ValueError. `discriminator(x_fake, c_fake, x_real,
     c_real)` returns softplus(f(fake)) + softplus(-f(real)) per pair (N,), for the fake-score step: both batches are
     detached, so only the head (and a trained feature network) gets gradients. `generator(x_fake, c_fake)` returns
-    softplus(-f(G(z))) (N,) for G's step, with the features and the head frozen; given `x_t` and `sigma` (the DM
-    loss's noised samples, FastGen's choice) it reads them instead of drawing its own. Each returns a dict of logging
-    tensors too. Labels are one-hot (N, label_dim) or None; a torch.Generator (`generator=`) and `rows`, `n` (see
-    `noised`) control the draws.
+    softplus(-f(G(z))) (N,) for G's step, with the features and the head frozen; given `features` and `sigma` (the
+    bottleneck of the DM loss's noised samples, FastGen's choice) the head reads them instead. Each returns a dict
+    of logging tensors too. Labels are one-hot (N, label_dim) or None; a torch.Generator (`generator=`) and `rows`,
+    `n` (see `noised`) control the draws.
     """
 
     def __init__(
@@ -209,15 +209,16 @@ class GANLoss:
         generator: Optional[torch.Generator] = None,
         rows: Optional[slice] = None,
         n: Optional[int] = None,
-        x_t: Optional[torch.Tensor] = None,
+        features: Optional[torch.Tensor] = None,
         sigma: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Return the generator's GAN loss per sample (N,) and logging tensors. The features and the head are frozen
-        while the loss is built, so its backward reaches x_fake (and G) and leaves no gradient in them. With `x_t`
-        (N, C, H, W) and `sigma` (N,), noised x_fake with its gradient, no noise is drawn."""
+        while the loss is built, so its backward reaches x_fake (and G) and leaves no gradient in them. With
+        `features` (N, C', H', W'), the feature network's bottleneck of x_fake noised at `sigma` (N,) computed with
+        x_fake's gradient, the head reads them: no noise is drawn and no encoder runs."""
         with frozen(self.features, self.head):
-            if x_t is None:
+            if features is None:
                 logits, sigma = self.logits(x_fake, c_fake, generator, rows, n)
             else:
-                logits = self.at(x_t, sigma, c_fake)
+                logits = self.head(features)
         return generator_gan_loss(logits), dict(logits_fake=logits.detach(), sigma=sigma)

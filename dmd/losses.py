@@ -110,7 +110,10 @@ class DistributionMatchingLoss:
     [t_min T, t_max T), runs both denoisers without gradients, and returns (loss (N,), aux). The loss is
     0.5 ||x - sg(x - grad)||^2 averaged over C, H, W, with grad = `distribution_matching_grad(x, p_real, p_fake)`,
     so its gradient reaches x only and equals grad / (C H W). aux holds x_t, sigma and its grid index t, p_real,
-    p_fake and the per-sample grad_norm, for logging and f-distill's weights (dmd/fdistill.py).
+    p_fake and the per-sample grad_norm, for logging and f-distill's weights (dmd/fdistill.py). With bottleneck=True,
+    mu_real's pass also returns its bottleneck features at x_t with the gradient of x_t to x (mu_real's
+    forward_with_bottleneck), aux["h_real"] (N, C', H', W'): DMD2's GAN on the teacher's features reads them there,
+    as FastGen shares one teacher forward between the DM target and the GAN, instead of a second encoder pass.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class DistributionMatchingLoss:
         grid: KarrasGrid,  # KarrasGrid the noise level is drawn from.
         t_min: float = 0.02,  # Lower bound of the index as a fraction of T (DreamFusion-style range).
         t_max: float = 0.98,  # Upper bound (exclusive) of the index as a fraction of T.
+        bottleneck: bool = False,  # Also return mu_real's bottleneck features at x_t, with x's gradient.
     ) -> None:
         grid.index_range(t_min, t_max)  # Validates the fractions now rather than at the first step.
         self.mu_real = mu_real
@@ -127,6 +131,7 @@ class DistributionMatchingLoss:
         self.grid = grid
         self.t_min = t_min
         self.t_max = t_max
+        self.bottleneck = bottleneck
 
     def __call__(
         self,
@@ -139,8 +144,13 @@ class DistributionMatchingLoss:
         sigma = self.grid.sigma(t)  # (N,)
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         x_t = x.detach() + _broadcast(sigma, x) * eps
+        features = {}
+        if self.bottleneck:  # x_t's values to the bit, with x's gradient; mu_real's output comes without autograd
+            p_real, features["h_real"] = self.mu_real.forward_with_bottleneck(x - x.detach() + x_t, sigma, class_labels)
         with torch.no_grad():
-            p_real = self.mu_real(x_t, sigma, class_labels).to(x.dtype)
+            if not self.bottleneck:
+                p_real = self.mu_real(x_t, sigma, class_labels)
+            p_real = p_real.to(x.dtype)
             p_fake = self.mu_fake(x_t, sigma, class_labels).to(x.dtype)
             grad = distribution_matching_grad(x.detach(), p_real, p_fake)
             target = x.detach() - grad
@@ -154,6 +164,7 @@ class DistributionMatchingLoss:
             p_real=p_real,  # (N, C, H, W) mu_real(x_t).
             p_fake=p_fake,  # (N, C, H, W) mu_fake(x_t).
             grad_norm=grad.flatten(1).norm(dim=1),  # (N,) L2 norm of each sample's distribution-matching gradient.
+            **features,  # h_real (N, C', H', W'): mu_real's bottleneck features at x_t, with bottleneck=True.
         )
         return loss, aux
 

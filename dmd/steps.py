@@ -144,8 +144,9 @@ def gan_term(p, x, c, aux, step, rows, n):
     discriminator's logits (b,) at the DM loss's noised samples `aux` for f-distill (None without it).
 
     --gan-features fake (DMD2): the GAN noises x with its own draws, and f-distill's logits take one more pass of
-    mu_fake's encoder, without gradient, at the DM loss's x_t. teacher (FastGen): the GAN reads the DM loss's x_t
-    itself, with its gradient to x through the frozen teacher's encoder, and its detached logits serve f-distill.
+    mu_fake's encoder, without gradient, at the DM loss's x_t. teacher (FastGen): the GAN reads the frozen teacher's
+    bottleneck at the DM loss's x_t from the DM loss's own pass of mu_real (no second encoder pass), with its gradient
+    to x, and its detached logits serve f-distill.
     """
     if p.cfg.gan_features == "fake":
         gan_gen = step_generator(p.cfg.seed, step, "gan", p.device)
@@ -154,8 +155,7 @@ def gan_term(p, x, c, aux, step, rows, n):
             return loss, None
         with torch.no_grad():
             return loss, p.gan_loss.at(aux["x_t"][rows], aux["sigma"][rows], c)
-    x_t = x - x.detach() + aux["x_t"][rows]  # the DM loss's noised rows, to the bit, with x's gradient
-    loss, logs = p.gan_loss.generator(x, c, x_t=x_t, sigma=aux["sigma"][rows])
+    loss, logs = p.gan_loss.generator(x, c, features=aux["h_real"][rows], sigma=aux["sigma"][rows])
     return loss, logs["logits_fake"]
 
 

@@ -140,6 +140,15 @@ def forward_capturing_bottleneck(net, *args):
     return seen[0]
 
 
+def test_one_pass_gives_forward_and_bottleneck():
+    from test_precond import assert_one_pass_is_forward_and_bottleneck
+
+    net = float32_copy(load_network(EDM2 / "edm2_img_cond.pkl")).eval()
+    assert_one_pass_is_forward_and_bottleneck(net, *inputs(np.load(EDM2 / "edm2_img_cond.npz")))
+    set_compute_dtype(net, torch.bfloat16)  # the features' cast to float32 keeps their gradient
+    assert_one_pass_is_forward_and_bottleneck(net, *inputs(np.load(EDM2 / "edm2_img_cond.npz")))
+
+
 def test_bottleneck_is_the_encoder_output_of_forward():
     net = float32_copy(load_network(EDM2 / "edm2_img_cond.pkl")).eval()
     x, sigma, labels = inputs(np.load(EDM2 / "edm2_img_cond.npz"))

@@ -200,17 +200,25 @@ def test_teacher_features_read_the_dm_loss_x_t_once_and_train_only_the_head(tmp_
     dm, logits, aux = reference_losses(parts, 0, at_x_t)
     w, _ = FDistillWeights("js", parts.dm_loss.grid.index_range(0.02, 0.98))(logits, aux["t"])
     fake_passes = count_calls(monkeypatch, parts.mu_fake, "bottleneck")
-    teacher_passes = count_calls(monkeypatch, teacher, "bottleneck")
-    # G's step: the GAN term on the DM loss's x_t (same sigma and noise), its logits the ratio's: one teacher pass.
+    teacher_passes = {
+        m: count_calls(monkeypatch, teacher, m) for m in ("forward", "bottleneck", "forward_with_bottleneck")
+    }
+    # G's step: the GAN term on the DM loss's x_t (same sigma and noise), its logits the ratio's, and the DM target:
+    # one teacher pass, shared.
     gen = generator_step(parts, 0)
     torch.testing.assert_close(gen.losses["loss_gan"], F.softplus(-logits).mean(), rtol=1e-6, atol=0)
     torch.testing.assert_close(gen.losses["loss_dm"], (w * dm).mean(), rtol=1e-6, atol=0)
-    assert (len(fake_passes), len(teacher_passes)) == (0, 1) and gen.norm > 0
+    assert len(fake_passes) == 0 and {m: len(v) for m, v in teacher_passes.items()} == {
+        "forward": 0,
+        "bottleneck": 0,
+        "forward_with_bottleneck": 1,
+    }
+    assert gen.norm > 0
     assert all(p.grad is None for p in [*teacher.parameters(), *parts.head.parameters()])
     # G's GAN term alone: its gradient reaches G's samples through the frozen teacher, and nothing else.
     x = gen.x.clone().requires_grad_(True)
-    x_t = x - x.detach() + aux["x_t"]
-    parts.gan_loss.generator(x, gen.c, x_t=x_t, sigma=aux["sigma"])[0].sum().backward()
+    h = teacher.bottleneck(x - x.detach() + aux["x_t"], aux["sigma"], gen.c)
+    parts.gan_loss.generator(x, gen.c, features=h, sigma=aux["sigma"])[0].sum().backward()
     assert x.grad.abs().sum() > 0
     assert all(p.grad is None for p in [*teacher.parameters(), *parts.head.parameters()])
     # The discriminator step: the head learns; the teacher has no gradient (nor mu_fake from the GAN).
@@ -224,6 +232,19 @@ def test_teacher_features_read_the_dm_loss_x_t_once_and_train_only_the_head(tmp_
     parts_fake, _ = build(tmp_path, real)
     parts_fake.gan_loss.discriminator(x_fake, gen.c, x_real, c_real)[0].mean().backward()
     assert any(p.grad is not None for p in parts_fake.mu_fake.parameters())
+
+
+def test_teacher_features_from_the_dm_loss_keep_their_gradient_in_bf16(tmp_path, real):
+    # The DM loss's teacher pass casts the bf16 bottleneck to float32: with the gradient to G's samples kept.
+    parts, teacher = build(tmp_path, real, gan_features="teacher", precision="bf16")
+    assert teacher.compute_dtype == torch.bfloat16 and parts.dm_loss.bottleneck
+    x = torch.randn(4, 3, 8, 8).requires_grad_(True)
+    c = torch.eye(10)[:4]
+    _, aux = parts.dm_loss(x, c, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(aux["h_real"], teacher.bottleneck(aux["x_t"], aux["sigma"], c), rtol=0, atol=0)
+    parts.gan_loss.generator(x, c, features=aux["h_real"], sigma=aux["sigma"])[0].sum().backward()
+    assert x.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

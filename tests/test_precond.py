@@ -395,6 +395,33 @@ def test_bottleneck_of_every_preconditioner(kind):
     assert_bottleneck_matches_forward(net, x, sigma, labels)
 
 
+def assert_one_pass_is_forward_and_bottleneck(net, x, sigma, labels, **kwargs):
+    """net.forward_with_bottleneck equals (net(...), net.bottleneck(...)) to the bit, D without autograd and the
+    features with the same gradient to x as bottleneck's; return the features."""
+    x = x.clone().requires_grad_(True)
+    D, h = net.forward_with_bottleneck(x, sigma, labels, **kwargs)
+    (grad,) = torch.autograd.grad(h.square().sum(), x)
+    alone = net.bottleneck(x, sigma, labels, **kwargs)
+    (grad_alone,) = torch.autograd.grad(alone.square().sum(), x)
+    with torch.no_grad():
+        assert torch.equal(D, net(x, sigma, labels, **kwargs))
+    assert not D.requires_grad and h.dtype == D.dtype == torch.float32
+    assert torch.equal(h, alone) and torch.equal(grad, grad_alone) and grad.abs().sum() > 0
+    return h
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_one_pass_gives_forward_and_bottleneck(kind):
+    net = tiny(kind)
+    assert_one_pass_is_forward_and_bottleneck(net, *inputs(net))
+
+
+def test_bf16_one_pass_gives_forward_and_bottleneck():
+    net = tiny("edm-ddpmpp", use_bf16=True)
+    assert_one_pass_is_forward_and_bottleneck(net, *inputs(net))
+    assert_one_pass_is_forward_and_bottleneck(net, *inputs(net), force_fp32=True)
+
+
 def test_bf16_bottleneck_is_returned_in_float32():
     net = tiny("edm-ddpmpp", use_bf16=True)
     x, sigma, labels = inputs(net)

@@ -238,6 +238,20 @@ def test_guided_denoiser_is_edm2s_lerp(edm2_nets):
     assert not hasattr(guided, "round_sigma") and not hasattr(guided, "sigma_min")  # EDM2's interface, as the net's
 
 
+def test_guided_one_pass_is_the_guided_output_and_the_teachers_features(edm2_nets):
+    net, guide = edm2_nets["edm2_img_cond"], Counting(edm2_nets["edm2_img_guide"])
+    ref = np.load(FIXTURES / "edm2" / "edm2_img_cond.npz")
+    x, sigma, labels = (torch.from_numpy(ref[k]) for k in ("x", "sigma", "labels"))
+    guided = GuidedDenoiser(net, guide, 1.7)
+    x = x.clone().requires_grad_(True)
+    D, h = guided.forward_with_bottleneck(x, sigma, labels)
+    with torch.no_grad():
+        assert torch.equal(D, guided(x, sigma, labels)) and torch.equal(h, net.bottleneck(x, sigma, labels))
+    assert not D.requires_grad and h.requires_grad and len(guide.sigmas) == 2  # the guide ran once in each call
+    D, h = GuidedDenoiser(net, guide, 1).forward_with_bottleneck(x, sigma, labels)
+    assert len(guide.sigmas) == 2 and torch.equal(D, net(x, sigma, labels).detach())
+
+
 def test_guided_edm_teacher_keeps_edms_sampler(nets):
     edm, vp = nets["edm_ddpmpp_cond"], nets["vp_ddpmpp_cond"]
     guided = GuidedDenoiser(edm, vp, 2.0)

@@ -215,7 +215,8 @@ python -m dmd train --network tests/fixtures/edm_ddpmpp_cond.pkl --output-dir /t
     type=click.Choice(["fake", "teacher"]),
     help="what the GAN head reads: 'fake', mu_fake's bottleneck, the discriminator step training through mu_fake's "
     "encoder (DMD2's paper and code); 'teacher', the frozen teacher's bottleneck, only the head training, G's GAN "
-    "term on the DM loss's noised sample (NVIDIA FastGen's measured runs; 11% fewer FLOPs per step than 'fake' on "
+    "term on the DM loss's noised sample, its features from the DM loss's teacher pass (NVIDIA FastGen's measured "
+    "runs; 12% fewer FLOPs per step than 'fake' on "
     "the demo's network, benchmarks/gan_features.py)",
 )
 @_recipe(

@@ -83,10 +83,26 @@ class Preconditioner(Denoiser):
         x, sigma, class_labels, dtype = self._unet_inputs(x, sigma, class_labels, force_fp32)
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        return self._output(x, c_skip, c_out, F_x, dtype)
+
+    def forward_with_bottleneck(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        """Return (D(x; sigma), the bottleneck features (N, C', H', W') in float32) of one U-Net pass, equal to
+        forward's and bottleneck's: the features in the caller's grad mode, D without autograd. DMD2's GAN on the
+        frozen teacher's features (--gan-features teacher) reads both off the DM loss's one pass of mu_real."""
+        x, sigma, class_labels, dtype = self._unet_inputs(x, sigma, class_labels, force_fp32)
+        c_skip, c_out, c_in, c_noise = self.scalings(sigma)
+        F_x, h = self.model.forward_with_bottleneck(
+            (c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs
+        )
+        h = h.to(torch.float32)  # with its gradient: outside no_grad
+        with torch.no_grad():
+            return self._output(x, c_skip, c_out, F_x, dtype), h
+
+    def _output(self, x, c_skip, c_out, F_x, dtype):
+        """D_x = c_skip x + c_out F_x in float32, from the U-Net's output F_x, which must be in its compute dtype."""
         if F_x.dtype != dtype:
             raise RuntimeError(f"{type(self.model).__name__} returned {F_x.dtype}, expected {dtype}")
-        D_x = c_skip * x + c_out * F_x[:, : self.img_channels].to(torch.float32)
-        return D_x
+        return c_skip * x + c_out * F_x[:, : self.img_channels].to(torch.float32)
 
     def bottleneck(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         """Return the U-Net's bottleneck features (N, C', H', W') in float32 for the call net(x, sigma, ...) would make.

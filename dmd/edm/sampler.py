@@ -137,6 +137,15 @@ class GuidedDenoiser(torch.nn.Module):
             return D_x
         return self.guide(x, sigma, class_labels, **kwargs).lerp(D_x, self.weight)
 
+    def forward_with_bottleneck(self, x, sigma, class_labels=None, **kwargs):
+        """Return (D_w(x; sigma), the teacher's bottleneck features) of one teacher pass (the teacher's
+        forward_with_bottleneck) and one guide pass: the features in the caller's grad mode, D_w without autograd."""
+        D_x, h = self.net.forward_with_bottleneck(x, sigma, class_labels, **kwargs)
+        if self.weight != 1:
+            with torch.no_grad():
+                D_x = self.guide(x, sigma, class_labels, **kwargs).lerp(D_x, self.weight)
+        return D_x, h
+
 
 def default_steps(net):
     """The sampler steps `net`'s authors sample with: EDM's 18 (35 calls), EDM2's 32 (63 calls)."""

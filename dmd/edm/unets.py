@@ -40,6 +40,14 @@ class _UNet(torch.nn.Module):
         emb = self._mapping(x, noise_labels, class_labels, augment_labels)
         return self._encoder(x, emb)[0]
 
+    def forward_with_bottleneck(self, x, noise_labels, class_labels, augment_labels=None):
+        """Return (forward's output, the bottleneck features) of one pass: the encoder in the caller's grad mode, the
+        decoder without autograd, for a frozen network whose output is a target and whose features get a gradient."""
+        emb = self._mapping(x, noise_labels, class_labels, augment_labels)
+        h, skips = self._encoder(x, emb)
+        with torch.no_grad():
+            return self._decoder(h, emb, skips), h
+
 
 # DDPM++ and NCSN++ U-Net of "Score-Based Generative Modeling through Stochastic Differential Equations". The output
 # is accumulated on an auxiliary path ('aux') that every decoder level with an output head adds to.

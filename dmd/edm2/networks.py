@@ -193,6 +193,14 @@ class UNet(torch.nn.Module):
         the input of the first decoder block ('{r}x{r}_in0')."""
         return self._encoder(x, self._embedding(noise_labels, class_labels))[0]
 
+    def forward_with_bottleneck(self, x, noise_labels, class_labels):
+        """Return (forward's output, the bottleneck features) of one pass: the encoder in the caller's grad mode, the
+        decoder without autograd, for a frozen network whose output is a target and whose features get a gradient."""
+        emb = self._embedding(noise_labels, class_labels)
+        h, skips = self._encoder(x, emb)
+        with torch.no_grad():
+            return self._decoder(h, emb, skips), h
+
     def _embedding(self, noise_labels, class_labels):
         """Return the embedding (N, emb_channels) of c_noise (N,) and the class labels (N or 1, label_dim) or None."""
         emb = self.emb_noise(self.emb_fourier(noise_labels))
@@ -305,6 +313,16 @@ class Precond(Denoiser):
             logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)  # u(sigma), (N, 1, 1, 1)
             return D_x, logvar
         return D_x
+
+    def forward_with_bottleneck(self, x, sigma, class_labels=None, force_fp32=False, **unet_kwargs):
+        """Return (D(x; sigma), the bottleneck features (N, C', H', W') in float32) of one U-Net pass, equal to
+        forward's and bottleneck's: the features in the caller's grad mode, D without autograd (see EDM's)."""
+        x, sigma, class_labels, dtype = self._unet_inputs(x, sigma, class_labels, force_fp32)
+        c_skip, c_out, c_in, c_noise = self.scalings(sigma)
+        F_x, h = self.unet.forward_with_bottleneck((c_in * x).to(dtype), c_noise, class_labels, **unet_kwargs)
+        h = h.to(torch.float32)  # with its gradient: outside no_grad
+        with torch.no_grad():
+            return c_skip * x + c_out * F_x.to(torch.float32), h
 
     def bottleneck(self, x, sigma, class_labels=None, force_fp32=False, **unet_kwargs):
         """Return the U-Net's bottleneck features (N, C', H', W') in float32 for the call net(x, sigma, ...) would make:
