@@ -18,12 +18,13 @@ second table compares the per-step losses of runs that should agree: bf16 agains
 draws), compiled against eager.
 
 EDM2 rows (a third table): the ImageNet-64 teacher EDM2-S (280M parameters, random weights) with and without its
-autoguidance guide EDM2-XS (125M). `dmd train` takes no guide yet, so these rows time the generator step in this
-process, built as `dmd train` builds it (dmd.losses' DM loss, AdamW, clip_and_step): G's one-step sample, the DM loss
-with the real score guided or not, backward and the update; each row in a fresh process, so that its peak memory is
-its own. On CUDA at batch 32 in bf16 and fp32 (where --gpu-check runs them, after the CIFAR rows and before the
-compiled ones); on the CPU with --edm2-cpu alone (those rows only), at batch 1 in fp32 (a step takes seconds there,
-and 8 GiB). A fourth table counts the FLOPs of each recipe's steps with the EDM2 networks at the CUDA rows' batch.
+autoguidance guide EDM2-XS (125M). These rows time the generator step alone in this process (DMD2's whole step on
+EDM2-S with its guide, through `dmd train`, is benchmarks/train_options.py's), built as `dmd train` builds it
+(dmd.losses' DM loss, AdamW, clip_and_step): G's one-step sample, the DM loss with the real score guided or not,
+backward and the update; each row in a fresh process, so that its peak memory is its own. On CUDA at batch 32 in
+bf16 and fp32 (where --gpu-check runs them, after the CIFAR rows and before the compiled ones); on the CPU with
+--edm2-cpu alone (those rows only), at batch 1 in fp32 (a step takes seconds there, and 8 GiB). A fourth table
+counts the FLOPs of each recipe's steps with the EDM2 networks at the CUDA rows' batch.
 
 --compare OLD_CHECKOUT times the tiny fp32 row of another checkout of dmd (e.g. `git worktree add /tmp/old <commit>`)
 interleaved with this one, old, new, old, new, ..., and prints the ratio: the machine's speed drifts, so only
@@ -188,14 +189,17 @@ def write_pairs(path, n, resolution, channels=3, label_dim=10):
 
 
 class Runner:
-    """Runs `python -m dmd train` rows in fresh processes inside one temporary folder."""
+    """Runs `python -m dmd train` rows in fresh processes inside one temporary folder (`entry`: what follows
+    `python` or torchrun in place of `-m dmd`, e.g. a script that runs dmd's CLI)."""
 
-    def __init__(self, folder, checkout=ROOT):
-        self.folder, self.checkout = folder, Path(checkout)
+    def __init__(self, folder, checkout=ROOT, entry=("-m", "dmd")):
+        self.folder, self.checkout, self.entry = folder, Path(checkout), list(entry)
 
-    def run(self, teacher, resolution, batch, variant, precision, device, steps, warmup, extra=(), nproc=1):
-        """Run warmup + steps steps of a VARIANTS entry (on `nproc` processes under torchrun); return the stats
-        records after the warm-up."""
+    def run(
+        self, teacher, resolution, batch, variant, precision, device, steps, warmup, extra=(), nproc=1, torchrun=False
+    ):
+        """Run warmup + steps steps of a VARIANTS entry (on `nproc` processes under torchrun, which also starts
+        a single one with `torchrun`); return the stats records after the warm-up."""
         _, flags, reg, k, gan = VARIANTS[variant]
         items = batch * nproc * (steps + warmup) * k  # pairs for every step, real images for every fake step
         data = self.folder / f"{'pairs' if reg else 'real'}-{resolution}-{items}{'.h5' if reg else '.zip'}"
@@ -206,9 +210,9 @@ class Runner:
         flags = [*flags, "--data-path" if reg else "--real-data", str(data)] if reg or gan else flags
         out = Path(tempfile.mkdtemp(prefix="run-", dir=self.folder)) / "run"  # a fresh folder per row
         launcher = [sys.executable]
-        if nproc > 1:
+        if nproc > 1 or torchrun:
             launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-        cmd = [*launcher, "-m", "dmd", "train", "--model-path", str(teacher), "--output-dir", str(out)]
+        cmd = [*launcher, *self.entry, "train", "--model-path", str(teacher), "--output-dir", str(out)]
         cmd += [*flags, "--batch-size", str(batch)]
         cmd += ["--max-steps", str(steps + warmup), "--device", device, "--workers", "0", "--lpips-random"]
         cmd += ["--log-every", "1", "--image-every", "0", "--checkpoint-every", "0", *extra]
