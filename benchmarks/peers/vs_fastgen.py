@@ -27,8 +27,9 @@ order reversed every other round; the speed against FastGen is FastGen's step ti
 (median and range over rounds; above 1: faster than FastGen). Peak memory is measured in one more fresh process per
 side (2 steps): on CUDA torch.cuda.max_memory_allocated, on the CPU the RSS high-water mark less the RSS after the
 imports (FastGen's imports alone take more: diffusers, transformers, wandb). Both sides get the same in-memory real
-batch at every discriminator update (no data loading timed on either side) and the same network: the script checks
-that the parameter counts agree (FastGen's SongUNet adds one unused Linear, logvar_linear).
+batch at every discriminator update (no data loading timed on either side) and the same network: the notes say whether
+the parameter counts and the FLOPs of one forward agree (FastGen's SongUNet adds one unused Linear, logvar_linear).
+(The file is not named fastgen.py: python puts a script's folder first on sys.path, where it would hide FastGen.)
 
 Networks (random weights; SongUNet DDPM++, dropout 0, 10 classes, augment_dim 9 as EDM's CIFAR-10 teacher):
     tiny:  16x16x3, 32 channels x [1, 2], 4 blocks per level (FastGen taps a level's features after its block3),
@@ -42,7 +43,7 @@ Examples (the CPU; then a GPU machine):
     OMP_NUM_THREADS=2 python benchmarks/peers/vs_fastgen.py --fastgen /work/fastgen --venv /work/peers-venv \
         --configs tiny --rounds 6
     OMP_NUM_THREADS=2 python benchmarks/peers/vs_fastgen.py --fastgen /work/fastgen --venv /work/peers-venv \
-        --configs cifar --precisions fp32 --rounds 0                       # FLOPs and parameters only
+        --configs cifar --precisions fp32 --batch 1 --rounds 0     # FLOPs and parameters only (FLOPs ~ batch)
     python benchmarks/peers/vs_fastgen.py --fastgen ~/FastGen --venv ~/peers-venv --device cuda --configs tiny,cifar
 """
 
@@ -152,7 +153,8 @@ class Ours:
             workers=0,
         )
         mu_real, teacher, _ = load_teacher(cfg, device)
-        self.parts, _ = build_parts(cfg, mu_real, teacher, None, None, FixedBatch(*real), device)
+        stream = FixedBatch(*(t.to(device) for t in real))  # on the device once, as FastGen's batch
+        self.parts, _ = build_parts(cfg, mu_real, teacher, None, None, stream, device)
         self.teacher, self.device, self.gen = teacher, device, None
         self.params = sum(p.numel() for p in self.parts.G.parameters())
         self.head_params = sum(p.numel() for p in self.parts.head.parameters())
@@ -291,7 +293,7 @@ def run_group(task):
             flops_fake = counted(lambda side=side: side.fake_updates(0), device)
             params = [side.params, getattr(side, "extra_params", 0), side.head_params]
             results[name] = dict(forward=forward, flops_g=flops_g, flops_fake=flops_fake, params=params, times=[])
-            for k in range(1, 1 + task["warmup"]):
+            for k in range(1, 1 + task["warmup"] if task["rounds"] else 1):
                 timed(side, k, device)
         names = list(sides)
         for r in range(task["rounds"]):
@@ -384,8 +386,9 @@ What differs per step (FLOPs above are counted, not estimated):
 - GAN features: DMD2 and `ours, fake features` read mu_fake's encoder, trained by the discriminator loss (an encoder
   backward on B fake + B real images in each fake update); FastGen and `ours, teacher features` read the frozen
   teacher's, without gradient in the fake updates (only the head trains there). In the generator update FastGen
-  takes the features from the teacher forward that gives the DM target (one teacher pass); ours takes them from the
-  DM loss's x_t through the teacher's encoder (a shared pass only where our build has it).
+  takes the features from the teacher forward that gives the DM target (one teacher pass, kept for the backward);
+  ours reads the DM loss's x_t through the teacher's encoder: where that is a second encoder pass, the G update
+  column counts B encoder forwards more than FastGen's (with equal heads).
 - Discriminator head: ours reads the 8x8 bottleneck (DMD2's head); FastGen's CIFAR-10 config reads the block3
   features of all three levels (32, 16, 8) with one head each (--fastgen-heads bottleneck: the 8x8 alone).
 - Fake updates: FastGen samples fresh G outputs in all 5; ours reuses the generator update's samples in the first.
@@ -407,7 +410,8 @@ def main_in_venv(args):
     cuda = args.device == "cuda"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}", end="")
     print(f" ({torch.cuda.get_device_name()})" if cuda else f", load average {os.getloadavg()[0]:.2f}")
-    print(f"FastGen {args.fastgen}; TTUR {FAKE_STEPS}; {args.rounds} interleaved rounds after {args.warmup} warm-up\n")
+    timing = f"{args.rounds} interleaved rounds after {args.warmup} warm-up" if args.rounds else "FLOPs only"
+    print(f"FastGen {args.fastgen}; TTUR {FAKE_STEPS}; {timing}; FastGen's heads: {args.fastgen_heads}\n")
     print("| network | precision | batch | method | side | params M | GFLOP fwd (1 img) | GFLOP G update |", end="")
     print(" GFLOP fake updates | GFLOP step | img/s | s/step median [range] | GFLOP/s | speed vs FastGen |", end="")
     print(" peak GiB |")
