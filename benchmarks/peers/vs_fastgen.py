@@ -104,6 +104,18 @@ def feature_taps(config, heads):
     return dict(feature_indices=taps, all_res=res, in_channels=arch["model_channels"] * arch["channel_mult"][-1])
 
 
+def task_device(task):
+    """The task's device, with CUDA's TF32 and cuDNN autotuning on, as both trainers set them (dmd.build.setup_device,
+    FastGen's set_cuda_backend)."""
+    import torch
+
+    device = torch.device(task["device"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def sync(device):
     import torch
 
@@ -282,7 +294,7 @@ def run_group(task):
     """Build a group's sides in this process, count, warm up and time them interleaved; return their results."""
     import torch
 
-    device = torch.device(task["device"])
+    device = task_device(task)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         sides = {s["name"]: build_side(s, task["batch"], device, folder, task["heads"]) for s in task["sides"]}
@@ -311,7 +323,7 @@ def run_memory(task):
     import dmd.build  # noqa: F401  both sides' imports before the baseline, so that it holds both
     import dmd.steps  # noqa: F401
 
-    device = torch.device(task["device"])
+    device = task_device(task)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     with tempfile.TemporaryDirectory() as folder:
         side = build_side(task["sides"][0], task["batch"], device, folder, task["heads"])
