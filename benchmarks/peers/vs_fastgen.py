@@ -315,12 +315,13 @@ def run_group(task):
 
 
 def run_memory(task):
-    """Peak memory of one side built in this fresh process and stepped twice: (peak GiB, GiB before building)."""
+    """Peak memory of one side built in this fresh process and stepped twice: (peak GiB, GiB before building).
+    Both sides' packages are imported before the baseline is read, so that it holds both."""
     import fastgen.methods  # noqa: F401
     import fastgen.trainer  # noqa: F401
     import torch
 
-    import dmd.build  # noqa: F401  both sides' imports before the baseline, so that it holds both
+    import dmd.build  # noqa: F401
     import dmd.steps  # noqa: F401
 
     device = task_device(task)
