@@ -13,8 +13,8 @@
 #  2. benchmarks/train_options.py: DMD2's step in bf16 on CIFAR-10 DDPM++ and on EDM2-S guided by XS, plain, with
 #     --channels-last, with --fsdp (torchrun, one process) and compiled, each against the plain row, with how
 #     closely its losses follow the plain run's.
-#  3. with FASTGEN set to a FastGen checkout whose dependencies this python imports: benchmarks/peers/fastgen.py,
-#     FastGen's DMD2 step and ours on the same EDM networks, interleaved.
+#  3. with FASTGEN set to a FastGen checkout whose dependencies this python imports: benchmarks/peers/vs_fastgen.py,
+#     FastGen's DMD2 step and ours on the CIFAR-10 network, interleaved (its memory processes left out for time).
 #  4. with two or more GPUs: a 2-process NCCL run against one process at the same global batch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +36,10 @@ timeout 250 python benchmarks/train_options.py --deadline 165 || echo "gpu_check
 
 if [ -n "${FASTGEN:-}" ]; then
     echo
-    timeout 90 python benchmarks/peers/fastgen.py --fastgen "$FASTGEN" --python "$(command -v python)" \
-        --device cuda --configs cifar --rounds 3 || echo "gpu_check: FastGen comparison stopped (exit $?)"
+    # this python's own environment serves as the venv: a GPU machine may have no network to fill a new one
+    prefix=$(python -c 'import sys; print(sys.prefix)')
+    timeout 90 python benchmarks/peers/vs_fastgen.py --fastgen "$FASTGEN" --venv "$prefix" --device cuda \
+        --configs cifar --methods dmd2 --rounds 3 --no-memory || echo "gpu_check: FastGen comparison stopped (exit $?)"
 fi
 if [ "$gpus" -ge 2 ]; then
     echo
