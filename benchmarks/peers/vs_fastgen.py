@@ -400,8 +400,8 @@ What differs per step (FLOPs above are counted, not estimated):
   backward on B fake + B real images in each fake update); FastGen and `ours, teacher features` read the frozen
   teacher's, without gradient in the fake updates (only the head trains there). In the generator update FastGen
   takes the features from the teacher forward that gives the DM target (one teacher pass, kept for the backward);
-  ours reads the DM loss's x_t through the teacher's encoder: where that is a second encoder pass, the G update
-  column counts B encoder forwards more than FastGen's (with equal heads).
+  so does ours (the DM loss's teacher pass: encoder with autograd, decoder without), so with equal heads the G
+  update columns are equal.
 - Discriminator head: ours reads the 8x8 bottleneck (DMD2's head); FastGen's CIFAR-10 config reads the block3
   features of all three levels (32, 16, 8) with one head each (--fastgen-heads bottleneck: the 8x8 alone).
 - Fake updates: FastGen samples fresh G outputs in all 5; ours reuses the generator update's samples in the first.
