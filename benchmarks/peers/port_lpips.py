@@ -1,6 +1,7 @@
 """The LPIPS regression step as the port (github.com/devrimcavusoglu/dmd) takes it against ours, interleaved.
 
     python benchmarks/peers/port_lpips.py --venv PATH [--batch N] [--resolution R] [--rounds K] [--repeats M]
+        [--before REV]
 
 The port's generator loss (its dmd/loss.py, GeneratorLoss) maps x_ref = G(z_ref) and the target y_ref from [-1, 1]
 to [0, 1], resizes both with torchvision's `Resize(224)` (bilinear, antialias on) and takes `piq.LPIPS()`: VGG-16
@@ -15,8 +16,10 @@ differ by rounding (the antialiased resize, the mean/std form, the order of the 
 Both sides get the same random weights (piq's two downloads, torchvision's vgg16 and its LPIPS heads, are replaced
 by ours: the speed does not depend on the values) and the same inputs, in one process: --rounds rounds of --repeats
 steps per side, the order reversed every other round; the speed of ours is the port's time over ours in the same
-round (median and range over rounds; above 1: ours is faster). Where the `lpips` package is importable it also prints
-ours against it on the same weights (values and input gradients): the reference LPIPS implementation.
+round (median and range over rounds; above 1: ours is faster). --before REV adds a third side, our LPIPS as
+committed at REV (e.g. 724dcc4, before issue 21's rework; see benchmarks/lpips_step.py). Where the `lpips` package
+is importable it also prints ours against it on the same weights (values and input gradients): the reference LPIPS
+implementation.
 
 piq and torchvision are not dependencies of dmd, so the script runs in a separate virtual environment, --venv: if it
 has no python it is created (`python -m venv`); if it cannot import torch, torchvision, piq and dmd, the script
@@ -24,7 +27,8 @@ installs torch, torchvision, piq and lpips there; then it runs itself again unde
 PYTHONPATH = this checkout. Without --venv it runs in the current python and stops with one line if piq or
 torchvision is missing. Example (2 threads on the CPU):
 
-    OMP_NUM_THREADS=2 python benchmarks/peers/port_lpips.py --venv /work/peers-venv --batch 4 --rounds 10
+    OMP_NUM_THREADS=2 python benchmarks/peers/port_lpips.py --venv /work/peers-venv --batch 4 --rounds 10 \
+        --before 724dcc4
 """
 
 import argparse
@@ -127,7 +131,16 @@ def main_in_venv(args):
 
     torch.manual_seed(0)
     ours = LPIPS(pretrained=False)
-    steps = {"port (piq LPIPS, Resize 224)": step_of_port(port_lpips(ours)), "ours": step_of(ours)}
+    port = "port (piq LPIPS, Resize 224)"
+    steps = {port: step_of_port(port_lpips(ours))}
+    if args.before is not None:  # our LPIPS as committed at --before, on the same weights
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from lpips_step import lpips_at
+
+        before = lpips_at(args.before)(pretrained=False)
+        before.load_state_dict(ours.state_dict())
+        steps[f"ours before ({args.before})"] = step_of(before)
+    steps["ours"] = step_of(ours)
     shape = (args.batch, 3, args.resolution, args.resolution)
     x_ref, y_ref = torch.rand(shape) * 2 - 1, torch.rand(shape) * 2 - 1
     results = {name: step(x_ref, y_ref) for name, step in steps.items()}  # also the warm-up
@@ -142,27 +155,26 @@ def main_in_venv(args):
                 steps[name](x_ref, y_ref)
             times[name].append((time.perf_counter() - start) / args.repeats * 1000)
     load_after = os.getloadavg()[0]
-    port_times, our_times = times.values()
-    ratios = [p / o for p, o in zip(port_times, our_times)]
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
         f"{args.resolution}x{args.resolution} -> 224, {args.rounds} interleaved rounds of {args.repeats} steps, "
         f"load average (1 min) {load_before:.2f} before, {load_after:.2f} after\n"
     )
-    print("| LPIPS regression step | median ms per step (forward + backward) |")
-    print("| --- | ---: |")
-    for name, t in times.items():
-        print(f"| {name} | {statistics.median(t):.1f} |")
     print(
-        f"\nspeed of ours against the port: {statistics.median(ratios):.3f}x "
-        f"(rounds {min(ratios):.3f}-{max(ratios):.3f})"
+        "| LPIPS regression step | median ms per step (forward + backward) | speed against the port: median (rounds) |"
     )
-    port_result, our_result = results.values()
-    print(f"largest difference, ours against the port: {largest_difference(our_result, port_result)}")
+    print("| --- | ---: | --- |")
+    for name, t in times.items():
+        ratios = [p / o for p, o in zip(times[port], t)]
+        speed = f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"
+        print(f"| {name} | {statistics.median(t):.1f} | {speed if name != port else '1'} |")
+    print(f"\nlargest difference, ours against the port: {largest_difference(results['ours'], results[port])}")
     if reference is not None:
         lpips_result = step_of(reference)(x_ref, y_ref)
-        print(f"largest difference, ours against the lpips package: {largest_difference(our_result, lpips_result)}")
+        print(
+            f"largest difference, ours against the lpips package: {largest_difference(results['ours'], lpips_result)}"
+        )
 
 
 def ensure_venv(venv):
@@ -190,6 +202,7 @@ def main():
     parser.add_argument("--resolution", type=int, default=32, help="G's resolution (both sides upsample to 224)")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=1, help="steps per side per round")
+    parser.add_argument("--before", help="also time our dmd/lpips.py as committed at this git revision")
     args = parser.parse_args()
     if min(args.batch, args.resolution, args.rounds, args.repeats) < 1:
         parser.error("--batch, --resolution, --rounds and --repeats must be at least 1")
