@@ -64,8 +64,9 @@ def _hand_lpips(lpips, x, y):
 
 
 def test_lpips_matches_hand_computation(lpips, images):
+    # Within 1e-6 relative (9e-8 measured): the heads sum over space before the channels, the package after.
     x, y = images
-    torch.testing.assert_close(lpips(x, y), _hand_lpips(lpips, x, y))
+    torch.testing.assert_close(lpips(x, y), _hand_lpips(lpips, x, y), rtol=1e-6, atol=0)
 
 
 def test_lpips_gradient_matches_hand_computation(lpips, images):
