@@ -59,6 +59,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # this checkout's dmd, installed or not
+from dmd.edm import presets  # noqa: E402
 
 # What importing fastgen.methods (DMD2Model, FdistillModel), their method configs and the grad-clip callback needs,
 # found by importing them in a bare venv: most are pulled in by modules these import but the step never runs.
@@ -68,26 +70,16 @@ FASTGEN_DEPS = [
 ]  # fmt: skip
 OUR_DEPS = ["numpy", "click", "h5py", "pillow", "scipy", "requests", "tqdm", "safetensors"]
 
-# The networks both sides build: EDMPrecond kwargs that EDM's (ours) and FastGen's EDMPrecond share.
+# The networks both sides build: EDMPrecond kwargs that EDM's (ours) and FastGen's EDMPrecond share, EDM's DDPM++
+# preset (dmd.edm.presets) with the CIFAR-10 teacher's labels and augmentation, dropout 0.
 DDPMPP = dict(
-    label_dim=10,
-    sigma_data=0.5,
-    model_type="SongUNet",
-    embedding_type="positional",
-    encoder_type="standard",
-    decoder_type="standard",
-    channel_mult_noise=1,
-    resample_filter=[1, 1],
-    augment_dim=9,
-    dropout=0.0,
-    num_blocks=4,
-    attn_resolutions=[16],
+    presets.DDPMPP, label_dim=10, sigma_data=0.5, augment_dim=9, dropout=0.0, num_blocks=4, attn_resolutions=[16]
 )
 NETWORKS = {
     "tiny": dict(
         DDPMPP, img_resolution=16, img_channels=3, model_channels=32, channel_mult=[1, 2], attn_resolutions=[8]
     ),
-    "cifar": dict(DDPMPP, img_resolution=32, img_channels=3, model_channels=128, channel_mult=[2, 2, 2]),
+    "cifar": dict(DDPMPP, img_resolution=32, img_channels=3),  # the preset's 128 channels x [2, 2, 2]
 }
 TITLES = {"tiny": "tiny 16x16, 4 blocks per level", "cifar": "CIFAR-10 DDPM++ 55.7M"}
 FAKE_STEPS = 5  # TTUR: fake-score/discriminator updates per generator update, both sides
